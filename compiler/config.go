@@ -71,17 +71,18 @@ func Resolve(in Intent) (Config, error) {
 		errs = append(errs, fmt.Errorf("%s: %s", field, fmt.Sprintf(format, args...)))
 	}
 	s := in.Spec
-	cfg := Config{
-		ProxyMark: resolveMark(s.Marks.Proxy, DefaultProxyMark, DefaultProxyMarkMask),
-		ConnMark:  resolveMark(s.Marks.Connection, DefaultConnMark, DefaultConnMarkMask),
-	}
-
-	markOK := true
+	var cfg Config
+	proxyOK, connOK := false, false
+	cfg.ProxyMark, proxyOK = resolveMark(s.Marks.Proxy, "spec.marks.proxy", DefaultProxyMark, DefaultProxyMarkMask, bad)
+	cfg.ConnMark, connOK = resolveMark(s.Marks.Connection, "spec.marks.connection", DefaultConnMark, DefaultConnMarkMask, bad)
+	markOK := proxyOK && connOK
 	for _, m := range []struct {
-		field string
-		spec  MarkSpec
-	}{{"spec.marks.proxy", cfg.ProxyMark}, {"spec.marks.connection", cfg.ConnMark}} {
+		field  string
+		spec   MarkSpec
+		parsed bool
+	}{{"spec.marks.proxy", cfg.ProxyMark, proxyOK}, {"spec.marks.connection", cfg.ConnMark, connOK}} {
 		switch {
+		case !m.parsed:
 		case m.spec.Mask == 0:
 			bad(m.field+".mask", "0x0 compares no bits: every packet would match")
 			markOK = false
@@ -172,18 +173,29 @@ func Resolve(in Intent) (Config, error) {
 	return cfg, errors.Join(errs...)
 }
 
-func resolveMark(m *MaskedMark, value, mask uint32) MarkSpec {
+func resolveMark(m *MaskedMark, field string, value, mask uint32, bad func(string, string, ...any)) (MarkSpec, bool) {
 	spec := MarkSpec{Value: value, Mask: mask}
 	if m == nil {
-		return spec
+		return spec, true
 	}
-	if m.Value != nil {
-		spec.Value = uint32(*m.Value)
+	ok := true
+	for _, n := range []struct {
+		name string
+		in   *Number
+		out  *uint32
+	}{{"value", m.Value, &spec.Value}, {"mask", m.Mask, &spec.Mask}} {
+		if n.in == nil {
+			continue
+		}
+		v, err := n.in.parse()
+		if err != nil {
+			bad(field+"."+n.name, "%v", err)
+			ok = false
+			continue
+		}
+		*n.out = v
 	}
-	if m.Mask != nil {
-		spec.Mask = uint32(*m.Mask)
-	}
-	return spec
+	return spec, ok
 }
 
 func resolveAddr(s *string, def string, want4 bool, field string, bad func(string, string, ...any)) netip.Addr {

@@ -7,7 +7,11 @@ package compiler
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"reflect"
+	"regexp"
+	"sort"
 	"strconv"
 	"strings"
 
@@ -57,8 +61,8 @@ type Marks struct {
 
 // MaskedMark is a mark value compared and written under a mask.
 type MaskedMark struct {
-	Value *Hex32 `json:"value,omitempty"`
-	Mask  *Hex32 `json:"mask,omitempty"`
+	Value *Number `json:"value,omitempty"`
+	Mask  *Number `json:"mask,omitempty"`
 }
 
 // Ports are the proxy's listeners in the pod's network namespace. They are ints, not
@@ -100,34 +104,40 @@ type PodOverrides struct {
 	RerouteVirtualInterfaces []string `json:"rerouteVirtualInterfaces,omitempty"`
 }
 
-// Hex32 is a 32-bit value written in YAML as a number (1337, 0x539) or a string ("0x539").
-type Hex32 uint32
+// Number is a 32-bit value as written in YAML: a number (1337, 0x539) or a string
+// ("0x539"). It is kept as text and parsed by Resolve, so that a bad value is reported
+// with its field path.
+type Number string
 
-func (h *Hex32) UnmarshalJSON(b []byte) error {
-	s := strings.Trim(string(b), `"`)
-	v, err := strconv.ParseUint(s, 0, 32)
-	if err != nil {
-		return fmt.Errorf("%s is not a 32-bit number (write 1337 or 0x539)", string(b))
-	}
-	*h = Hex32(v)
+func (n *Number) UnmarshalJSON(b []byte) error {
+	*n = Number(strings.Trim(string(b), `"`))
 	return nil
 }
 
-func (h Hex32) MarshalJSON() ([]byte, error) {
-	return []byte(fmt.Sprintf(`"0x%x"`, uint32(h))), nil
+func (n Number) parse() (uint32, error) {
+	v, err := strconv.ParseUint(string(n), 0, 32)
+	if err != nil {
+		return 0, fmt.Errorf("%q is not a 32-bit number (write 1337 or 0x539)", string(n))
+	}
+	return uint32(v), nil
 }
 
-func (h Hex32) String() string { return fmt.Sprintf("0x%x", uint32(h)) }
-
-// Parse decodes an intent document strictly: unknown fields, a wrong apiVersion or kind,
-// and trailing documents are errors.
+// Parse decodes an intent document strictly: unknown fields (all of them, each with its
+// path), duplicate keys, a wrong apiVersion or kind are errors.
 func Parse(data []byte) (Intent, error) {
 	var in Intent
 	if len(bytes.TrimSpace(data)) == 0 {
 		return in, fmt.Errorf("intent: empty document")
 	}
+	var generic any
+	if err := yaml.Unmarshal(data, &generic); err != nil {
+		return in, fmt.Errorf("intent: %w", cleanDecodeError(err))
+	}
+	if err := unknownFields(generic, reflect.TypeOf(in), ""); err != nil {
+		return in, fmt.Errorf("intent: %w", err)
+	}
 	if err := yaml.UnmarshalStrict(data, &in); err != nil {
-		return in, fmt.Errorf("intent: %w", cleanJSONError(err))
+		return in, fmt.Errorf("intent: %w", cleanDecodeError(err))
 	}
 	if in.APIVersion != APIVersion {
 		return in, fmt.Errorf("intent: apiVersion: %q is not supported (want %q)", in.APIVersion, APIVersion)
@@ -138,15 +148,73 @@ func Parse(data []byte) (Intent, error) {
 	return in, nil
 }
 
-// cleanJSONError drops the JSON-conversion wording that sigs.k8s.io/yaml adds, which
-// means nothing to someone who wrote YAML.
-func cleanJSONError(err error) error {
+// unknownFields walks a decoded YAML value against the Go type it will fill and names
+// every key the type does not have, with its path and the keys it does have.
+func unknownFields(v any, t reflect.Type, path string) error {
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	switch t.Kind() {
+	case reflect.Struct:
+		m, ok := v.(map[string]any)
+		if !ok {
+			return nil // a type mismatch; the typed decode reports it
+		}
+		fields := map[string]reflect.Type{}
+		var known []string
+		for i := 0; i < t.NumField(); i++ {
+			name, _, _ := strings.Cut(t.Field(i).Tag.Get("json"), ",")
+			fields[name] = t.Field(i).Type
+			known = append(known, name)
+		}
+		keys := make([]string, 0, len(m))
+		for k := range m {
+			keys = append(keys, k)
+		}
+		sort.Strings(keys)
+		var errs []error
+		for _, k := range keys {
+			ft, ok := fields[k]
+			if !ok {
+				errs = append(errs, fmt.Errorf("%s: unknown field %q (known: %s)", join(path, k), k, strings.Join(known, ", ")))
+				continue
+			}
+			if err := unknownFields(m[k], ft, join(path, k)); err != nil {
+				errs = append(errs, err)
+			}
+		}
+		return errors.Join(errs...)
+	case reflect.Slice:
+		items, _ := v.([]any)
+		var errs []error
+		for i, item := range items {
+			if err := unknownFields(item, t.Elem(), fmt.Sprintf("%s[%d]", path, i)); err != nil {
+				errs = append(errs, err)
+			}
+		}
+		return errors.Join(errs...)
+	}
+	return nil
+}
+
+func join(path, key string) string {
+	if path == "" {
+		return key
+	}
+	return path + "." + key
+}
+
+var typeError = regexp.MustCompile(`cannot unmarshal (\w+) into (?:Go struct )?field \w+\.(\S+) of type (\S+)`)
+
+// cleanDecodeError drops the JSON-conversion wording that sigs.k8s.io/yaml adds, which
+// means nothing to someone who wrote YAML, and puts the field path first.
+func cleanDecodeError(err error) error {
 	msg := err.Error()
-	for _, prefix := range []string{"error unmarshaling JSON: while decoding JSON: ", "error unmarshaling JSON: ", "json: "} {
+	for _, prefix := range []string{"error unmarshaling JSON: ", "while decoding JSON: ", "error converting YAML to JSON: ", "json: ", "yaml: "} {
 		msg = strings.TrimPrefix(msg, prefix)
 	}
-	msg = strings.ReplaceAll(msg, "Go struct field ", "field ")
-	return fmt.Errorf("%s", msg)
+	msg = typeError.ReplaceAllString(msg, "$2: a $1 is not a valid $3")
+	return errors.New(msg)
 }
 
 // Marshal returns the intent as YAML (used to print the built-in default).

@@ -304,7 +304,7 @@ func HostRuleset(cfg Config) *rs.Table {
 		if f.ip == rs.IPv6 {
 			setType = rs.SetTypeIPv6Addr
 		}
-		t.Sets = append(t.Sets, &rs.Set{Name: f.podIPs, Type: setType})
+		t.Sets = append(t.Sets, &rs.Set{Name: f.podIPs, Type: setType, Runtime: true})
 		post.Rules = append(post.Rules, rs.Rule{
 			Matches: []rs.Match{
 				rs.Addr{Family: f.ip, Dir: rs.Destination, Set: f.podIPs},

@@ -36,6 +36,9 @@ type Set struct {
 	Type  SetType
 	Addrs []netip.Addr // ipv4_addr and ipv6_addr sets
 	Ports []uint16     // inet_service sets
+	// Runtime sets have their elements managed while the table lives (pod IPs on the
+	// node): Apply keeps the live elements and does not compare them.
+	Runtime bool
 }
 
 // ChainType, Hook and Policy describe a base chain.

@@ -162,6 +162,9 @@ func (t *Table) validateRule(c *Chain, r Rule) error {
 	if strings.ContainsAny(r.Comment, "\"\n\\") {
 		return fmt.Errorf("comment %q holds a quote, backslash or newline", r.Comment)
 	}
+	if n := r.userDataLen(); n > userDataMax {
+		return fmt.Errorf("rule text and comment need %d bytes of user data, the kernel keeps %d", n, userDataMax)
+	}
 	var ctx ruleContext
 	for _, m := range r.Matches {
 		if err := t.validateMatch(&ctx, m); err != nil {

@@ -1,0 +1,210 @@
+package ruleset
+
+import (
+	"net/netip"
+	"os"
+	"strings"
+	"testing"
+
+	"github.com/nftmesh/nftmesh/internal/nettest"
+)
+
+func openNS(t *testing.T, ns *nettest.Netns) int {
+	t.Helper()
+	f, err := os.Open(ns.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return int(f.Fd())
+}
+
+func nftList(t *testing.T, ns *nettest.Netns, table string) string {
+	t.Helper()
+	out, err := ns.Run("", "nft", "-y", "list", "table", "inet", table)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return counterValues(out)
+}
+
+func counterValues(s string) string {
+	var lines []string
+	for _, l := range strings.Split(s, "\n") {
+		if i := strings.Index(l, "counter packets "); i >= 0 {
+			rest := l[i+len("counter packets "):]
+			// drop "N bytes M"
+			fields := strings.SplitN(rest, " ", 4)
+			if len(fields) >= 3 {
+				l = l[:i] + "counter"
+				if len(fields) == 4 {
+					l += " " + fields[3]
+				}
+			}
+		}
+		lines = append(lines, l)
+	}
+	return strings.Join(lines, "\n")
+}
+
+// Applying through netlink must give exactly the rendered text when nft lists it back:
+// this checks the translation of every construct against nft's own decoding.
+func TestApplyTranslationPrintsBack(t *testing.T) {
+	nettest.Require(t, "nft")
+	ns := nettest.New(t)
+	fd := openNS(t, ns)
+	tbl := everyConstruct()
+	res, err := Apply(fd, tbl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Action != Created || res.Writes == 0 {
+		t.Errorf("first apply: %+v, want created with writes", res)
+	}
+	if got := nftList(t, ns, tbl.Name); got != tbl.Render() {
+		t.Errorf("nft lists the applied table differently:\n%s", lineDiff(tbl.Render(), got))
+	}
+	live, err := ReadLive(fd, tbl.Name, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := live.Render(); got != tbl.Render() {
+		t.Errorf("live table renders differently:\n%s", lineDiff(tbl.Render(), got))
+	}
+	if !live.Matches(tbl) {
+		t.Error("live table does not match what was just applied")
+	}
+}
+
+func TestApplyIdempotentAndReplace(t *testing.T) {
+	nettest.Require(t, "nft")
+	ns := nettest.New(t)
+	fd := openNS(t, ns)
+	tbl := everyConstruct()
+	if _, err := Apply(fd, tbl); err != nil {
+		t.Fatal(err)
+	}
+	gen, err := Generation(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := Apply(fd, everyConstruct())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Action != Unchanged || res.Writes != 0 {
+		t.Errorf("second apply: %+v, want unchanged with 0 writes", res)
+	}
+	if gen2, _ := Generation(fd); gen2 != gen {
+		t.Errorf("an unchanged apply committed a transaction: generation %d -> %d", gen, gen2)
+	}
+
+	// A changed table is replaced.
+	changed := everyConstruct()
+	changed.Chains[0].Rules[1].Comment = "changed"
+	res, err = Apply(fd, changed)
+	if err != nil || res.Action != Replaced {
+		t.Fatalf("changed apply: %+v, %v", res, err)
+	}
+	if got := nftList(t, ns, tbl.Name); got != changed.Render() {
+		t.Errorf("after replace:\n%s", lineDiff(changed.Render(), got))
+	}
+}
+
+// Edits by others are drift: Apply puts the table back.
+func TestApplyRepairsDrift(t *testing.T) {
+	nettest.Require(t, "nft")
+	edits := map[string][]string{
+		"rule deleted":      {"flush", "chain", "inet", "nftmesh", "nat_output"},
+		"rule added":        {"add", "rule", "inet", "nftmesh", "helper", "counter"},
+		"chain added":       {"add", "chain", "inet", "nftmesh", "extra"},
+		"chain deleted":     {"delete", "chain", "inet", "nftmesh", "filter_input"},
+		"policy changed":    {"add", "chain", "inet", "nftmesh", "filter_input", "{ type filter hook input priority 0; policy accept; }"},
+		"element added":     {"add", "element", "inet", "nftmesh", "pods_v4", "{ 10.9.9.9 }"},
+		"table deleted":     {"delete", "table", "inet", "nftmesh"},
+		"rule replaced":     {"insert", "rule", "inet", "nftmesh", "mangle_output", "accept"},
+		"set element gone":  {"delete", "element", "inet", "nftmesh", "ports", "{ 53 }"},
+		"base chain hooked": {"add", "chain", "inet", "nftmesh", "extra2", "{ type filter hook forward priority 0; }"},
+	}
+	for name, edit := range edits {
+		t.Run(name, func(t *testing.T) {
+			ns := nettest.New(t)
+			fd := openNS(t, ns)
+			tbl := everyConstruct()
+			if _, err := Apply(fd, tbl); err != nil {
+				t.Fatal(err)
+			}
+			ns.MustRun(t, "nft", edit...)
+			live, err := ReadLive(fd, tbl.Name, true)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if live.Matches(tbl) {
+				t.Fatal("drift not detected")
+			}
+			res, err := Apply(fd, tbl)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if res.Action == Unchanged {
+				t.Fatalf("drift not repaired: %+v", res)
+			}
+			if got := nftList(t, ns, tbl.Name); got != tbl.Render() {
+				t.Errorf("after repair:\n%s", lineDiff(tbl.Render(), got))
+			}
+		})
+	}
+}
+
+// Runtime set elements survive a replace of the table.
+func TestReplaceKeepsRuntimeElements(t *testing.T) {
+	nettest.Require(t, "nft")
+	ns := nettest.New(t)
+	fd := openNS(t, ns)
+	tbl := everyConstruct()
+	tbl.Sets[2].Runtime = true // empty_v6
+	if _, err := Apply(fd, tbl); err != nil {
+		t.Fatal(err)
+	}
+	ns.MustRun(t, "nft", "add", "element", "inet", "nftmesh", "empty_v6", `{ fd00::7 comment "uid-1" }`)
+	if live, _ := ReadLive(fd, tbl.Name, true); !live.Matches(tbl) {
+		t.Error("an element in a runtime set counted as drift")
+	}
+	changed := everyConstruct()
+	changed.Sets[2].Runtime = true
+	changed.Chains[0].Rules[0].Comment = "v2"
+	if res, err := Apply(fd, changed); err != nil || res.Action != Replaced {
+		t.Fatalf("%+v %v", res, err)
+	}
+	live, err := ReadLive(fd, tbl.Name, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var kept []LiveElement
+	for _, s := range live.Sets {
+		if s.Name == "empty_v6" {
+			kept = s.Elements
+		}
+	}
+	if len(kept) != 1 || kept[0].Key != netip.MustParseAddr("fd00::7") || kept[0].Comment != "uid-1" {
+		t.Errorf("runtime elements after replace: %+v", kept)
+	}
+}
+
+func TestDelete(t *testing.T) {
+	nettest.Require(t, "nft")
+	ns := nettest.New(t)
+	fd := openNS(t, ns)
+	if _, err := Apply(fd, everyConstruct()); err != nil {
+		t.Fatal(err)
+	}
+	if existed, err := Delete(fd, "nftmesh"); err != nil || !existed {
+		t.Fatalf("delete: %v %v", existed, err)
+	}
+	if out := ns.MustRun(t, "nft", "list", "tables"); strings.Contains(out, "nftmesh") {
+		t.Errorf("table still there: %s", out)
+	}
+	if existed, err := Delete(fd, "nftmesh"); err != nil || existed {
+		t.Errorf("second delete: %v %v, want a no-op", existed, err)
+	}
+}

@@ -322,3 +322,27 @@ func HostRuleset(cfg Config) *rs.Table {
 func baseChain(name string, typ rs.ChainType, hook rs.Hook, priority int) *rs.Chain {
 	return &rs.Chain{Name: name, Base: &rs.BaseChain{Type: typ, Hook: hook, Priority: priority, Policy: rs.PolicyAccept}}
 }
+
+// Policy routing in the pod namespace: packets carrying the connection mark (replies of
+// connections the proxy originated with a spoofed source) are delivered locally, to the
+// proxy's transparent socket, through their own table.
+const (
+	RouteTable   = 100
+	RulePriority = 32764
+)
+
+// Routing is the pod namespace's policy routing: `ip rule add fwmark Mark/Mask lookup
+// Table pref Priority` and `ip route add local default dev lo table Table`, for IPv4
+// and, when IPv6 is set, for IPv6.
+type Routing struct {
+	Mark     uint32
+	Mask     uint32
+	Table    int
+	Priority int
+	IPv6     bool
+}
+
+// PodRouting returns the policy routing that goes with the pod ruleset.
+func PodRouting(cfg Config) Routing {
+	return Routing{Mark: cfg.ConnMark.Value, Mask: cfg.ConnMark.Mask, Table: RouteTable, Priority: RulePriority, IPv6: cfg.IPv6}
+}

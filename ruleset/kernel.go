@@ -637,3 +637,98 @@ func Delete(nsFD int, name string) (bool, error) {
 	}
 	return true, nil
 }
+
+// findElement reads the set and returns the element for addr, if any.
+func (n *nfConn) findElement(table, set string, addr netip.Addr) (*LiveElement, SetType, error) {
+	live, err := n.readLive(table, false)
+	if err != nil {
+		return nil, "", err
+	}
+	if live == nil {
+		return nil, "", fmt.Errorf("table inet %s does not exist", table)
+	}
+	var ls *LiveSet
+	for _, s := range live.Sets {
+		if s.Name == set {
+			ls = s
+		}
+	}
+	if ls == nil {
+		return nil, "", fmt.Errorf("set %s does not exist in table inet %s", set, table)
+	}
+	if (ls.Type == SetTypeIPv4Addr) != addr.Is4() || ls.Type == SetTypeInetService {
+		return nil, "", fmt.Errorf("set %s holds %s, not %s", set, ls.Type, addr)
+	}
+	elems, err := n.readElements(table, ls)
+	if err != nil {
+		return nil, "", err
+	}
+	for _, e := range elems {
+		if e.Key == addr {
+			return &e, ls.Type, nil
+		}
+	}
+	return nil, ls.Type, nil
+}
+
+// AddElement makes addr an element of the set, with owner as its comment. It writes
+// nothing when the element is there with the same owner, and replaces the element in one
+// transaction when another owner has it (the address was reused). It reports whether it
+// wrote.
+func AddElement(nsFD int, table, set string, addr netip.Addr, owner string) (bool, error) {
+	n, err := dialNFT(nsFD)
+	if err != nil {
+		return false, err
+	}
+	defer n.Close()
+	cur, typ, err := n.findElement(table, set, addr)
+	if err != nil {
+		return false, err
+	}
+	if cur != nil && cur.Comment == owner {
+		return false, nil
+	}
+	conn, err := nftables.New(nftables.WithNetNSFd(nsFD))
+	if err != nil {
+		return false, err
+	}
+	s := &nftables.Set{Table: nfTable(table), Name: set, KeyType: setTypes[typ]}
+	if cur != nil {
+		if err := conn.SetDeleteElements(s, []nftables.SetElement{{Key: addr.AsSlice()}}); err != nil {
+			return false, err
+		}
+	}
+	if err := conn.SetAddElements(s, []nftables.SetElement{{Key: addr.AsSlice(), Comment: owner}}); err != nil {
+		return false, err
+	}
+	if err := conn.Flush(); err != nil {
+		return false, fmt.Errorf("set %s: add %s: %w", set, addr, err)
+	}
+	return true, nil
+}
+
+// DeleteElement removes addr from the set if owner still owns it. It reports whether it
+// wrote; an absent element, or one another owner has taken over, is left alone.
+func DeleteElement(nsFD int, table, set string, addr netip.Addr, owner string) (bool, error) {
+	n, err := dialNFT(nsFD)
+	if err != nil {
+		return false, err
+	}
+	defer n.Close()
+	cur, typ, err := n.findElement(table, set, addr)
+	if err != nil || cur == nil || cur.Comment != owner {
+		return false, err
+	}
+	conn, err := nftables.New(nftables.WithNetNSFd(nsFD))
+	if err != nil {
+		return false, err
+	}
+	s := &nftables.Set{Table: nfTable(table), Name: set, KeyType: setTypes[typ]}
+	if err := conn.SetDeleteElements(s, []nftables.SetElement{{Key: addr.AsSlice()}}); err != nil {
+		return false, err
+	}
+	if err := conn.Flush(); err != nil {
+		return false, fmt.Errorf("set %s: delete %s: %w", set, addr, err)
+	}
+	return true, nil
+}

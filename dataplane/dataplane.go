@@ -1,0 +1,349 @@
+package dataplane
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nftmesh/nftmesh/compiler"
+	"github.com/nftmesh/nftmesh/internal/textdiff"
+	"github.com/nftmesh/nftmesh/ruleset"
+)
+
+// ErrNetNSGone reports a namespace path that no longer exists (the pod is gone).
+var ErrNetNSGone = errors.New("network namespace does not exist")
+
+// Desired is what Apply makes true in one namespace.
+type Desired struct {
+	Table *ruleset.Table
+	// Routing is the pod's policy routing; nil for the node, which has none.
+	Routing *compiler.Routing
+}
+
+// PodDesired compiles the pod ruleset and its policy routing.
+func PodDesired(in compiler.Intent) (Desired, error) {
+	cfg, err := compiler.Resolve(in)
+	if err != nil {
+		return Desired{}, err
+	}
+	t, err := compiler.Compile(in, compiler.TargetPod)
+	if err != nil {
+		return Desired{}, err
+	}
+	r := compiler.PodRouting(cfg)
+	return Desired{Table: t, Routing: &r}, nil
+}
+
+// HostDesired compiles the node ruleset.
+func HostDesired(in compiler.Intent) (Desired, error) {
+	t, err := compiler.Compile(in, compiler.TargetHost)
+	if err != nil {
+		return Desired{}, err
+	}
+	return Desired{Table: t}, nil
+}
+
+// Result reports one Apply.
+type Result struct {
+	ruleset.Result
+	RoutingChanged bool
+	// Superseded is true when a newer Apply or Remove for the same namespace was
+	// submitted before this one got its turn: it did nothing, the newer one decides.
+	Superseded bool
+	// Seq orders submissions: a higher Seq was submitted later.
+	Seq uint64
+}
+
+// DefaultWorkers bounds ApplyAll's parallelism. Transactions that delete wait for an RCU
+// grace period (about 10 ms); in different namespaces those waits overlap, so a wide
+// pool pays off even on two cores.
+const DefaultWorkers = 32
+
+// Manager applies rulesets to namespaces: one at a time per namespace, in submission
+// order (the newest intent wins), different namespaces in parallel.
+type Manager struct {
+	log     *slog.Logger
+	workers int
+
+	seq   atomic.Uint64
+	mu    sync.Mutex
+	state map[nsKey]*nsState
+}
+
+type nsState struct {
+	mu     sync.Mutex
+	latest uint64 // newest Seq submitted for this namespace
+	users  int
+}
+
+// NewManager returns a Manager that logs to log (nil: slog.Default()) and runs ApplyAll
+// with at most workers namespaces at once (0: DefaultWorkers).
+func NewManager(log *slog.Logger, workers int) *Manager {
+	if log == nil {
+		log = slog.Default()
+	}
+	if workers <= 0 {
+		workers = DefaultWorkers
+	}
+	return &Manager{log: log, workers: workers, state: map[nsKey]*nsState{}}
+}
+
+// acquire returns the namespace's state, counted as in use; release undoes it.
+func (m *Manager) acquire(key nsKey, seq uint64) *nsState {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	st := m.state[key]
+	if st == nil {
+		st = &nsState{}
+		m.state[key] = st
+	}
+	st.users++
+	st.latest = max(st.latest, seq)
+	return st
+}
+
+func (m *Manager) release(key nsKey, st *nsState) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if st.users--; st.users == 0 {
+		delete(m.state, key)
+	}
+}
+
+// turn registers a submission for the namespace and waits for its turn. It returns
+// superseded=true, holding nothing, when a newer submission exists by then: that one
+// will apply (or has applied) the newer intent, which must win.
+func (m *Manager) turn(key nsKey) (seq uint64, superseded bool, done func()) {
+	seq = m.seq.Add(1)
+	st := m.acquire(key, seq)
+	st.mu.Lock()
+	m.mu.Lock()
+	newer := st.latest > seq
+	m.mu.Unlock()
+	if newer {
+		st.mu.Unlock()
+		m.release(key, st)
+		return seq, true, func() {}
+	}
+	return seq, false, func() { st.mu.Unlock(); m.release(key, st) }
+}
+
+func open(path string) (*netNS, error) {
+	ns, err := openNetNS(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("%w: %w", ErrNetNSGone, err)
+	}
+	return ns, err
+}
+
+// Apply makes the namespace at path hold exactly d: policy routing first (idempotent,
+// harmless without the rules), then the table in one transaction. If the table fails,
+// the routing it added is removed again: nothing is left half-applied.
+func (m *Manager) Apply(path string, d Desired) (Result, error) {
+	start := time.Now()
+	ns, err := open(path)
+	if err != nil {
+		return Result{}, err
+	}
+	defer ns.Close()
+	seq, superseded, done := m.turn(ns.key)
+	defer done()
+	res := Result{Seq: seq, Superseded: superseded}
+	if superseded {
+		m.log.Debug("apply superseded by a newer one", "netns", path, "seq", seq)
+		return res, nil
+	}
+
+	undo := func() {}
+	if d.Routing != nil {
+		h, err := handleAt(ns.fd())
+		if err != nil {
+			return res, fmt.Errorf("netns %s: routing: %w", path, err)
+		}
+		defer h.Close()
+		res.RoutingChanged, undo, err = ensureRouting(h, *d.Routing)
+		if err != nil {
+			undo()
+			return res, fmt.Errorf("netns %s: routing: %w", path, err)
+		}
+	}
+	res.Result, err = ruleset.Apply(ns.fd(), d.Table)
+	if err != nil {
+		undo()
+		return res, fmt.Errorf("netns %s: %w", path, err)
+	}
+	if res.Action != ruleset.Unchanged || res.RoutingChanged {
+		m.log.Info("applied", "netns", path, "table", d.Table.Name, "action", res.Action,
+			"writes", res.Writes, "routing_changed", res.RoutingChanged, "duration", time.Since(start))
+	}
+	return res, nil
+}
+
+// Remove deletes the table and, when routing is given, the policy routing from the
+// namespace at path. What is already gone is skipped. It reports whether it removed
+// anything.
+func (m *Manager) Remove(path, table string, routing *compiler.Routing) (bool, error) {
+	ns, err := open(path)
+	if err != nil {
+		return false, err
+	}
+	defer ns.Close()
+	_, superseded, done := m.turn(ns.key)
+	defer done()
+	if superseded {
+		return false, nil
+	}
+	removed, err := ruleset.Delete(ns.fd(), table)
+	if err != nil {
+		return false, fmt.Errorf("netns %s: %w", path, err)
+	}
+	if routing != nil {
+		h, err := handleAt(ns.fd())
+		if err != nil {
+			return removed, fmt.Errorf("netns %s: routing: %w", path, err)
+		}
+		defer h.Close()
+		r, err := removeRouting(h, *routing)
+		removed = removed || r
+		if err != nil {
+			return removed, fmt.Errorf("netns %s: routing: %w", path, err)
+		}
+	}
+	if removed {
+		m.log.Info("removed", "netns", path, "table", table)
+	}
+	return removed, nil
+}
+
+// Show returns the live table of the namespace at path as canonical text, or "" when
+// there is none.
+func Show(path, table string) (string, error) {
+	ns, err := open(path)
+	if err != nil {
+		return "", err
+	}
+	defer ns.Close()
+	live, err := ruleset.ReadLive(ns.fd(), table, true)
+	if err != nil {
+		return "", fmt.Errorf("netns %s: table inet %s: %w", path, table, err)
+	}
+	if live == nil {
+		return "", nil
+	}
+	return live.Render(), nil
+}
+
+// Diff compares the live table of the namespace at path with want: "" when they match,
+// else a unified diff (live first). Runtime set elements are not compared.
+func Diff(path string, want *ruleset.Table) (string, error) {
+	ns, err := open(path)
+	if err != nil {
+		return "", err
+	}
+	defer ns.Close()
+	live, err := ruleset.ReadLive(ns.fd(), want.Name, true)
+	if err != nil {
+		return "", fmt.Errorf("netns %s: table inet %s: %w", path, want.Name, err)
+	}
+	if live.Matches(want) {
+		return "", nil
+	}
+	liveText := "(no table inet " + want.Name + ")\n"
+	if live != nil {
+		liveText = live.Render()
+	}
+	d := textdiff.Unified("live "+path, "desired", liveText, want.Render())
+	if d == "" {
+		// Equal text, different state: runtime elements are rendered but not compared,
+		// so this only happens for a difference the text cannot show.
+		d = "--- live " + path + "\n+++ desired\n(differs in a way the text does not show: re-apply)\n"
+	}
+	return d, nil
+}
+
+// Job is one namespace for ApplyAll.
+type Job struct {
+	Path    string
+	Desired Desired
+}
+
+// JobResult is the outcome of one Job, in the same position.
+type JobResult struct {
+	Result Result
+	Err    error
+}
+
+// ApplyAll applies every job, at most the Manager's worker count at a time.
+func (m *Manager) ApplyAll(jobs []Job) []JobResult {
+	out := make([]JobResult, len(jobs))
+	next := atomic.Int64{}
+	var wg sync.WaitGroup
+	for w := 0; w < min(m.workers, len(jobs)); w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1)) - 1
+				if i >= len(jobs) {
+					return
+				}
+				out[i].Result, out[i].Err = m.Apply(jobs[i].Path, jobs[i].Desired)
+			}
+		}()
+	}
+	wg.Wait()
+	return out
+}
+
+func podIPSet(ip netip.Addr) string {
+	if ip.Is4() {
+		return compiler.SetPodIPsV4
+	}
+	return compiler.SetPodIPsV6
+}
+
+// AddPodIP adds an enrolled pod's IP to the node's pod IP set, owned by the pod's UID.
+// Idempotent; an IP still owned by another UID (reused) is handed over. It reports
+// whether it wrote.
+func (m *Manager) AddPodIP(hostPath string, ip netip.Addr, uid string) (bool, error) {
+	return m.podIP(hostPath, ip, uid, ruleset.AddElement, "add")
+}
+
+// RemovePodIP removes a pod's IP from the node's set, only if uid still owns it: a new
+// pod that got the same IP keeps its entry. It reports whether it wrote.
+func (m *Manager) RemovePodIP(hostPath string, ip netip.Addr, uid string) (bool, error) {
+	return m.podIP(hostPath, ip, uid, ruleset.DeleteElement, "remove")
+}
+
+func (m *Manager) podIP(hostPath string, ip netip.Addr, uid string,
+	op func(int, string, string, netip.Addr, string) (bool, error), verb string) (bool, error) {
+	if uid == "" {
+		return false, fmt.Errorf("pod IP %s: %s: empty pod UID", ip, verb)
+	}
+	if !ip.IsValid() {
+		return false, fmt.Errorf("pod %s: %s: invalid IP", uid, verb)
+	}
+	ip = ip.Unmap()
+	ns, err := open(hostPath)
+	if err != nil {
+		return false, err
+	}
+	defer ns.Close()
+	// Element changes are not superseded by later submissions: each is its own fact.
+	st := m.acquire(ns.key, 0)
+	st.mu.Lock()
+	defer func() { st.mu.Unlock(); m.release(ns.key, st) }()
+	changed, err := op(ns.fd(), compiler.TableName, podIPSet(ip), ip, uid)
+	if err != nil {
+		return false, fmt.Errorf("netns %s: pod %s IP %s: %s: %w", hostPath, uid, ip, verb, err)
+	}
+	if changed {
+		m.log.Info("pod IP "+verb, "netns", hostPath, "uid", uid, "ip", ip)
+	}
+	return changed, nil
+}

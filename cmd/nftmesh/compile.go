@@ -26,28 +26,38 @@ func (f *intentFlags) register(fs *flag.FlagSet) {
 	fs.Var(f.annotations, "pod-annotation", "a pod annotation `KEY=VALUE` applied over the intent's pod section; repeatable\n(ambient.istio.io/bypass-inbound-capture, ambient.istio.io/dns-capture, istio.io/reroute-virtual-interfaces)")
 }
 
-// compile loads the intent, applies the annotations and compiles. Warnings go to stderr.
-func (f *intentFlags) compile(stderr io.Writer) (*ruleset.Table, error) {
+// intent loads the intent file (or the default) and lays the annotations over its pod
+// section. Warnings go to stderr.
+func (f *intentFlags) intent() (compiler.Intent, error) {
 	in := compiler.DefaultIntent()
 	if f.file != "" {
 		data, err := os.ReadFile(f.file)
 		if err != nil {
-			return nil, err
+			return in, err
 		}
 		if in, err = compiler.Parse(data); err != nil {
-			return nil, fmt.Errorf("%s: %w", f.file, err)
+			return in, fmt.Errorf("%s: %w", f.file, err)
 		}
 	}
+	pod, err := compiler.ApplyAnnotations(in.Spec.Pod, f.annotations)
+	if err != nil {
+		return in, fmt.Errorf("--pod-annotation: %w", err)
+	}
+	in.Spec.Pod = pod
+	return in, nil
+}
+
+// compile loads the intent and compiles the --target ruleset.
+func (f *intentFlags) compile(stderr io.Writer) (*ruleset.Table, error) {
 	for k := range f.annotations {
 		if !slices.Contains(compiler.KnownAnnotations, k) {
 			fmt.Fprintf(stderr, "nftmesh: warning: --pod-annotation %s is not an annotation nftmesh reads; ignored\n", k)
 		}
 	}
-	pod, err := compiler.ApplyAnnotations(in.Spec.Pod, f.annotations)
+	in, err := f.intent()
 	if err != nil {
-		return nil, fmt.Errorf("--pod-annotation: %w", err)
+		return nil, err
 	}
-	in.Spec.Pod = pod
 	source := f.file
 	if source == "" {
 		source = "built-in default intent"
@@ -79,20 +89,34 @@ func runCompile(args []string, stdout, stderr io.Writer) int {
 }
 
 func runDiff(args []string, stdout, stderr io.Writer) int {
-	var f intentFlags
+	var f netnsFlags
 	var golden string
-	fs := newFlagSet("diff", "diff [-f intent.yaml] --golden file.nft [--target pod|host] [--pod-annotation k=v ...]",
-		"Compile an intent and compare it with a golden ruleset file. When they differ, print a\n"+
-			"unified diff (golden first) on stdout. For CI pipelines and code review.",
-		"0 equal; 1 different (the diff is printed); 2 bad flags, unreadable file or invalid intent.", stdout)
-	f.register(fs)
-	fs.StringVar(&golden, "golden", "", "the golden ruleset `FILE` to compare with (required)")
+	fs := newFlagSet("diff", "diff [-f intent.yaml] --golden file.nft [--target pod|host] [--pod-annotation k=v ...]\n"+
+		"       nftmesh diff --netns PATH|NAME [-f intent.yaml] [--pod-annotation k=v ...] | diff --host [--netns PATH|NAME] [-f intent.yaml]",
+		"Compile an intent and compare it with a golden ruleset file (--golden), for CI pipelines and\n"+
+			"code review, or with nftmesh's live table in a namespace (--netns, --host), to find drift.\n"+
+			"When they differ, print a unified diff (golden or live first) on stdout.",
+		"0 equal; 1 different (the diff is printed); 2 bad flags, unreadable file, invalid intent\nor unreadable namespace.", stdout)
+	f.intentFlags.register(fs)
+	fs.StringVar(&f.netns, "netns", "", "compare with the live table in this namespace (`PATH` or `ip netns` name)")
+	fs.BoolVar(&f.host, "host", false, "the node ruleset (same as --target host); with no --netns, the node's own namespace")
+	fs.StringVar(&golden, "golden", "", "the golden ruleset `FILE` to compare with")
 	if done, code := parseFlags(fs, args, stderr); done {
 		return code
 	}
-	if golden == "" {
-		fmt.Fprintln(stderr, "nftmesh diff: --golden is required (see --help)")
+	live := f.netns != "" || f.host && golden == ""
+	switch {
+	case live && golden != "":
+		fmt.Fprintln(stderr, "nftmesh diff: --golden and --netns exclude each other (see --help)")
 		return exitError
+	case live:
+		return diffLive(&f, stdout, stderr)
+	case golden == "":
+		fmt.Fprintln(stderr, "nftmesh diff: --golden or --netns is required (see --help)")
+		return exitError
+	}
+	if f.host {
+		f.target = string(compiler.TargetHost)
 	}
 	want, err := os.ReadFile(golden)
 	if err != nil {

@@ -33,7 +33,10 @@ type command struct {
 func commands() []command {
 	return []command{
 		{"compile", "compile an intent and print the nftables ruleset", runCompile},
-		{"diff", "compare the compiled ruleset with a golden file", runDiff},
+		{"diff", "compare the compiled ruleset with a golden file or a live namespace", runDiff},
+		{"apply", "apply the ruleset to a pod's (or the node's) network namespace", runApply},
+		{"show", "print nftmesh's live table in a network namespace", runShow},
+		{"delete", "remove nftmesh's table and routing from a network namespace", runDelete},
 		{"version", "print the version", runVersion},
 	}
 }

@@ -474,7 +474,7 @@ func TestHostPodIPs(t *testing.T) {
 		{"add", ip4, "pod-a", false, "elements = { 10.244.0.7 }"},
 		{"add", ip6, "pod-a", true, "elements = { 10.244.0.7 }; elements = { fd00:10:244::7 }"},
 		{"remove", ip4, "pod-b", false, "elements = { 10.244.0.7 }; elements = { fd00:10:244::7 }"}, // not the owner
-		{"add", ip4, "pod-c", true, "elements = { 10.244.0.7 }; elements = { fd00:10:244::7 }"},    // IP reused
+		{"add", ip4, "pod-c", true, "elements = { 10.244.0.7 }; elements = { fd00:10:244::7 }"},     // IP reused
 		{"remove", ip4, "pod-a", false, "elements = { 10.244.0.7 }; elements = { fd00:10:244::7 }"}, // old owner's late remove
 		{"remove", ip4, "pod-c", true, "elements = { fd00:10:244::7 }"},
 		{"remove", ip4, "pod-c", false, "elements = { fd00:10:244::7 }"},

@@ -99,8 +99,13 @@ func (b builder) setConnMark(kind rs.MarkKind) rs.Statement {
 	return rs.SetMark{Target: kind, From: kind, Mask: b.cfg.ConnMark.Mask, Value: b.cfg.ConnMark.Value}
 }
 
+// tproxy marks the packet and hands it to the local transparent socket on port, then
+// accepts. The accept is needed: nftables' tproxy statement, unlike iptables' TPROXY
+// target, is not terminal. Without it evaluation goes on, and a later tproxy rule (the
+// inbound one, which also matches HBONE traffic) takes the packet from the socket the
+// first one gave it to.
 func (b builder) tproxy(f rs.IPFamily, port uint16) []rs.Statement {
-	return []rs.Statement{b.setConnMark(rs.MetaMark), rs.TProxy{Family: f, Port: port}}
+	return []rs.Statement{b.setConnMark(rs.MetaMark), rs.TProxy{Family: f, Port: port}, rs.Verdict{Kind: rs.Accept}}
 }
 
 func addr(f family, dir rs.Direction, p netip.Prefix, negate bool) rs.Match {

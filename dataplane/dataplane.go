@@ -10,7 +10,12 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/google/nftables"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
 	"github.com/nftmesh/nftmesh/compiler"
+	"github.com/nftmesh/nftmesh/internal/nlraw"
 	"github.com/nftmesh/nftmesh/internal/textdiff"
 	"github.com/nftmesh/nftmesh/ruleset"
 )
@@ -70,6 +75,8 @@ type Manager struct {
 	log     *slog.Logger
 	workers int
 
+	cache *ruleset.Cache
+
 	seq   atomic.Uint64
 	mu    sync.Mutex
 	state map[nsKey]*nsState
@@ -90,7 +97,7 @@ func NewManager(log *slog.Logger, workers int) *Manager {
 	if workers <= 0 {
 		workers = DefaultWorkers
 	}
-	return &Manager{log: log, workers: workers, state: map[nsKey]*nsState{}}
+	return &Manager{log: log, workers: workers, cache: ruleset.NewCache(), state: map[nsKey]*nsState{}}
 }
 
 // acquire returns the namespace's state, counted as in use; release undoes it.
@@ -141,6 +148,70 @@ func open(path string) (*netNS, error) {
 	return ns, err
 }
 
+// sockets opens, in one visit to the namespace, an nftables connection and, when routing
+// is wanted, a blocking rtnetlink socket for reading rules and routes. The caller
+// closes them.
+func sockets(ns *netNS, routing bool) (*ruleset.Conn, *nlraw.Conn, error) {
+	var conn *ruleset.Conn
+	var rt *nlraw.Conn
+	err := inNetNS(ns.fd(), func() error {
+		var err error
+		if conn, err = ruleset.NewConn(txDialer(ns)); err != nil {
+			return err
+		}
+		if routing {
+			if rt, err = nlraw.Open(unix.NETLINK_ROUTE); err != nil {
+				conn.Close()
+				return fmt.Errorf("rtnetlink socket: %w", err)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, nil, fmt.Errorf("netns %s: %w", ns.path, err)
+	}
+	return conn, rt, nil
+}
+
+// routeWriter returns a function that makes, on first call, a vishvananda/netlink handle
+// in the namespace, and a function that closes it if it was made.
+func routeWriter(ns *netNS) (write func() (*netlink.Handle, error), closeFn func()) {
+	var h *netlink.Handle
+	write = func() (*netlink.Handle, error) {
+		if h != nil {
+			return h, nil
+		}
+		err := inNetNS(ns.fd(), func() error {
+			var err error
+			h, err = netlink.NewHandle(unix.NETLINK_ROUTE)
+			return err
+		})
+		if err != nil {
+			return nil, fmt.Errorf("rtnetlink socket: %w", err)
+		}
+		return h, nil
+	}
+	return write, func() {
+		if h != nil {
+			h.Close()
+		}
+	}
+}
+
+// txDialer makes google/nftables write connections in the namespace, through the same
+// kind of visit as sockets: only applies that write pay for one.
+func txDialer(ns *netNS) ruleset.TxDialer {
+	return func() (*nftables.Conn, error) {
+		var tx *nftables.Conn
+		err := inNetNS(ns.fd(), func() error {
+			var err error
+			tx, err = nftables.New(nftables.AsLasting())
+			return err
+		})
+		return tx, err
+	}
+}
+
 // Apply makes the namespace at path hold exactly d: policy routing first (idempotent,
 // harmless without the rules), then the table in one transaction. If the table fails,
 // the routing it added is removed again: nothing is left half-applied.
@@ -159,20 +230,23 @@ func (m *Manager) Apply(path string, d Desired) (Result, error) {
 		return res, nil
 	}
 
+	conn, rt, err := sockets(ns, d.Routing != nil)
+	if err != nil {
+		return res, err
+	}
+	defer conn.Close()
 	undo := func() {}
 	if d.Routing != nil {
-		h, err := handleAt(ns.fd())
-		if err != nil {
-			return res, fmt.Errorf("netns %s: routing: %w", path, err)
-		}
-		defer h.Close()
-		res.RoutingChanged, undo, err = ensureRouting(h, *d.Routing)
+		defer rt.Close()
+		write, closeWriter := routeWriter(ns)
+		defer closeWriter()
+		res.RoutingChanged, undo, err = ensureRouting(rt, write, *d.Routing)
 		if err != nil {
 			undo()
 			return res, fmt.Errorf("netns %s: routing: %w", path, err)
 		}
 	}
-	res.Result, err = ruleset.Apply(ns.fd(), d.Table)
+	res.Result, err = conn.Apply(d.Table, m.cache)
 	if err != nil {
 		undo()
 		return res, fmt.Errorf("netns %s: %w", path, err)
@@ -198,17 +272,20 @@ func (m *Manager) Remove(path, table string, routing *compiler.Routing) (bool, e
 	if superseded {
 		return false, nil
 	}
-	removed, err := ruleset.Delete(ns.fd(), table)
+	conn, rt, err := sockets(ns, routing != nil)
+	if err != nil {
+		return false, err
+	}
+	defer conn.Close()
+	removed, err := conn.Delete(table)
 	if err != nil {
 		return false, fmt.Errorf("netns %s: %w", path, err)
 	}
 	if routing != nil {
-		h, err := handleAt(ns.fd())
-		if err != nil {
-			return removed, fmt.Errorf("netns %s: routing: %w", path, err)
-		}
-		defer h.Close()
-		r, err := removeRouting(h, *routing)
+		defer rt.Close()
+		write, closeWriter := routeWriter(ns)
+		defer closeWriter()
+		r, err := removeRouting(rt, write, *routing)
 		removed = removed || r
 		if err != nil {
 			return removed, fmt.Errorf("netns %s: routing: %w", path, err)
@@ -228,7 +305,12 @@ func Show(path, table string) (string, error) {
 		return "", err
 	}
 	defer ns.Close()
-	live, err := ruleset.ReadLive(ns.fd(), table, true)
+	conn, _, err := sockets(ns, false)
+	if err != nil {
+		return "", err
+	}
+	defer conn.Close()
+	live, err := conn.ReadLive(table, true)
 	if err != nil {
 		return "", fmt.Errorf("netns %s: table inet %s: %w", path, table, err)
 	}
@@ -246,7 +328,12 @@ func Diff(path string, want *ruleset.Table) (string, error) {
 		return "", err
 	}
 	defer ns.Close()
-	live, err := ruleset.ReadLive(ns.fd(), want.Name, true)
+	conn, _, err := sockets(ns, false)
+	if err != nil {
+		return "", err
+	}
+	defer conn.Close()
+	live, err := conn.ReadLive(want.Name, true)
 	if err != nil {
 		return "", fmt.Errorf("netns %s: table inet %s: %w", path, want.Name, err)
 	}
@@ -311,17 +398,17 @@ func podIPSet(ip netip.Addr) string {
 // Idempotent; an IP still owned by another UID (reused) is handed over. It reports
 // whether it wrote.
 func (m *Manager) AddPodIP(hostPath string, ip netip.Addr, uid string) (bool, error) {
-	return m.podIP(hostPath, ip, uid, ruleset.AddElement, "add")
+	return m.podIP(hostPath, ip, uid, (*ruleset.Conn).AddElement, "add")
 }
 
 // RemovePodIP removes a pod's IP from the node's set, only if uid still owns it: a new
 // pod that got the same IP keeps its entry. It reports whether it wrote.
 func (m *Manager) RemovePodIP(hostPath string, ip netip.Addr, uid string) (bool, error) {
-	return m.podIP(hostPath, ip, uid, ruleset.DeleteElement, "remove")
+	return m.podIP(hostPath, ip, uid, (*ruleset.Conn).DeleteElement, "remove")
 }
 
 func (m *Manager) podIP(hostPath string, ip netip.Addr, uid string,
-	op func(int, string, string, netip.Addr, string) (bool, error), verb string) (bool, error) {
+	op func(*ruleset.Conn, string, string, netip.Addr, string) (bool, error), verb string) (bool, error) {
 	if uid == "" {
 		return false, fmt.Errorf("pod IP %s: %s: empty pod UID", ip, verb)
 	}
@@ -338,7 +425,12 @@ func (m *Manager) podIP(hostPath string, ip netip.Addr, uid string,
 	st := m.acquire(ns.key, 0)
 	st.mu.Lock()
 	defer func() { st.mu.Unlock(); m.release(ns.key, st) }()
-	changed, err := op(ns.fd(), compiler.TableName, podIPSet(ip), ip, uid)
+	conn, _, err := sockets(ns, false)
+	if err != nil {
+		return false, err
+	}
+	defer conn.Close()
+	changed, err := op(conn, compiler.TableName, podIPSet(ip), ip, uid)
 	if err != nil {
 		return false, fmt.Errorf("netns %s: pod %s IP %s: %s: %w", hostPath, uid, ip, verb, err)
 	}

@@ -30,7 +30,7 @@ func TestMain(m *testing.M) {
 		fmt.Print(err)
 		os.Exit(0)
 	}
-	os.Exit(m.Run())
+	os.Exit(nettest.RunGuarded(m))
 }
 
 func quietManager() *Manager { return NewManager(slog.New(slog.NewTextHandler(io.Discard, nil)), 0) }
@@ -164,7 +164,12 @@ func TestNoOpReapplyWritesNothing(t *testing.T) {
 	}
 	f, _ := os.Open(ns.Path)
 	defer f.Close()
-	gen, err := ruleset.Generation(int(f.Fd()))
+	conn, err := ruleset.DialNetNS(int(f.Fd()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	gen, err := conn.Generation()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -178,7 +183,7 @@ func TestNoOpReapplyWritesNothing(t *testing.T) {
 			t.Errorf("reapply %d: %+v, want unchanged, 0 writes", i, res)
 		}
 	}
-	if gen2, _ := ruleset.Generation(int(f.Fd())); gen2 != gen {
+	if gen2, _ := conn.Generation(); gen2 != gen {
 		t.Errorf("no-op reapply committed nftables transactions: generation %d -> %d", gen, gen2)
 	}
 	if r := routing(t, ns); r != routes {

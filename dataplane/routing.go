@@ -1,36 +1,22 @@
 package dataplane
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
-	"runtime"
+
+	mdnl "github.com/mdlayher/netlink"
 
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
 	"github.com/nftmesh/nftmesh/compiler"
+	"github.com/nftmesh/nftmesh/internal/nlraw"
 )
 
-// handleAt returns a rtnetlink handle whose sockets live in the namespace of fd.
-// netlink.NewHandleAt switches the calling thread into the namespace and back; it runs
-// here on a goroutine that locks its thread and never unlocks it, so the thread ends
-// with the goroutine and can never go back to the pool in the wrong namespace.
-func handleAt(fd int) (*netlink.Handle, error) {
-	type result struct {
-		h   *netlink.Handle
-		err error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		runtime.LockOSThread()
-		h, err := netlink.NewHandleAt(netns.NsHandle(fd), unix.NETLINK_ROUTE)
-		ch <- result{h, err}
-	}()
-	r := <-ch
-	return r.h, r.err
-}
+// loopbackIndex is lo's interface index, the same in every network namespace.
+const loopbackIndex = 1
 
 type routeFamily struct {
 	nl     int
@@ -57,71 +43,142 @@ func wantRule(f routeFamily, r compiler.Routing) *netlink.Rule {
 	return rule
 }
 
-func findRule(h *netlink.Handle, f routeFamily, r compiler.Routing) (bool, error) {
-	rules, err := h.RuleList(f.nl)
-	if err != nil {
-		return false, fmt.Errorf("list %s rules: %w", f.name, err)
-	}
+// ruleInfo and routeInfo are the parts of the kernel's rules and routes the check needs.
+type ruleInfo struct {
+	family          int
+	mark, mask      uint32
+	hasMark         bool
+	table, priority int
+}
+
+type routeInfo struct {
+	family, table, oif int
+	typ, dstLen        uint8
+}
+
+func hasRule(rules []ruleInfo, f routeFamily, r compiler.Routing) bool {
 	for _, x := range rules {
-		if x.Mark == r.Mark && x.Mask != nil && *x.Mask == r.Mask && x.Table == r.Table && x.Priority == r.Priority {
-			return true, nil
+		if x.family == f.nl && x.hasMark && x.mark == r.Mark && x.mask == r.Mask && x.table == r.Table && x.priority == r.Priority {
+			return true
 		}
 	}
-	return false, nil
+	return false
 }
 
-func wantRoute(f routeFamily, r compiler.Routing, lo int) *netlink.Route {
-	return &netlink.Route{Family: f.nl, LinkIndex: lo, Dst: f.anyDst, Table: r.Table, Type: unix.RTN_LOCAL, Scope: netlink.SCOPE_HOST}
+func wantRoute(f routeFamily, r compiler.Routing) *netlink.Route {
+	return &netlink.Route{Family: f.nl, LinkIndex: loopbackIndex, Dst: f.anyDst, Table: r.Table, Type: unix.RTN_LOCAL, Scope: netlink.SCOPE_HOST}
 }
 
-func findRoute(h *netlink.Handle, f routeFamily, r compiler.Routing, lo int) (bool, error) {
-	routes, err := h.RouteListFiltered(f.nl, &netlink.Route{Table: r.Table}, netlink.RT_FILTER_TABLE)
-	if err != nil {
-		return false, fmt.Errorf("list %s routes of table %d: %w", f.name, r.Table, err)
-	}
+func hasRoute(routes []routeInfo, f routeFamily, r compiler.Routing) bool {
 	for _, x := range routes {
-		isDefault := x.Dst == nil || (x.Dst.IP.IsUnspecified() && maskBits(x.Dst) == 0)
-		if x.Type == unix.RTN_LOCAL && isDefault && x.LinkIndex == lo {
-			return true, nil
+		if x.family == f.nl && x.table == r.Table && x.typ == unix.RTN_LOCAL && x.dstLen == 0 && x.oif == loopbackIndex {
+			return true
 		}
 	}
-	return false, nil
+	return false
 }
 
-func maskBits(n *net.IPNet) int {
-	ones, _ := n.Mask.Size()
-	return ones
+// listRouting reads every family's rules and routes in two dumps, on a plain blocking
+// socket: this check runs on every apply, changes or not.
+func listRouting(c *nlraw.Conn) ([]ruleInfo, []routeInfo, error) {
+	hdr := make([]byte, 12) // fib_rule_hdr and rtmsg are both 12 bytes; family 0 = all
+	msgs, err := c.Execute(unix.RTM_GETRULE, mdnl.Dump, hdr)
+	if err != nil {
+		return nil, nil, fmt.Errorf("list rules: %w", err)
+	}
+	var rules []ruleInfo
+	for _, m := range msgs {
+		if len(m.Data) < 12 {
+			continue
+		}
+		ri := ruleInfo{family: int(m.Data[0]), table: int(m.Data[4])}
+		walkAttrs(m.Data[12:], func(typ uint16, v []byte) {
+			switch typ {
+			case unix.FRA_PRIORITY:
+				ri.priority = int(u32(v))
+			case unix.FRA_FWMARK:
+				ri.mark, ri.hasMark = u32(v), true
+			case unix.FRA_FWMASK:
+				ri.mask = u32(v)
+			case unix.FRA_TABLE:
+				ri.table = int(u32(v))
+			}
+		})
+		rules = append(rules, ri)
+	}
+	msgs, err = c.Execute(unix.RTM_GETROUTE, mdnl.Dump, hdr)
+	if err != nil {
+		return nil, nil, fmt.Errorf("list routes: %w", err)
+	}
+	var routes []routeInfo
+	for _, m := range msgs {
+		if len(m.Data) < 12 {
+			continue
+		}
+		ri := routeInfo{family: int(m.Data[0]), dstLen: m.Data[1], table: int(m.Data[4]), typ: m.Data[7]}
+		walkAttrs(m.Data[12:], func(typ uint16, v []byte) {
+			switch typ {
+			case unix.RTA_TABLE:
+				ri.table = int(u32(v))
+			case unix.RTA_OIF:
+				ri.oif = int(u32(v))
+			}
+		})
+		routes = append(routes, ri)
+	}
+	return rules, routes, nil
+}
+
+func u32(b []byte) uint32 {
+	if len(b) < 4 {
+		return 0
+	}
+	return binary.NativeEndian.Uint32(b)
+}
+
+// walkAttrs calls fn for each rtnetlink attribute in b.
+func walkAttrs(b []byte, fn func(typ uint16, value []byte)) {
+	for len(b) >= 4 {
+		l := int(binary.NativeEndian.Uint16(b[0:2]))
+		if l < 4 || l > len(b) {
+			return
+		}
+		fn(binary.NativeEndian.Uint16(b[2:4])&^unix.NLA_F_NESTED, b[4:l])
+		b = b[min((l+3)&^3, len(b)):]
+	}
 }
 
 // ensureRouting makes the policy routing exactly r: the rule and route for each wanted
 // family, none for an unwanted one. It returns an undo that removes what it added, for
 // when the rest of the apply fails.
-func ensureRouting(h *netlink.Handle, r compiler.Routing) (changed bool, undo func(), err error) {
+// Writes go through a vishvananda/netlink handle from write, which is called only when
+// something must change; it returns the same handle every time, and the caller closes it.
+func ensureRouting(c *nlraw.Conn, write func() (*netlink.Handle, error), r compiler.Routing) (changed bool, undo func(), err error) {
 	var undos []func()
 	undo = func() {
 		for i := len(undos) - 1; i >= 0; i-- {
 			undos[i]()
 		}
 	}
-	lo, err := h.LinkByName("lo")
+	rules, routes, err := listRouting(c)
 	if err != nil {
-		return false, undo, fmt.Errorf("loopback: %w", err)
+		return false, undo, err
 	}
-	loIndex := lo.Attrs().Index
+	handle := write
 	for _, f := range routeFamilies(r) {
 		if !f.wanted {
-			removed, err := removeFamily(h, f, r, loIndex)
+			removed, err := removeFamily(handle, rules, routes, f, r)
 			changed = changed || removed
 			if err != nil {
 				return changed, undo, err
 			}
 			continue
 		}
-		ok, err := findRule(h, f, r)
-		if err != nil {
-			return changed, undo, err
-		}
-		if !ok {
+		if !hasRule(rules, f, r) {
+			h, err := handle()
+			if err != nil {
+				return changed, undo, err
+			}
 			rule := wantRule(f, r)
 			if err := h.RuleAdd(rule); err != nil {
 				return changed, undo, fmt.Errorf("%s rule fwmark %#x/%#x lookup %d pref %d: %w", f.name, r.Mark, r.Mask, r.Table, r.Priority, err)
@@ -129,12 +186,12 @@ func ensureRouting(h *netlink.Handle, r compiler.Routing) (changed bool, undo fu
 			changed = true
 			undos = append(undos, func() { h.RuleDel(rule) })
 		}
-		ok, err = findRoute(h, f, r, loIndex)
-		if err != nil {
-			return changed, undo, err
-		}
-		if !ok {
-			route := wantRoute(f, r, loIndex)
+		if !hasRoute(routes, f, r) {
+			h, err := handle()
+			if err != nil {
+				return changed, undo, err
+			}
+			route := wantRoute(f, r)
 			if err := h.RouteAdd(route); err != nil {
 				return changed, undo, fmt.Errorf("%s route local default dev lo table %d: %w", f.name, r.Table, err)
 			}
@@ -146,24 +203,23 @@ func ensureRouting(h *netlink.Handle, r compiler.Routing) (changed bool, undo fu
 }
 
 // removeFamily deletes one family's rule and route; absent ones are fine.
-func removeFamily(h *netlink.Handle, f routeFamily, r compiler.Routing, lo int) (bool, error) {
+func removeFamily(handle func() (*netlink.Handle, error), rules []ruleInfo, routes []routeInfo, f routeFamily, r compiler.Routing) (bool, error) {
 	removed := false
-	ok, err := findRule(h, f, r)
+	if !hasRule(rules, f, r) && !hasRoute(routes, f, r) {
+		return false, nil
+	}
+	h, err := handle()
 	if err != nil {
 		return false, err
 	}
-	if ok {
+	if hasRule(rules, f, r) {
 		if err := h.RuleDel(wantRule(f, r)); err != nil && !errors.Is(err, unix.ENOENT) {
 			return false, fmt.Errorf("delete %s rule: %w", f.name, err)
 		}
 		removed = true
 	}
-	ok, err = findRoute(h, f, r, lo)
-	if err != nil {
-		return removed, err
-	}
-	if ok {
-		if err := h.RouteDel(wantRoute(f, r, lo)); err != nil && !errors.Is(err, unix.ESRCH) {
+	if hasRoute(routes, f, r) {
+		if err := h.RouteDel(wantRoute(f, r)); err != nil && !errors.Is(err, unix.ESRCH) {
 			return removed, fmt.Errorf("delete %s route: %w", f.name, err)
 		}
 		removed = true
@@ -172,14 +228,15 @@ func removeFamily(h *netlink.Handle, f routeFamily, r compiler.Routing, lo int) 
 }
 
 // removeRouting deletes the rule and route of every family.
-func removeRouting(h *netlink.Handle, r compiler.Routing) (bool, error) {
-	lo, err := h.LinkByName("lo")
+func removeRouting(c *nlraw.Conn, write func() (*netlink.Handle, error), r compiler.Routing) (bool, error) {
+	rules, routes, err := listRouting(c)
 	if err != nil {
-		return false, fmt.Errorf("loopback: %w", err)
+		return false, err
 	}
+	handle := write
 	removed := false
 	for _, f := range routeFamilies(r) {
-		ok, err := removeFamily(h, f, r, lo.Attrs().Index)
+		ok, err := removeFamily(handle, rules, routes, f, r)
 		removed = removed || ok
 		if err != nil {
 			return removed, err

@@ -11,6 +11,8 @@ import (
 	"github.com/google/nftables"
 	"github.com/google/nftables/userdata"
 	"github.com/mdlayher/netlink"
+
+	"github.com/nftmesh/nftmesh/internal/nlraw"
 	"golang.org/x/sys/unix"
 )
 
@@ -72,29 +74,92 @@ type LiveRule struct {
 	Foreign bool
 }
 
-// nfConn is a netlink socket for nftables reads inside one network namespace.
-type nfConn struct {
-	c *netlink.Conn
+// Conn is a connection to nftables in one network namespace: a blocking netlink socket
+// for reads, and, made when a transaction needs it, a google/nftables connection for
+// writes. Not safe for concurrent use; after an error, close it.
+type Conn struct {
+	raw    *nlraw.Conn
+	dialTx func() (*nftables.Conn, error)
+	tx     *nftables.Conn
+	ownFD  int // the namespace fd DialNetNS keeps, closed with the Conn
 }
 
-// dialNFT opens a netfilter netlink socket in the namespace of nsFD. The socket is made
-// on a locked helper thread by mdlayher/netlink; this goroutine's thread never moves.
-func dialNFT(nsFD int) (*nfConn, error) {
+// TxDialer makes a google/nftables connection in the Conn's namespace.
+type TxDialer func() (*nftables.Conn, error)
+
+// NewConn connects to nftables in the network namespace of the calling thread: call it on
+// a thread inside the target namespace; the socket stays there and the Conn can then be
+// used from any thread. dialTx makes the write connection, only when one is needed, in
+// the same namespace (nil: nftables.New in the calling thread's namespace at that time,
+// which is only right when that is the same one).
+func NewConn(dialTx TxDialer) (*Conn, error) {
+	raw, err := nlraw.Open(unix.NETLINK_NETFILTER)
+	if err != nil {
+		return nil, err
+	}
+	if dialTx == nil {
+		dialTx = func() (*nftables.Conn, error) { return nftables.New(nftables.AsLasting()) }
+	}
+	return &Conn{raw: raw, dialTx: dialTx}, nil
+}
+
+// DialNetNS connects to nftables in the namespace of nsFD without moving the calling
+// thread. Each socket costs a thread that is made for it and ended after; code that
+// applies often should use NewConn from a thread it keeps in the namespace.
+func DialNetNS(nsFD int) (*Conn, error) {
 	if nsFD <= 0 {
 		return nil, fmt.Errorf("invalid netns fd %d (0 would mean the current namespace)", nsFD)
 	}
-	c, err := netlink.Dial(unix.NETLINK_NETFILTER, &netlink.Config{NetNS: nsFD})
-	if err != nil {
-		return nil, fmt.Errorf("netlink socket: %w", err)
+	var fs unix.Statfs_t
+	if err := unix.Fstatfs(nsFD, &fs); err != nil || fs.Type != unix.NSFS_MAGIC {
+		return nil, fmt.Errorf("fd %d is not a network namespace", nsFD)
 	}
-	return &nfConn{c}, nil
+	// Our own copy of the fd: the write connection is made later, and a caller closing
+	// its fd (whose number may then be reused) must never redirect it elsewhere.
+	own, err := unix.FcntlInt(uintptr(nsFD), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("dup netns fd: %w", err)
+	}
+	raw, err := nlraw.OpenAt(own, unix.NETLINK_NETFILTER)
+	if err != nil {
+		unix.Close(own)
+		return nil, err
+	}
+	return &Conn{raw: raw, ownFD: own, dialTx: func() (*nftables.Conn, error) {
+		return nftables.New(nftables.WithNetNSFd(own), nftables.AsLasting())
+	}}, nil
 }
 
-func (n *nfConn) Close() error { return n.c.Close() }
+// txConn returns the write connection, making it on first use.
+func (n *Conn) txConn() (*nftables.Conn, error) {
+	if n.tx == nil {
+		tx, err := n.dialTx()
+		if err != nil {
+			return nil, fmt.Errorf("nftables socket: %w", err)
+		}
+		n.tx = tx
+	}
+	return n.tx, nil
+}
+
+// Close closes the sockets.
+func (n *Conn) Close() error {
+	err := n.raw.Close()
+	if n.tx != nil {
+		err = errors.Join(err, n.tx.CloseLasting())
+	}
+	if n.ownFD > 0 {
+		err = errors.Join(err, unix.Close(n.ownFD))
+	}
+	return err
+}
+
+// NetNSCookie identifies the Conn's namespace for as long as the system runs.
+func (n *Conn) NetNSCookie() (uint64, error) { return n.raw.NetNSCookie() }
 
 func nfgenmsg(family uint8) []byte { return []byte{family, unix.NFNETLINK_V0, 0, 0} }
 
-func (n *nfConn) dump(msgType int, attrs []netlink.Attribute) ([]netlink.Message, error) {
+func (n *Conn) dump(msgType int, attrs []netlink.Attribute) ([]netlink.Message, error) {
 	data := nfgenmsg(unix.NFPROTO_INET)
 	if len(attrs) > 0 {
 		b, err := netlink.MarshalAttributes(attrs)
@@ -103,26 +168,13 @@ func (n *nfConn) dump(msgType int, attrs []netlink.Attribute) ([]netlink.Message
 		}
 		data = append(data, b...)
 	}
-	msgs, err := n.c.Execute(netlink.Message{
-		Header: netlink.Header{
-			Type:  netlink.HeaderType(unix.NFNL_SUBSYS_NFTABLES<<8 | msgType),
-			Flags: netlink.Request | netlink.Dump,
-		},
-		Data: data,
-	})
-	if err != nil {
-		return nil, err
-	}
-	return msgs, nil
+	return n.raw.Execute(uint16(unix.NFNL_SUBSYS_NFTABLES<<8|msgType), netlink.Dump, data)
 }
 
 // Generation returns the namespace's nftables ruleset generation: it changes with every
 // committed transaction, by anyone.
-func (n *nfConn) Generation() (uint32, error) {
-	msgs, err := n.c.Execute(netlink.Message{
-		Header: netlink.Header{Type: netlink.HeaderType(unix.NFNL_SUBSYS_NFTABLES<<8 | unix.NFT_MSG_GETGEN), Flags: netlink.Request},
-		Data:   nfgenmsg(unix.NFPROTO_UNSPEC),
-	})
+func (n *Conn) Generation() (uint32, error) {
+	msgs, err := n.raw.Execute(uint16(unix.NFNL_SUBSYS_NFTABLES<<8|unix.NFT_MSG_GETGEN), 0, nfgenmsg(unix.NFPROTO_UNSPEC))
 	if err != nil {
 		return 0, err
 	}
@@ -138,16 +190,6 @@ func (n *nfConn) Generation() (uint32, error) {
 		}
 	}
 	return 0, errors.New("no generation id in reply")
-}
-
-// Generation returns the nftables generation of the namespace of nsFD.
-func Generation(nsFD int) (uint32, error) {
-	n, err := dialNFT(nsFD)
-	if err != nil {
-		return 0, err
-	}
-	defer n.Close()
-	return n.Generation()
 }
 
 func attrs(m netlink.Message) (*netlink.AttributeDecoder, error) {
@@ -172,17 +214,13 @@ var hookNames = map[uint32]Hook{
 
 var setTypeByMagic = map[uint32]SetType{7: SetTypeIPv4Addr, 8: SetTypeIPv6Addr, 13: SetTypeInetService}
 
-// ReadLive returns the table named name, or nil when the namespace has none.
-func ReadLive(nsFD int, name string, withElements bool) (*Live, error) {
-	n, err := dialNFT(nsFD)
-	if err != nil {
-		return nil, err
-	}
-	defer n.Close()
+// ReadLive returns the table named name, or nil when the namespace has none. Set
+// elements are read only when withElements is set.
+func (n *Conn) ReadLive(name string, withElements bool) (*Live, error) {
 	return n.readLive(name, withElements)
 }
 
-func (n *nfConn) readLive(name string, withElements bool) (*Live, error) {
+func (n *Conn) readLive(name string, withElements bool) (*Live, error) {
 	tableAttr := func(typ uint16) []netlink.Attribute {
 		return []netlink.Attribute{{Type: typ, Data: []byte(name + "\x00")}}
 	}
@@ -336,7 +374,7 @@ func decodeChain(m netlink.Message) (*LiveChain, string, error) {
 	return c, table, nil
 }
 
-func (n *nfConn) readElements(table string, s *LiveSet) ([]LiveElement, error) {
+func (n *Conn) readElements(table string, s *LiveSet) ([]LiveElement, error) {
 	msgs, err := n.dump(unix.NFT_MSG_GETSETELEM, []netlink.Attribute{
 		{Type: unix.NFTA_SET_ELEM_LIST_TABLE, Data: []byte(table + "\x00")},
 		{Type: unix.NFTA_SET_ELEM_LIST_SET, Data: []byte(s.Name + "\x00")},
@@ -504,32 +542,52 @@ func (l *Live) Render() string {
 	return b.String()
 }
 
-// Apply makes the table in the namespace of nsFD exactly t, in one transaction: a pure
+// Apply makes nftmesh's table in the Conn's namespace exactly t, in one transaction: a pure
 // add when it is absent, nothing at all when the live table matches, otherwise an
 // add-delete-add replace of the whole table. Elements of Runtime sets are read first and
 // written back in the same transaction, so a replace never drops them. Nothing outside
 // the table is touched; if the kernel rejects the transaction, nothing changes.
-func Apply(nsFD int, t *Table) (Result, error) {
+func (n *Conn) Apply(t *Table, cache *Cache) (Result, error) {
 	if err := t.Validate(); err != nil {
 		return Result{}, fmt.Errorf("table inet %s: invalid: %w", t.Name, err)
 	}
-	n, err := dialNFT(nsFD)
-	if err != nil {
-		return Result{}, fmt.Errorf("table inet %s: %w", t.Name, err)
+	var key cacheKey
+	var hash string
+	var gen uint32
+	if cache != nil {
+		cookie, err := n.raw.NetNSCookie()
+		if err == nil {
+			gen, err = n.Generation()
+		}
+		if err != nil {
+			return Result{}, fmt.Errorf("table inet %s: %w", t.Name, err)
+		}
+		key, hash = cacheKey{cookie, t.Name}, t.ContentHash()
+		if cache.verified(key, gen, hash) {
+			return Result{Action: Unchanged}, nil
+		}
 	}
-	defer n.Close()
 	live, err := n.readLive(t.Name, true)
 	if err != nil {
 		return Result{}, fmt.Errorf("table inet %s: read: %w", t.Name, err)
 	}
 	if live.Matches(t) {
+		if cache != nil {
+			// Only a read that no commit raced may vouch for the generation.
+			if after, err := n.Generation(); err == nil && after == gen {
+				cache.store(key, gen, hash)
+			}
+		}
 		return Result{Action: Unchanged}, nil
+	}
+	if cache != nil {
+		cache.forget(key)
 	}
 	action := Created
 	if live != nil {
 		action = Replaced
 	}
-	writes, err := write(nsFD, t, live)
+	writes, err := n.write(t, live)
 	if err != nil {
 		return Result{}, fmt.Errorf("table inet %s: %s: kernel rejected the transaction, nothing changed: %w", t.Name, action, err)
 	}
@@ -537,8 +595,8 @@ func Apply(nsFD int, t *Table) (Result, error) {
 }
 
 // write queues the transaction on a google/nftables Conn and flushes it as one batch.
-func write(nsFD int, t *Table, live *Live) (int, error) {
-	conn, err := nftables.New(nftables.WithNetNSFd(nsFD))
+func (n *Conn) write(t *Table, live *Live) (int, error) {
+	conn, err := n.txConn()
 	if err != nil {
 		return 0, err
 	}
@@ -609,22 +667,17 @@ func keptElements(live *Live, s *Set) []nftables.SetElement {
 	return out
 }
 
-// Delete removes the table named name from the namespace of nsFD. It reports whether
+// Delete removes the table named name from the Conn's namespace. It reports whether
 // there was one; an absent table is not an error.
-func Delete(nsFD int, name string) (bool, error) {
-	n, err := dialNFT(nsFD)
-	if err != nil {
-		return false, err
-	}
+func (n *Conn) Delete(name string) (bool, error) {
 	live, err := n.readLive(name, false)
-	n.Close()
 	if err != nil {
 		return false, fmt.Errorf("table inet %s: read: %w", name, err)
 	}
 	if live == nil {
 		return false, nil
 	}
-	conn, err := nftables.New(nftables.WithNetNSFd(nsFD))
+	conn, err := n.txConn()
 	if err != nil {
 		return false, err
 	}
@@ -639,7 +692,7 @@ func Delete(nsFD int, name string) (bool, error) {
 }
 
 // findElement reads the set and returns the element for addr, if any.
-func (n *nfConn) findElement(table, set string, addr netip.Addr) (*LiveElement, SetType, error) {
+func (n *Conn) findElement(table, set string, addr netip.Addr) (*LiveElement, SetType, error) {
 	live, err := n.readLive(table, false)
 	if err != nil {
 		return nil, "", err
@@ -675,12 +728,7 @@ func (n *nfConn) findElement(table, set string, addr netip.Addr) (*LiveElement, 
 // nothing when the element is there with the same owner, and replaces the element in one
 // transaction when another owner has it (the address was reused). It reports whether it
 // wrote.
-func AddElement(nsFD int, table, set string, addr netip.Addr, owner string) (bool, error) {
-	n, err := dialNFT(nsFD)
-	if err != nil {
-		return false, err
-	}
-	defer n.Close()
+func (n *Conn) AddElement(table, set string, addr netip.Addr, owner string) (bool, error) {
 	cur, typ, err := n.findElement(table, set, addr)
 	if err != nil {
 		return false, err
@@ -688,7 +736,7 @@ func AddElement(nsFD int, table, set string, addr netip.Addr, owner string) (boo
 	if cur != nil && cur.Comment == owner {
 		return false, nil
 	}
-	conn, err := nftables.New(nftables.WithNetNSFd(nsFD))
+	conn, err := n.txConn()
 	if err != nil {
 		return false, err
 	}
@@ -709,17 +757,12 @@ func AddElement(nsFD int, table, set string, addr netip.Addr, owner string) (boo
 
 // DeleteElement removes addr from the set if owner still owns it. It reports whether it
 // wrote; an absent element, or one another owner has taken over, is left alone.
-func DeleteElement(nsFD int, table, set string, addr netip.Addr, owner string) (bool, error) {
-	n, err := dialNFT(nsFD)
-	if err != nil {
-		return false, err
-	}
-	defer n.Close()
+func (n *Conn) DeleteElement(table, set string, addr netip.Addr, owner string) (bool, error) {
 	cur, typ, err := n.findElement(table, set, addr)
 	if err != nil || cur == nil || cur.Comment != owner {
 		return false, err
 	}
-	conn, err := nftables.New(nftables.WithNetNSFd(nsFD))
+	conn, err := n.txConn()
 	if err != nil {
 		return false, err
 	}

@@ -9,14 +9,19 @@ import (
 	"github.com/nftmesh/nftmesh/internal/nettest"
 )
 
-func openNS(t *testing.T, ns *nettest.Netns) int {
+func openNS(t *testing.T, ns *nettest.Netns) *Conn {
 	t.Helper()
 	f, err := os.Open(ns.Path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { f.Close() })
-	return int(f.Fd())
+	defer f.Close()
+	c, err := DialNetNS(int(f.Fd()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
 }
 
 func nftList(t *testing.T, ns *nettest.Netns, table string) string {
@@ -52,9 +57,9 @@ func counterValues(s string) string {
 func TestApplyTranslationPrintsBack(t *testing.T) {
 	nettest.Require(t, "nft")
 	ns := nettest.New(t)
-	fd := openNS(t, ns)
+	c := openNS(t, ns)
 	tbl := everyConstruct()
-	res, err := Apply(fd, tbl)
+	res, err := c.Apply(tbl, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -64,7 +69,7 @@ func TestApplyTranslationPrintsBack(t *testing.T) {
 	if got := nftList(t, ns, tbl.Name); got != tbl.Render() {
 		t.Errorf("nft lists the applied table differently:\n%s", lineDiff(tbl.Render(), got))
 	}
-	live, err := ReadLive(fd, tbl.Name, true)
+	live, err := c.ReadLive(tbl.Name, true)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -79,30 +84,30 @@ func TestApplyTranslationPrintsBack(t *testing.T) {
 func TestApplyIdempotentAndReplace(t *testing.T) {
 	nettest.Require(t, "nft")
 	ns := nettest.New(t)
-	fd := openNS(t, ns)
+	c := openNS(t, ns)
 	tbl := everyConstruct()
-	if _, err := Apply(fd, tbl); err != nil {
+	if _, err := c.Apply(tbl, nil); err != nil {
 		t.Fatal(err)
 	}
-	gen, err := Generation(fd)
+	gen, err := c.Generation()
 	if err != nil {
 		t.Fatal(err)
 	}
-	res, err := Apply(fd, everyConstruct())
+	res, err := c.Apply(everyConstruct(), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if res.Action != Unchanged || res.Writes != 0 {
 		t.Errorf("second apply: %+v, want unchanged with 0 writes", res)
 	}
-	if gen2, _ := Generation(fd); gen2 != gen {
+	if gen2, _ := c.Generation(); gen2 != gen {
 		t.Errorf("an unchanged apply committed a transaction: generation %d -> %d", gen, gen2)
 	}
 
 	// A changed table is replaced.
 	changed := everyConstruct()
 	changed.Chains[0].Rules[1].Comment = "changed"
-	res, err = Apply(fd, changed)
+	res, err = c.Apply(changed, nil)
 	if err != nil || res.Action != Replaced {
 		t.Fatalf("changed apply: %+v, %v", res, err)
 	}
@@ -129,20 +134,20 @@ func TestApplyRepairsDrift(t *testing.T) {
 	for name, edit := range edits {
 		t.Run(name, func(t *testing.T) {
 			ns := nettest.New(t)
-			fd := openNS(t, ns)
+			c := openNS(t, ns)
 			tbl := everyConstruct()
-			if _, err := Apply(fd, tbl); err != nil {
+			if _, err := c.Apply(tbl, nil); err != nil {
 				t.Fatal(err)
 			}
 			ns.MustRun(t, "nft", edit...)
-			live, err := ReadLive(fd, tbl.Name, true)
+			live, err := c.ReadLive(tbl.Name, true)
 			if err != nil {
 				t.Fatal(err)
 			}
 			if live.Matches(tbl) {
 				t.Fatal("drift not detected")
 			}
-			res, err := Apply(fd, tbl)
+			res, err := c.Apply(tbl, nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -160,23 +165,23 @@ func TestApplyRepairsDrift(t *testing.T) {
 func TestReplaceKeepsRuntimeElements(t *testing.T) {
 	nettest.Require(t, "nft")
 	ns := nettest.New(t)
-	fd := openNS(t, ns)
+	c := openNS(t, ns)
 	tbl := everyConstruct()
 	tbl.Sets[2].Runtime = true // empty_v6
-	if _, err := Apply(fd, tbl); err != nil {
+	if _, err := c.Apply(tbl, nil); err != nil {
 		t.Fatal(err)
 	}
 	ns.MustRun(t, "nft", "add", "element", "inet", "nftmesh", "empty_v6", `{ fd00::7 comment "uid-1" }`)
-	if live, _ := ReadLive(fd, tbl.Name, true); !live.Matches(tbl) {
+	if live, _ := c.ReadLive(tbl.Name, true); !live.Matches(tbl) {
 		t.Error("an element in a runtime set counted as drift")
 	}
 	changed := everyConstruct()
 	changed.Sets[2].Runtime = true
 	changed.Chains[0].Rules[0].Comment = "v2"
-	if res, err := Apply(fd, changed); err != nil || res.Action != Replaced {
+	if res, err := c.Apply(changed, nil); err != nil || res.Action != Replaced {
 		t.Fatalf("%+v %v", res, err)
 	}
-	live, err := ReadLive(fd, tbl.Name, true)
+	live, err := c.ReadLive(tbl.Name, true)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -194,17 +199,60 @@ func TestReplaceKeepsRuntimeElements(t *testing.T) {
 func TestDelete(t *testing.T) {
 	nettest.Require(t, "nft")
 	ns := nettest.New(t)
-	fd := openNS(t, ns)
-	if _, err := Apply(fd, everyConstruct()); err != nil {
+	c := openNS(t, ns)
+	if _, err := c.Apply(everyConstruct(), nil); err != nil {
 		t.Fatal(err)
 	}
-	if existed, err := Delete(fd, "nftmesh"); err != nil || !existed {
+	if existed, err := c.Delete("nftmesh"); err != nil || !existed {
 		t.Fatalf("delete: %v %v", existed, err)
 	}
 	if out := ns.MustRun(t, "nft", "list", "tables"); strings.Contains(out, "nftmesh") {
 		t.Errorf("table still there: %s", out)
 	}
-	if existed, err := Delete(fd, "nftmesh"); err != nil || existed {
+	if existed, err := c.Delete("nftmesh"); err != nil || existed {
 		t.Errorf("second delete: %v %v, want a no-op", existed, err)
+	}
+}
+
+// With a cache, a no-op apply after a verified one is one generation request; any
+// commit by anyone sends it back to a full read, which finds drift.
+func TestCacheSkipsReadsUntilSomethingCommits(t *testing.T) {
+	nettest.Require(t, "nft")
+	ns := nettest.New(t)
+	c := openNS(t, ns)
+	cache := NewCache()
+	tbl := everyConstruct()
+	if res, err := c.Apply(tbl, cache); err != nil || res.Action != Created {
+		t.Fatalf("%+v %v", res, err)
+	}
+	// First no-op: a full read that verifies and fills the cache.
+	before := c.raw.Requests
+	if res, err := c.Apply(everyConstruct(), cache); err != nil || res.Action != Unchanged {
+		t.Fatalf("%+v %v", res, err)
+	}
+	if n := c.raw.Requests - before; n < 4 {
+		t.Errorf("verifying read sent %d requests, want a full read", n)
+	}
+	before = c.raw.Requests
+	if res, err := c.Apply(everyConstruct(), cache); err != nil || res.Action != Unchanged {
+		t.Fatalf("%+v %v", res, err)
+	}
+	if n := c.raw.Requests - before; n != 1 {
+		t.Errorf("cached no-op sent %d requests, want 1 (the generation)", n)
+	}
+	// A changed table is not answered from the cache.
+	changed := everyConstruct()
+	changed.Chains[1].Rules[0].Comment = "new"
+	if res, err := c.Apply(changed, cache); err != nil || res.Action != Replaced {
+		t.Fatalf("changed: %+v %v", res, err)
+	}
+	c.Apply(changed, cache) // verify and cache
+	// Someone else's commit, even to another table, bumps the generation.
+	ns.MustRun(t, "nft", "flush", "chain", "inet", "nftmesh", "helper")
+	if res, err := c.Apply(changed, cache); err != nil || res.Action != Replaced {
+		t.Errorf("drift behind a cached entry: %+v %v, want replaced", res, err)
+	}
+	if got := nftList(t, ns, tbl.Name); got != changed.Render() {
+		t.Errorf("after repair:\n%s", lineDiff(changed.Render(), got))
 	}
 }

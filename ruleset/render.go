@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strconv"
 	"strings"
 )
 
@@ -85,68 +86,97 @@ func (bc *BaseChain) policy() Policy {
 	return bc.Policy
 }
 
-// String renders one rule as nft prints it, without the chain.
+// String renders one rule as nft prints it, without the chain. It is on the path of every
+// apply (stamps, content hash), so it builds bytes directly instead of going through fmt.
 func (r Rule) String() string {
-	parts := make([]string, 0, len(r.Matches)+len(r.Statements)+1)
-	for _, m := range r.Matches {
-		parts = append(parts, renderMatch(m))
+	b := make([]byte, 0, 192)
+	for i, m := range r.Matches {
+		if i > 0 {
+			b = append(b, ' ')
+		}
+		b = appendMatch(b, m)
 	}
-	for _, s := range r.Statements {
-		parts = append(parts, renderStatement(s))
+	for i, st := range r.Statements {
+		if i > 0 || len(r.Matches) > 0 {
+			b = append(b, ' ')
+		}
+		b = appendStatement(b, st)
 	}
 	if r.Comment != "" {
-		parts = append(parts, fmt.Sprintf("comment %q", r.Comment))
+		b = append(b, " comment "...)
+		b = strconv.AppendQuote(b, r.Comment)
 	}
-	return strings.Join(parts, " ")
+	return string(b)
 }
 
-func neg(negate bool) string {
+func appendNeg(b []byte, negate bool) []byte {
 	if negate {
-		return "!= "
+		return append(b, "!= "...)
 	}
-	return ""
+	return b
 }
 
-func hex32(v uint32) string { return fmt.Sprintf("0x%08x", v) }
+func appendHex32(b []byte, v uint32) []byte {
+	const digits = "0123456789abcdef"
+	b = append(b, '0', 'x')
+	for shift := 28; shift >= 0; shift -= 4 {
+		b = append(b, digits[(v>>shift)&0xf])
+	}
+	return b
+}
 
-func renderMatch(m Match) string {
+func hex32(v uint32) string { return string(appendHex32(nil, v)) }
+
+func appendUint(b []byte, v uint64) []byte { return strconv.AppendUint(b, v, 10) }
+
+func renderMatch(m Match) string { return string(appendMatch(nil, m)) }
+
+func appendMatch(b []byte, m Match) []byte {
 	switch m := m.(type) {
 	case MetaL4Proto:
-		return "meta l4proto " + string(m.Proto)
+		return append(append(b, "meta l4proto "...), m.Proto...)
 	case Mark:
+		b = append(b, m.Kind...)
 		if m.Mask == 0xffffffff {
-			return fmt.Sprintf("%s %s%s", m.Kind, neg(m.Negate), hex32(m.Value))
+			b = append(b, ' ')
+			return appendHex32(appendNeg(b, m.Negate), m.Value)
 		}
-		op := "=="
+		b = appendHex32(append(b, " & "...), m.Mask)
 		if m.Negate {
-			op = "!="
+			b = append(b, " != "...)
+		} else {
+			b = append(b, " == "...)
 		}
-		return fmt.Sprintf("%s & %s %s %s", m.Kind, hex32(m.Mask), op, hex32(m.Value))
+		return appendHex32(b, m.Value)
 	case Interface:
-		key := "iifname"
 		if m.Out {
-			key = "oifname"
+			b = append(b, "oifname "...)
+		} else {
+			b = append(b, "iifname "...)
 		}
-		return fmt.Sprintf("%s %s%q", key, neg(m.Negate), m.Name)
+		return strconv.AppendQuote(appendNeg(b, m.Negate), m.Name)
 	case SocketUID:
-		if m.Op == OpEq || m.Op == "" {
-			return fmt.Sprintf("meta skuid %d", m.UID)
+		b = append(b, "meta skuid "...)
+		if m.Op != OpEq && m.Op != "" {
+			b = append(append(b, m.Op...), ' ')
 		}
-		return fmt.Sprintf("meta skuid %s %d", m.Op, m.UID)
+		return appendUint(b, uint64(m.UID))
 	case Addr:
-		return fmt.Sprintf("%s %s %s%s", m.Family, m.Dir, neg(m.Negate), m.operand())
+		b = append(append(append(append(b, m.Family...), ' '), m.Dir...), ' ')
+		return append(appendNeg(b, m.Negate), m.operand()...)
 	case Port:
-		proto := string(m.Proto)
-		if proto == "" {
-			proto = "th"
+		if m.Proto == "" {
+			b = append(b, "th"...)
+		} else {
+			b = append(b, m.Proto...)
 		}
-		operand := fmt.Sprint(m.Port)
+		b = appendNeg(append(append(append(b, ' '), m.Dir...), ' '), m.Negate)
 		if m.Set != "" {
-			operand = "@" + m.Set
+			return append(append(b, '@'), m.Set...)
 		}
-		return fmt.Sprintf("%s %s %s%s", proto, m.Dir, neg(m.Negate), operand)
+		return appendUint(b, uint64(m.Port))
 	case CtState:
-		return "ct state " + m.States.String()
+		return append(append(b, "ct state "...), m.States.String()...)
 	}
 	panic(fmt.Sprintf("ruleset: unknown match %T", m))
 }
@@ -183,28 +213,32 @@ func (s CtStates) String() string {
 	return strings.Join(names, ",")
 }
 
-func renderStatement(s Statement) string {
+func renderStatement(s Statement) string { return string(appendStatement(nil, s)) }
+
+func appendStatement(b []byte, s Statement) []byte {
 	switch s := s.(type) {
 	case SetMark:
-		return fmt.Sprintf("%s set %s", s.Target, s.expression())
+		return s.appendExpression(append(append(b, s.Target...), " set "...))
 	case SetCtZone:
-		return fmt.Sprintf("ct zone set %d", s.Zone)
+		return appendUint(append(b, "ct zone set "...), uint64(s.Zone))
 	case TProxy:
-		if s.Family == IPAny {
-			return fmt.Sprintf("tproxy to :%d", s.Port)
+		b = append(b, "tproxy "...)
+		if s.Family != IPAny {
+			b = append(append(b, s.Family...), ' ')
 		}
-		return fmt.Sprintf("tproxy %s to :%d", s.Family, s.Port)
+		return appendUint(append(b, "to :"...), uint64(s.Port))
 	case Redirect:
-		return fmt.Sprintf("redirect to :%d", s.Port)
+		return appendUint(append(b, "redirect to :"...), uint64(s.Port))
 	case SNAT:
-		return fmt.Sprintf("snat %s to %s", familyOf(s.Addr), s.Addr)
+		b = append(append(append(b, "snat "...), familyOf(s.Addr)...), " to "...)
+		return s.Addr.AppendTo(b)
 	case Counter:
-		return "counter"
+		return append(b, "counter"...)
 	case Verdict:
 		if s.Kind == Jump {
-			return "jump " + s.Chain
+			return append(append(b, "jump "...), s.Chain...)
 		}
-		return string(s.Kind)
+		return append(b, s.Kind...)
 	}
 	panic(fmt.Sprintf("ruleset: unknown statement %T", s))
 }
@@ -212,22 +246,21 @@ func renderStatement(s Statement) string {
 // expression renders the value written by SetMark the way nft prints it back: the
 // kernel keeps (x & and) ^ xor, and nft shows that as `x & (and|xor) | xor`, so the
 // mask printed includes the value's bits.
-func (s SetMark) expression() string {
+func (s SetMark) appendExpression(b []byte) []byte {
 	if s.From == "" {
-		return hex32(s.Value)
+		return appendHex32(b, s.Value)
 	}
+	b = append(b, s.From...)
 	if s.Mask == 0 {
-		return string(s.From)
+		return b
 	}
-	and := ^s.Mask | s.Value
-	out := string(s.From)
-	if and != 0xffffffff {
-		out += " & " + hex32(and)
+	if and := ^s.Mask | s.Value; and != 0xffffffff {
+		b = appendHex32(append(b, " & "...), and)
 	}
 	if s.Value != 0 {
-		out += " | " + hex32(s.Value)
+		b = appendHex32(append(b, " | "...), s.Value)
 	}
-	return out
+	return b
 }
 
 // familyOf returns the family of an address, for family-specific statements.

@@ -105,3 +105,39 @@ func (n *Netns) NFTPrintBack(t testing.TB, text, table string) string {
 }
 
 var counterValues = regexp.MustCompile(`counter packets \d+ bytes \d+`)
+
+// HostGuard snapshots the machine's own nftables ruleset and policy routing, and returns
+// a check that they are unchanged. Tests only read them: a difference means a test wrote
+// outside its own namespaces, which must never happen. Use it in TestMain.
+func HostGuard() func() error {
+	snapshot := func() string {
+		var b strings.Builder
+		for _, args := range [][]string{{"nft", "list", "ruleset"}, {"ip", "-4", "rule"}, {"ip", "-6", "rule"}} {
+			out, _ := exec.Command(args[0], args[1:]...).CombinedOutput()
+			b.Write(out)
+		}
+		return b.String()
+	}
+	if os.Geteuid() != 0 {
+		return func() error { return nil }
+	}
+	before := snapshot()
+	return func() error {
+		if after := snapshot(); after != before {
+			return fmt.Errorf("the machine's own network namespace changed during the tests:\n--- before\n%s\n--- after\n%s", before, after)
+		}
+		return nil
+	}
+}
+
+// RunGuarded is a TestMain body: it runs the tests and fails the run if the machine's own
+// namespace changed.
+func RunGuarded(m *testing.M) int {
+	check := HostGuard()
+	code := m.Run()
+	if err := check(); err != nil {
+		fmt.Fprintln(os.Stderr, "FAIL:", err)
+		return 1
+	}
+	return code
+}

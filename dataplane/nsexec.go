@@ -1,0 +1,80 @@
+package dataplane
+
+import (
+	"errors"
+	"fmt"
+	"runtime"
+	"sync"
+
+	"golang.org/x/sys/unix"
+)
+
+// Sockets belong to the network namespace of the thread that made them, and keep it
+// for life. So nftmesh makes all the sockets an operation needs in one visit: a worker
+// goroutine, locked to its OS thread for good, enters the namespace, runs a short
+// function that only opens sockets, and comes back. If it cannot come back, the worker
+// exits still locked, which ends the thread: no thread ever returns to the scheduler in
+// a foreign namespace. Reusing the threads (instead of one new thread per visit) is what
+// keeps a visit in the microseconds.
+
+type nsCall struct {
+	fd   int
+	fn   func() error
+	done chan error
+}
+
+var (
+	nsWorkersOnce sync.Once
+	nsCalls       chan nsCall
+)
+
+// inNetNS runs fn on a thread inside the namespace of fd. fn must be short and must not
+// start goroutines that expect to be in the namespace.
+func inNetNS(fd int, fn func() error) error {
+	if fd <= 0 {
+		return fmt.Errorf("invalid netns fd %d", fd)
+	}
+	nsWorkersOnce.Do(func() {
+		nsCalls = make(chan nsCall)
+		for i := 0; i < max(2, runtime.GOMAXPROCS(0)); i++ {
+			go nsWorker()
+		}
+	})
+	done := make(chan error, 1)
+	nsCalls <- nsCall{fd: fd, fn: fn, done: done}
+	return <-done
+}
+
+func nsWorker() {
+	runtime.LockOSThread() // never unlocked: see above
+	home, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		// Without a way home this thread must never leave; answer callers with the error.
+		for call := range nsCalls {
+			call.done <- fmt.Errorf("netns worker: open own namespace: %w", err)
+		}
+		return
+	}
+	for call := range nsCalls {
+		if err := unix.Setns(call.fd, unix.CLONE_NEWNET); err != nil {
+			call.done <- fmt.Errorf("setns: %w", err)
+			continue
+		}
+		err := runGuarded(call.fn)
+		if back := unix.Setns(home, unix.CLONE_NEWNET); back != nil {
+			call.done <- errors.Join(err, fmt.Errorf("setns back to own namespace: %w", back))
+			go nsWorker() // a replacement; this thread ends with this goroutine
+			return
+		}
+		call.done <- err
+	}
+}
+
+func runGuarded(fn func() error) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("panic in namespace: %v", r)
+		}
+	}()
+	return fn()
+}

@@ -1,0 +1,59 @@
+package ruleset
+
+import "sync"
+
+// Cache lets a long-running applier skip reading a table back when nothing can have
+// changed it. The kernel bumps a namespace's nftables generation on every committed
+// transaction, whoever commits; so if the live table matched a rendered table at
+// generation G, and the generation is still G, it still matches. A no-op apply then costs
+// one small netlink request instead of dumping every chain and rule.
+//
+// Entries are keyed by the namespace's cookie (SO_NETNS_COOKIE, never reused) and the
+// table name, and only written after a read that no commit raced.
+type Cache struct {
+	mu sync.Mutex
+	m  map[cacheKey]cacheEntry
+}
+
+type cacheKey struct {
+	cookie uint64
+	table  string
+}
+
+type cacheEntry struct {
+	gen  uint32
+	hash string
+}
+
+// NewCache returns an empty cache.
+func NewCache() *Cache { return &Cache{m: map[cacheKey]cacheEntry{}} }
+
+func (c *Cache) verified(k cacheKey, gen uint32, hash string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e, ok := c.m[k]
+	return ok && e.gen == gen && e.hash == hash
+}
+
+func (c *Cache) store(k cacheKey, gen uint32, hash string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.m[k] = cacheEntry{gen, hash}
+}
+
+func (c *Cache) forget(k cacheKey) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	delete(c.m, k)
+}
+
+// Forget drops every entry of the namespace with this cookie, for when it is gone.
+func (c *Cache) Forget(cookie uint64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for k := range c.m {
+		if k.cookie == cookie {
+			delete(c.m, k)
+		}
+	}
+}

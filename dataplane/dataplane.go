@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nftmesh/nftmesh/compiler"
+	"github.com/nftmesh/nftmesh/internal/netnsexec"
 	"github.com/nftmesh/nftmesh/internal/nlraw"
 	"github.com/nftmesh/nftmesh/internal/textdiff"
 	"github.com/nftmesh/nftmesh/ruleset"
@@ -154,7 +155,7 @@ func open(path string) (*netNS, error) {
 func sockets(ns *netNS, routing bool) (*ruleset.Conn, *nlraw.Conn, error) {
 	var conn *ruleset.Conn
 	var rt *nlraw.Conn
-	err := inNetNS(ns.fd(), func() error {
+	err := netnsexec.Do(ns.fd(), func() error {
 		var err error
 		if conn, err = ruleset.NewConn(txDialer(ns)); err != nil {
 			return err
@@ -181,7 +182,7 @@ func routeWriter(ns *netNS) (write func() (*netlink.Handle, error), closeFn func
 		if h != nil {
 			return h, nil
 		}
-		err := inNetNS(ns.fd(), func() error {
+		err := netnsexec.Do(ns.fd(), func() error {
 			var err error
 			h, err = netlink.NewHandle(unix.NETLINK_ROUTE)
 			return err
@@ -203,7 +204,7 @@ func routeWriter(ns *netNS) (write func() (*netlink.Handle, error), closeFn func
 func txDialer(ns *netNS) ruleset.TxDialer {
 	return func() (*nftables.Conn, error) {
 		var tx *nftables.Conn
-		err := inNetNS(ns.fd(), func() error {
+		err := netnsexec.Do(ns.fd(), func() error {
 			var err error
 			tx, err = nftables.New(nftables.AsLasting())
 			return err

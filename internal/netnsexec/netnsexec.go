@@ -1,4 +1,6 @@
-package dataplane
+// Package netnsexec runs short functions, such as opening sockets, inside other network
+// namespaces on reusable locked threads.
+package netnsexec
 
 import (
 	"errors"
@@ -28,9 +30,9 @@ var (
 	nsCalls       chan nsCall
 )
 
-// inNetNS runs fn on a thread inside the namespace of fd. fn must be short and must not
+// Do runs fn on a thread inside the namespace of fd. fn must be short and must not
 // start goroutines that expect to be in the namespace.
-func inNetNS(fd int, fn func() error) error {
+func Do(fd int, fn func() error) error {
 	if fd <= 0 {
 		return fmt.Errorf("invalid netns fd %d", fd)
 	}

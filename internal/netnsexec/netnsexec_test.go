@@ -1,0 +1,76 @@
+package netnsexec
+
+import (
+	"os"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/nftmesh/nftmesh/internal/nettest"
+)
+
+func TestMain(m *testing.M) { os.Exit(nettest.RunGuarded(m)) }
+
+func nsIno(t *testing.T, path string) uint64 {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Ino
+}
+
+// Work runs in the target namespace, and the workers come back: calls for the machine's
+// own namespace, made after many visits elsewhere, still see it.
+func TestDoRunsInNamespaceAndComesBack(t *testing.T) {
+	ns := nettest.New(t)
+	f, err := os.Open(ns.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	self, err := os.Open("/proc/self/ns/net")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer self.Close()
+	target, home := nsIno(t, ns.Path), nsIno(t, "/proc/self/ns/net")
+	if target == home {
+		t.Fatal("test namespace is the machine's")
+	}
+	for i := 0; i < 50; i++ {
+		var inside, back uint64
+		if err := Do(int(f.Fd()), func() error { inside = nsIno(t, "/proc/thread-self/ns/net"); return nil }); err != nil {
+			t.Fatal(err)
+		}
+		if err := Do(int(self.Fd()), func() error { back = nsIno(t, "/proc/thread-self/ns/net"); return nil }); err != nil {
+			t.Fatal(err)
+		}
+		if inside != target || back != home {
+			t.Fatalf("visit %d: inside %d (want %d), home visit %d (want %d)", i, inside, target, back, home)
+		}
+	}
+	if got := nsIno(t, "/proc/thread-self/ns/net"); got != home {
+		t.Errorf("the test's own thread moved to namespace %d", got)
+	}
+}
+
+func TestDoErrors(t *testing.T) {
+	if err := Do(0, func() error { return nil }); err == nil {
+		t.Error("fd 0 accepted")
+	}
+	f, _ := os.Open("/proc/self/status")
+	defer f.Close()
+	if err := Do(int(f.Fd()), func() error { return nil }); err == nil || !strings.Contains(err.Error(), "setns") {
+		t.Errorf("non-namespace fd: %v", err)
+	}
+	self, _ := os.Open("/proc/self/ns/net")
+	defer self.Close()
+	if err := Do(int(self.Fd()), func() error { panic("boom") }); err == nil || !strings.Contains(err.Error(), "boom") {
+		t.Errorf("panic not turned into an error: %v", err)
+	}
+	if err := Do(int(self.Fd()), func() error { return nil }); err != nil {
+		t.Errorf("workers gone after a panic: %v", err)
+	}
+}

@@ -1,0 +1,234 @@
+package proxy
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/nftmesh/nftmesh/internal/netnsexec"
+)
+
+// Every socket the proxy opens for a pod lives in the pod's network namespace and carries
+// the proxy mark, so the pod's rules never capture it. Sockets are made on a netnsexec
+// worker (a visit of microseconds); connecting and all I/O then happen on ordinary
+// goroutines, through the runtime poller.
+
+// SockOpts are the options of a proxy socket.
+type SockOpts struct {
+	Mark        uint32 // SO_MARK; 0 leaves it unset
+	Transparent bool   // IP_TRANSPARENT / IPV6_TRANSPARENT: accept (TPROXY) or bind (spoofing) non-local addresses
+	FreeBind    bool   // IP_FREEBIND: bind an address not (yet) on any interface
+	ReusePort   bool   // SO_REUSEPORT: several listeners (an upgrade overlap) share the port
+}
+
+func (o SockOpts) apply(fd int, v6 bool) error {
+	set := func(level, opt, val int, name string) error {
+		if err := unix.SetsockoptInt(fd, level, opt, val); err != nil {
+			return fmt.Errorf("%s: %w", name, err)
+		}
+		return nil
+	}
+	if o.Mark != 0 {
+		if err := set(unix.SOL_SOCKET, unix.SO_MARK, int(o.Mark), "SO_MARK"); err != nil {
+			return err
+		}
+	}
+	if o.ReusePort {
+		if err := set(unix.SOL_SOCKET, unix.SO_REUSEPORT, 1, "SO_REUSEPORT"); err != nil {
+			return err
+		}
+	}
+	if o.Transparent {
+		if v6 {
+			if err := set(unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1, "IPV6_TRANSPARENT"); err != nil {
+				return err
+			}
+		} else if err := set(unix.SOL_IP, unix.IP_TRANSPARENT, 1, "IP_TRANSPARENT"); err != nil {
+			return err
+		}
+	}
+	if o.FreeBind {
+		if v6 {
+			if err := set(unix.SOL_IPV6, unix.IPV6_FREEBIND, 1, "IPV6_FREEBIND"); err != nil {
+				return err
+			}
+		} else if err := set(unix.SOL_IP, unix.IP_FREEBIND, 1, "IP_FREEBIND"); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// ListenIn opens a TCP listener in the namespace of nsFD.
+func ListenIn(nsFD int, addr netip.AddrPort, o SockOpts) (*net.TCPListener, error) {
+	var l net.Listener
+	err := netnsexec.Do(nsFD, func() error {
+		lc := net.ListenConfig{Control: func(network, address string, c syscall.RawConn) error {
+			var oerr error
+			if err := c.Control(func(fd uintptr) { oerr = o.apply(int(fd), addr.Addr().Is6()) }); err != nil {
+				return err
+			}
+			return oerr
+		}}
+		network := "tcp4"
+		if addr.Addr().Is6() {
+			network = "tcp6"
+		}
+		var err error
+		l, err = lc.Listen(context.Background(), network, addr.String())
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("listen %s: %w", addr, err)
+	}
+	return l.(*net.TCPListener), nil
+}
+
+// DialIn connects to remote from a socket in the namespace of nsFD, bound to local when
+// local is valid (with Transparent, any address: the proxy speaks for the client).
+func DialIn(ctx context.Context, nsFD int, local, remote netip.AddrPort, o SockOpts) (*net.TCPConn, error) {
+	v6 := remote.Addr().Is6() && !remote.Addr().Is4In6()
+	domain := unix.AF_INET
+	if v6 {
+		domain = unix.AF_INET6
+	}
+	fd := -1
+	err := netnsexec.Do(nsFD, func() error {
+		var err error
+		fd, err = unix.Socket(domain, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
+		if err != nil {
+			return err
+		}
+		if err := o.apply(fd, v6); err != nil {
+			unix.Close(fd)
+			return err
+		}
+		if local.IsValid() {
+			if err := unix.Bind(fd, sockaddr(local, v6)); err != nil {
+				unix.Close(fd)
+				return fmt.Errorf("bind %s: %w", local, err)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("dial %s: %w", remote, err)
+	}
+	f := os.NewFile(uintptr(fd), "proxy-upstream")
+	defer f.Close() // net.FileConn dups it
+	if err := connect(ctx, f, fd, sockaddr(remote, v6)); err != nil {
+		return nil, fmt.Errorf("dial %s: %w", remote, err)
+	}
+	c, err := net.FileConn(f)
+	if err != nil {
+		return nil, fmt.Errorf("dial %s: %w", remote, err)
+	}
+	return c.(*net.TCPConn), nil
+}
+
+// connect does a non-blocking connect and waits for it through the runtime poller,
+// honouring ctx's deadline and cancellation.
+func connect(ctx context.Context, f *os.File, fd int, sa unix.Sockaddr) error {
+	err := unix.Connect(fd, sa)
+	if err == nil {
+		return nil
+	}
+	if !errors.Is(err, unix.EINPROGRESS) {
+		return err
+	}
+	if d, ok := ctx.Deadline(); ok {
+		f.SetWriteDeadline(d)
+	}
+	stop := context.AfterFunc(ctx, func() { f.SetWriteDeadline(time.Unix(1, 0)) })
+	defer stop()
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var connErr error
+	werr := rc.Write(func(uintptr) bool {
+		// The poller can report writable early (a fresh socket polls as writable), so,
+		// like the net package, trust only SO_ERROR or a peer address.
+		errno, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR)
+		switch {
+		case err != nil:
+			connErr = err
+		case errno != 0 && unix.Errno(errno) != unix.EINPROGRESS && unix.Errno(errno) != unix.EALREADY:
+			connErr = unix.Errno(errno)
+		default:
+			if _, err := unix.Getpeername(fd); err != nil {
+				return false // still connecting
+			}
+		}
+		return true
+	})
+	if werr != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		return werr
+	}
+	return connErr
+}
+
+func sockaddr(ap netip.AddrPort, v6 bool) unix.Sockaddr {
+	if v6 {
+		return &unix.SockaddrInet6{Port: int(ap.Port()), Addr: ap.Addr().As16()}
+	}
+	return &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().Unmap().As4()}
+}
+
+// OriginalDst returns the destination a REDIRECTed connection was sent to
+// (SO_ORIGINAL_DST, IP6T_SO_ORIGINAL_DST).
+func OriginalDst(c *net.TCPConn) (netip.AddrPort, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return netip.AddrPort{}, err
+	}
+	local, _ := netip.ParseAddrPort(c.LocalAddr().String())
+	var out netip.AddrPort
+	var gerr error
+	err = rc.Control(func(fd uintptr) {
+		if local.Addr().Is4() || local.Addr().Is4In6() {
+			// struct sockaddr_in: family(2) port(2, big-endian) addr(4)
+			var raw [16]byte
+			size := uint32(len(raw))
+			gerr = getsockopt(int(fd), unix.SOL_IP, unix.SO_ORIGINAL_DST, raw[:], &size)
+			if gerr == nil {
+				out = netip.AddrPortFrom(netip.AddrFrom4([4]byte(raw[4:8])), binary.BigEndian.Uint16(raw[2:4]))
+			}
+			return
+		}
+		var raw [28]byte // sockaddr_in6
+		size := uint32(len(raw))
+		gerr = getsockopt(int(fd), unix.SOL_IPV6, ip6tSOOriginalDst, raw[:], &size)
+		if gerr == nil {
+			out = netip.AddrPortFrom(netip.AddrFrom16([16]byte(raw[8:24])), binary.BigEndian.Uint16(raw[2:4]))
+		}
+	})
+	if err != nil {
+		return netip.AddrPort{}, err
+	}
+	if gerr != nil {
+		return netip.AddrPort{}, fmt.Errorf("original destination: %w", gerr)
+	}
+	return out, nil
+}
+
+// AddrPortOf converts a net.Addr from a TCP conn.
+func AddrPortOf(a net.Addr) netip.AddrPort {
+	if t, ok := a.(*net.TCPAddr); ok {
+		ap := t.AddrPort()
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	}
+	ap, _ := netip.ParseAddrPort(a.String())
+	return ap
+}

@@ -1,0 +1,108 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"os"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/nftmesh/nftmesh/internal/nettest"
+)
+
+func TestMain(m *testing.M) { os.Exit(nettest.RunGuarded(m)) }
+
+func sockNS(t *testing.T) (*nettest.Netns, int) {
+	t.Helper()
+	nettest.Require(t, "nft")
+	ns := nettest.New(t)
+	for _, cmd := range [][]string{
+		{"ip", "link", "add", "dummy0", "type", "veth", "peer", "name", "dummy1"},
+		{"ip", "link", "set", "dummy0", "up"},
+		{"ip", "link", "set", "dummy1", "up"},
+		{"ip", "addr", "add", "10.99.0.1/24", "dev", "dummy0"},
+		{"ip", "addr", "add", "fd00:99::1/64", "dev", "dummy0", "nodad"},
+	} {
+		ns.MustRun(t, cmd[0], cmd[1:]...)
+	}
+	f, err := os.Open(ns.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return ns, int(f.Fd())
+}
+
+func TestListenDialOriginalDst(t *testing.T) {
+	ns, fd := sockNS(t)
+	for _, fam := range []struct{ ip, nfFamily, listen string }{{"10.99.0.1", "ip", "0.0.0.0"}, {"fd00:99::1", "ip6", "::"}} {
+		t.Run(fam.nfFamily, func(t *testing.T) {
+			l, err := ListenIn(fd, netip.AddrPortFrom(netip.MustParseAddr(fam.listen), 0), SockOpts{Mark: 0x539, Transparent: true, ReusePort: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer l.Close()
+			port := AddrPortOf(l.Addr()).Port()
+			rules := "table " + fam.nfFamily + " t {\n chain out {\n type nat hook output priority -100; policy accept;\n tcp dport 9999 meta mark != 0x539 redirect to :" + itoa(port) + "\n }\n}\n"
+			if _, err := ns.Run(rules, "nft", "-f", "-"); err != nil {
+				t.Fatal(err)
+			}
+			defer ns.Run("", "nft", "delete", "table", fam.nfFamily, "t")
+
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			defer cancel()
+			dst := netip.AddrPortFrom(netip.MustParseAddr(fam.ip), 9999)
+			// Unmarked: redirected to the listener.
+			c, err := DialIn(ctx, fd, netip.AddrPort{}, dst, SockOpts{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			a, err := l.AcceptTCP()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer a.Close()
+			got, err := OriginalDst(a)
+			if err != nil || got != dst {
+				t.Errorf("original destination %v %v, want %v", got, err, dst)
+			}
+			// Marked: not redirected, and nothing listens on 9999.
+			_, err = DialIn(ctx, fd, netip.AddrPort{}, dst, SockOpts{Mark: 0x539})
+			if !errors.Is(err, unix.ECONNREFUSED) {
+				t.Errorf("marked dial: %v, want connection refused", err)
+			}
+		})
+	}
+}
+
+func TestTransparentBindAndTimeout(t *testing.T) {
+	_, fd := sockNS(t)
+	l, err := ListenIn(fd, netip.MustParseAddrPort("10.99.0.1:0"), SockOpts{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	spoofed := netip.MustParseAddrPort("10.99.0.77:0")
+	if _, err := DialIn(ctx, fd, spoofed, AddrPortOf(l.Addr()), SockOpts{}); !errors.Is(err, unix.EADDRNOTAVAIL) {
+		t.Errorf("binding a foreign address without IP_TRANSPARENT: %v, want EADDRNOTAVAIL", err)
+	}
+	// With it the bind works (the SYN goes out; nothing routes the answer back here).
+	short, cancel2 := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel2()
+	start := time.Now()
+	_, err = DialIn(short, fd, spoofed, AddrPortOf(l.Addr()), SockOpts{Transparent: true, FreeBind: true, Mark: 0x539})
+	if errors.Is(err, unix.EADDRNOTAVAIL) || err == nil {
+		t.Errorf("transparent dial: %v, want a timeout after a successful bind", err)
+	}
+	if time.Since(start) > time.Second {
+		t.Errorf("dial ignored its deadline: %v", time.Since(start))
+	}
+}
+
+func itoa(p uint16) string { return netip.AddrPortFrom(netip.IPv4Unspecified(), p).String()[len("0.0.0.0:"):] }

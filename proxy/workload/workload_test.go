@@ -65,7 +65,7 @@ func TestStaticErrors(t *testing.T) {
 		"workloads:\n- {uid: a, name: x, namespace: ns, ips: [10.0.0.1]}\n- {uid: a, name: y, namespace: ns}\n":                  `uid "a" is used twice`,
 		"workloads:\n- {uid: a, name: x, namespace: ns, ips: [10.0.0.1]}\n- {uid: b, name: y, namespace: ns, ips: [10.0.0.1]}\n": "IP 10.0.0.1 is also ns/x's",
 		"workloads:\n- {uid: a, namespace: ns}\n":                            "uid, name and namespace are required",
-		"services:\n- {name: s, endpoints: [{uid: nope}]}\n":                `endpoint uid "nope" is not a workload`,
+		"services:\n- {name: s, endpoints: [{uid: nope}]}\n":                 `endpoint uid "nope" is not a workload`,
 		"workloads:\n- {uid: a, name: x, namespace: ns, ipz: []}\n":          `unknown field "ipz"`,
 		"workloads:\n- {uid: a, name: x, namespace: ns, ips: [not-an-ip]}\n": "not-an-ip",
 	}

@@ -26,3 +26,9 @@ lint:
 # Fuzz the intent parser and compiler for a while.
 fuzz time="30s":
     go test ./compiler -run '^$' -fuzz FuzzParseCompile -fuzztime {{time}}
+
+# Regenerate proxy/zds/zdspb from proxy/zds/zds.proto (Debian's protobuf-compiler, and
+# protoc-gen-go at the version of google.golang.org/protobuf in go.mod).
+proto:
+    go build -o bin/protoc-gen-go google.golang.org/protobuf/cmd/protoc-gen-go
+    protoc --proto_path=. --plugin=protoc-gen-go=bin/protoc-gen-go --go_out=. --go_opt=module=github.com/nftmesh/nftmesh proxy/zds/zds.proto

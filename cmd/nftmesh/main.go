@@ -37,6 +37,8 @@ func commands() []command {
 		{"apply", "apply the ruleset to a pod's (or the node's) network namespace", runApply},
 		{"show", "print nftmesh's live table in a network namespace", runShow},
 		{"delete", "remove nftmesh's table and routing from a network namespace", runDelete},
+		{"policy", "explain and lint L4 authorization policies", runPolicy},
+		{"ca", "make a mesh root CA for demos and tests", runCA},
 		{"version", "print the version", runVersion},
 	}
 }

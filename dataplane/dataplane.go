@@ -10,8 +10,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/google/nftables"
-	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/nftmesh/nftmesh/compiler"
@@ -157,7 +155,7 @@ func sockets(ns *netNS, routing bool) (*ruleset.Conn, *nlraw.Conn, error) {
 	var rt *nlraw.Conn
 	err := netnsexec.Do(ns.fd(), func() error {
 		var err error
-		if conn, err = ruleset.NewConn(txDialer(ns)); err != nil {
+		if conn, err = ruleset.NewConn(); err != nil {
 			return err
 		}
 		if routing {
@@ -172,45 +170,6 @@ func sockets(ns *netNS, routing bool) (*ruleset.Conn, *nlraw.Conn, error) {
 		return nil, nil, fmt.Errorf("netns %s: %w", ns.path, err)
 	}
 	return conn, rt, nil
-}
-
-// routeWriter returns a function that makes, on first call, a vishvananda/netlink handle
-// in the namespace, and a function that closes it if it was made.
-func routeWriter(ns *netNS) (write func() (*netlink.Handle, error), closeFn func()) {
-	var h *netlink.Handle
-	write = func() (*netlink.Handle, error) {
-		if h != nil {
-			return h, nil
-		}
-		err := netnsexec.Do(ns.fd(), func() error {
-			var err error
-			h, err = netlink.NewHandle(unix.NETLINK_ROUTE)
-			return err
-		})
-		if err != nil {
-			return nil, fmt.Errorf("rtnetlink socket: %w", err)
-		}
-		return h, nil
-	}
-	return write, func() {
-		if h != nil {
-			h.Close()
-		}
-	}
-}
-
-// txDialer makes google/nftables write connections in the namespace, through the same
-// kind of visit as sockets: only applies that write pay for one.
-func txDialer(ns *netNS) ruleset.TxDialer {
-	return func() (*nftables.Conn, error) {
-		var tx *nftables.Conn
-		err := netnsexec.Do(ns.fd(), func() error {
-			var err error
-			tx, err = nftables.New(nftables.AsLasting())
-			return err
-		})
-		return tx, err
-	}
 }
 
 // Apply makes the namespace at path hold exactly d: policy routing first (idempotent,
@@ -239,9 +198,7 @@ func (m *Manager) Apply(path string, d Desired) (Result, error) {
 	undo := func() {}
 	if d.Routing != nil {
 		defer rt.Close()
-		write, closeWriter := routeWriter(ns)
-		defer closeWriter()
-		res.RoutingChanged, undo, err = ensureRouting(rt, write, *d.Routing)
+		res.RoutingChanged, undo, err = ensureRouting(rt, *d.Routing)
 		if err != nil {
 			undo()
 			return res, fmt.Errorf("netns %s: routing: %w", path, err)
@@ -284,9 +241,7 @@ func (m *Manager) Remove(path, table string, routing *compiler.Routing) (bool, e
 	}
 	if routing != nil {
 		defer rt.Close()
-		write, closeWriter := routeWriter(ns)
-		defer closeWriter()
-		r, err := removeRouting(rt, write, *routing)
+		r, err := removeRouting(rt, *routing)
 		removed = removed || r
 		if err != nil {
 			return removed, fmt.Errorf("netns %s: routing: %w", path, err)

@@ -4,11 +4,10 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"net"
+	"slices"
 
 	mdnl "github.com/mdlayher/netlink"
 
-	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/nftmesh/nftmesh/compiler"
@@ -19,28 +18,84 @@ import (
 const loopbackIndex = 1
 
 type routeFamily struct {
-	nl     int
+	nl     int // AF_INET, AF_INET6
 	name   string
-	anyDst *net.IPNet
 	wanted bool
 }
 
 func routeFamilies(r compiler.Routing) []routeFamily {
 	return []routeFamily{
-		{netlink.FAMILY_V4, "IPv4", &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}, true},
-		{netlink.FAMILY_V6, "IPv6", &net.IPNet{IP: net.IPv6zero, Mask: net.CIDRMask(0, 128)}, r.IPv6},
+		{unix.AF_INET, "IPv4", true},
+		{unix.AF_INET6, "IPv6", r.IPv6},
 	}
 }
 
-func wantRule(f routeFamily, r compiler.Routing) *netlink.Rule {
-	rule := netlink.NewRule()
-	rule.Family = f.nl
-	rule.Mark = r.Mark
-	mask := r.Mask
-	rule.Mask = &mask
-	rule.Table = r.Table
-	rule.Priority = r.Priority
-	return rule
+func rtattrU32(b []byte, typ uint16, v uint32) []byte {
+	var a [8]byte
+	binary.NativeEndian.PutUint16(a[0:2], 8)
+	binary.NativeEndian.PutUint16(a[2:4], typ)
+	binary.NativeEndian.PutUint32(a[4:8], v)
+	return append(b, a[:]...)
+}
+
+func tableByte(t int) byte {
+	if t < 256 {
+		return byte(t)
+	}
+	return unix.RT_TABLE_UNSPEC // the table is in the attribute
+}
+
+// ruleMsg is `ip rule add fwmark Mark/Mask lookup Table pref Priority` (typ RTM_NEWRULE)
+// or its delete (RTM_DELRULE).
+func ruleMsg(typ uint16, f routeFamily, r compiler.Routing) nlraw.Request {
+	hdr := make([]byte, 12) // struct fib_rule_hdr
+	hdr[0] = byte(f.nl)
+	hdr[4] = tableByte(r.Table)
+	hdr[7] = unix.FR_ACT_TO_TBL
+	b := rtattrU32(hdr, unix.FRA_PRIORITY, uint32(r.Priority))
+	b = rtattrU32(b, unix.FRA_FWMARK, r.Mark)
+	b = rtattrU32(b, unix.FRA_FWMASK, r.Mask)
+	b = rtattrU32(b, unix.FRA_TABLE, uint32(r.Table))
+	return nlraw.Request{Type: typ, Flags: createFlags(typ), Data: b}
+}
+
+// routeMsg is `ip route add local default dev lo table Table` (RTM_NEWROUTE) or its
+// delete (RTM_DELROUTE).
+func routeMsg(typ uint16, f routeFamily, r compiler.Routing) nlraw.Request {
+	hdr := make([]byte, 12) // struct rtmsg; dst_len 0: default
+	hdr[0] = byte(f.nl)
+	hdr[4] = tableByte(r.Table)
+	hdr[5] = unix.RTPROT_BOOT
+	hdr[6] = unix.RT_SCOPE_HOST
+	hdr[7] = unix.RTN_LOCAL
+	b := rtattrU32(hdr, unix.RTA_TABLE, uint32(r.Table))
+	b = rtattrU32(b, unix.RTA_OIF, loopbackIndex)
+	return nlraw.Request{Type: typ, Flags: createFlags(typ), Data: b}
+}
+
+func createFlags(typ uint16) uint16 {
+	if typ == unix.RTM_NEWRULE || typ == unix.RTM_NEWROUTE {
+		return unix.NLM_F_CREATE | unix.NLM_F_EXCL
+	}
+	return 0
+}
+
+// execute sends the requests in one sendmsg; ignore lists errnos that mean "already so".
+func execute(c *nlraw.Conn, reqs []nlraw.Request, what []string, ignore ...unix.Errno) error {
+	if len(reqs) == 0 {
+		return nil
+	}
+	errs, err := c.ExecuteAll(reqs)
+	if err != nil {
+		return err
+	}
+	var all []error
+	for i, e := range errs {
+		if e != nil && !slices.ContainsFunc(ignore, func(x unix.Errno) bool { return errors.Is(e, x) }) {
+			all = append(all, fmt.Errorf("%s: %w", what[i], e))
+		}
+	}
+	return errors.Join(all...)
 }
 
 // ruleInfo and routeInfo are the parts of the kernel's rules and routes the check needs.
@@ -63,10 +118,6 @@ func hasRule(rules []ruleInfo, f routeFamily, r compiler.Routing) bool {
 		}
 	}
 	return false
-}
-
-func wantRoute(f routeFamily, r compiler.Routing) *netlink.Route {
-	return &netlink.Route{Family: f.nl, LinkIndex: loopbackIndex, Dst: f.anyDst, Table: r.Table, Type: unix.RTN_LOCAL, Scope: netlink.SCOPE_HOST}
 }
 
 func hasRoute(routes []routeInfo, f routeFamily, r compiler.Routing) bool {
@@ -149,98 +200,63 @@ func walkAttrs(b []byte, fn func(typ uint16, value []byte)) {
 }
 
 // ensureRouting makes the policy routing exactly r: the rule and route for each wanted
-// family, none for an unwanted one. It returns an undo that removes what it added, for
-// when the rest of the apply fails.
-// Writes go through a vishvananda/netlink handle from write, which is called only when
-// something must change; it returns the same handle every time, and the caller closes it.
-func ensureRouting(c *nlraw.Conn, write func() (*netlink.Handle, error), r compiler.Routing) (changed bool, undo func(), err error) {
-	var undos []func()
-	undo = func() {
-		for i := len(undos) - 1; i >= 0; i-- {
-			undos[i]()
-		}
-	}
+// family, none for an unwanted one, in one read (two dumps) and at most one write. It
+// returns an undo that removes what it added, for when the rest of the apply fails.
+func ensureRouting(c *nlraw.Conn, r compiler.Routing) (changed bool, undo func(), err error) {
+	undo = func() {}
 	rules, routes, err := listRouting(c)
 	if err != nil {
 		return false, undo, err
 	}
-	handle := write
+	var add, del, undoReqs []nlraw.Request
+	var addWhat, delWhat []string
 	for _, f := range routeFamilies(r) {
-		if !f.wanted {
-			removed, err := removeFamily(handle, rules, routes, f, r)
-			changed = changed || removed
-			if err != nil {
-				return changed, undo, err
-			}
-			continue
+		rule := fmt.Sprintf("%s rule fwmark %#x/%#x lookup %d pref %d", f.name, r.Mark, r.Mask, r.Table, r.Priority)
+		route := fmt.Sprintf("%s route local default dev lo table %d", f.name, r.Table)
+		switch {
+		case f.wanted && !hasRule(rules, f, r):
+			add, addWhat = append(add, ruleMsg(unix.RTM_NEWRULE, f, r)), append(addWhat, "add "+rule)
+			undoReqs = append(undoReqs, ruleMsg(unix.RTM_DELRULE, f, r))
+		case !f.wanted && hasRule(rules, f, r):
+			del, delWhat = append(del, ruleMsg(unix.RTM_DELRULE, f, r)), append(delWhat, "delete "+rule)
 		}
-		if !hasRule(rules, f, r) {
-			h, err := handle()
-			if err != nil {
-				return changed, undo, err
-			}
-			rule := wantRule(f, r)
-			if err := h.RuleAdd(rule); err != nil {
-				return changed, undo, fmt.Errorf("%s rule fwmark %#x/%#x lookup %d pref %d: %w", f.name, r.Mark, r.Mask, r.Table, r.Priority, err)
-			}
-			changed = true
-			undos = append(undos, func() { h.RuleDel(rule) })
-		}
-		if !hasRoute(routes, f, r) {
-			h, err := handle()
-			if err != nil {
-				return changed, undo, err
-			}
-			route := wantRoute(f, r)
-			if err := h.RouteAdd(route); err != nil {
-				return changed, undo, fmt.Errorf("%s route local default dev lo table %d: %w", f.name, r.Table, err)
-			}
-			changed = true
-			undos = append(undos, func() { h.RouteDel(route) })
+		switch {
+		case f.wanted && !hasRoute(routes, f, r):
+			add, addWhat = append(add, routeMsg(unix.RTM_NEWROUTE, f, r)), append(addWhat, "add "+route)
+			undoReqs = append(undoReqs, routeMsg(unix.RTM_DELROUTE, f, r))
+		case !f.wanted && hasRoute(routes, f, r):
+			del, delWhat = append(del, routeMsg(unix.RTM_DELROUTE, f, r)), append(delWhat, "delete "+route)
 		}
 	}
-	return changed, undo, nil
+	if err := execute(c, del, delWhat, unix.ENOENT, unix.ESRCH); err != nil {
+		return true, undo, err
+	}
+	// EEXIST: someone added it since we looked; it is there, as wanted.
+	if err := execute(c, add, addWhat, unix.EEXIST); err != nil {
+		execute(c, undoReqs, make([]string, len(undoReqs)), unix.ENOENT, unix.ESRCH)
+		return true, undo, err
+	}
+	if len(undoReqs) > 0 {
+		undo = func() { execute(c, undoReqs, make([]string, len(undoReqs)), unix.ENOENT, unix.ESRCH) }
+	}
+	return len(add)+len(del) > 0, undo, nil
 }
 
-// removeFamily deletes one family's rule and route; absent ones are fine.
-func removeFamily(handle func() (*netlink.Handle, error), rules []ruleInfo, routes []routeInfo, f routeFamily, r compiler.Routing) (bool, error) {
-	removed := false
-	if !hasRule(rules, f, r) && !hasRoute(routes, f, r) {
-		return false, nil
-	}
-	h, err := handle()
-	if err != nil {
-		return false, err
-	}
-	if hasRule(rules, f, r) {
-		if err := h.RuleDel(wantRule(f, r)); err != nil && !errors.Is(err, unix.ENOENT) {
-			return false, fmt.Errorf("delete %s rule: %w", f.name, err)
-		}
-		removed = true
-	}
-	if hasRoute(routes, f, r) {
-		if err := h.RouteDel(wantRoute(f, r)); err != nil && !errors.Is(err, unix.ESRCH) {
-			return removed, fmt.Errorf("delete %s route: %w", f.name, err)
-		}
-		removed = true
-	}
-	return removed, nil
-}
-
-// removeRouting deletes the rule and route of every family.
-func removeRouting(c *nlraw.Conn, write func() (*netlink.Handle, error), r compiler.Routing) (bool, error) {
+// removeRouting deletes the rule and route of every family; absent ones are fine.
+func removeRouting(c *nlraw.Conn, r compiler.Routing) (bool, error) {
 	rules, routes, err := listRouting(c)
 	if err != nil {
 		return false, err
 	}
-	handle := write
-	removed := false
+	var del []nlraw.Request
+	var what []string
 	for _, f := range routeFamilies(r) {
-		ok, err := removeFamily(handle, rules, routes, f, r)
-		removed = removed || ok
-		if err != nil {
-			return removed, err
+		if hasRule(rules, f, r) {
+			del, what = append(del, ruleMsg(unix.RTM_DELRULE, f, r)), append(what, "delete "+f.name+" rule")
+		}
+		if hasRoute(routes, f, r) {
+			del, what = append(del, routeMsg(unix.RTM_DELROUTE, f, r)), append(what, "delete "+f.name+" route")
 		}
 	}
-	return removed, nil
+	return len(del) > 0, execute(c, del, what, unix.ENOENT, unix.ESRCH)
 }

@@ -96,6 +96,11 @@ func (o sockOpts) control(network string, c syscall.RawConn) error {
 	v6 := strings.HasSuffix(network, "6")
 	var errs []error
 	err := c.Control(func(fd uintptr) {
+		if o.port != 0 && strings.HasPrefix(network, "udp") {
+			// Pinned ports are reused on purpose (dns-udp-proxy-marked-reusing-port);
+			// a bind racing the previous socket's teardown must not fail the case.
+			errs = append(errs, wrap("SO_REUSEADDR", unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEADDR, 1)))
+		}
 		if o.mark != 0 {
 			errs = append(errs, wrap("SO_MARK", unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, int(o.mark))))
 		}

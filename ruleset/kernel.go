@@ -74,38 +74,27 @@ type LiveRule struct {
 	Foreign bool
 }
 
-// Conn is a connection to nftables in one network namespace: a blocking netlink socket
-// for reads, and, made when a transaction needs it, a google/nftables connection for
-// writes. Not safe for concurrent use; after an error, close it.
+// Conn is a connection to nftables in one network namespace: one blocking netlink socket,
+// for reads and for the transactions that google/nftables encodes. Not safe for concurrent
+// use; after an error, close it.
 type Conn struct {
-	raw    *nlraw.Conn
-	dialTx func() (*nftables.Conn, error)
-	tx     *nftables.Conn
-	ownFD  int // the namespace fd DialNetNS keeps, closed with the Conn
+	raw *nlraw.Conn
 }
 
-// TxDialer makes a google/nftables connection in the Conn's namespace.
-type TxDialer func() (*nftables.Conn, error)
-
 // NewConn connects to nftables in the network namespace of the calling thread: call it on
-// a thread inside the target namespace; the socket stays there and the Conn can then be
-// used from any thread. dialTx makes the write connection, only when one is needed, in
-// the same namespace (nil: nftables.New in the calling thread's namespace at that time,
-// which is only right when that is the same one).
-func NewConn(dialTx TxDialer) (*Conn, error) {
+// a thread that is inside the target namespace; the socket stays there and the Conn can
+// then be used from any thread.
+func NewConn() (*Conn, error) {
 	raw, err := nlraw.Open(unix.NETLINK_NETFILTER)
 	if err != nil {
 		return nil, err
 	}
-	if dialTx == nil {
-		dialTx = func() (*nftables.Conn, error) { return nftables.New(nftables.AsLasting()) }
-	}
-	return &Conn{raw: raw, dialTx: dialTx}, nil
+	return &Conn{raw: raw}, nil
 }
 
 // DialNetNS connects to nftables in the namespace of nsFD without moving the calling
-// thread. Each socket costs a thread that is made for it and ended after; code that
-// applies often should use NewConn from a thread it keeps in the namespace.
+// thread: the socket is made on a thread that is ended after. Code that applies often
+// should call NewConn from a thread it keeps in the namespace (package netnsexec).
 func DialNetNS(nsFD int) (*Conn, error) {
 	if nsFD <= 0 {
 		return nil, fmt.Errorf("invalid netns fd %d (0 would mean the current namespace)", nsFD)
@@ -114,45 +103,32 @@ func DialNetNS(nsFD int) (*Conn, error) {
 	if err := unix.Fstatfs(nsFD, &fs); err != nil || fs.Type != unix.NSFS_MAGIC {
 		return nil, fmt.Errorf("fd %d is not a network namespace", nsFD)
 	}
-	// Our own copy of the fd: the write connection is made later, and a caller closing
-	// its fd (whose number may then be reused) must never redirect it elsewhere.
-	own, err := unix.FcntlInt(uintptr(nsFD), unix.F_DUPFD_CLOEXEC, 0)
+	raw, err := nlraw.OpenAt(nsFD, unix.NETLINK_NETFILTER)
 	if err != nil {
-		return nil, fmt.Errorf("dup netns fd: %w", err)
-	}
-	raw, err := nlraw.OpenAt(own, unix.NETLINK_NETFILTER)
-	if err != nil {
-		unix.Close(own)
 		return nil, err
 	}
-	return &Conn{raw: raw, ownFD: own, dialTx: func() (*nftables.Conn, error) {
-		return nftables.New(nftables.WithNetNSFd(own), nftables.AsLasting())
-	}}, nil
+	return &Conn{raw: raw}, nil
 }
 
-// txConn returns the write connection, making it on first use.
+// txConn returns a google/nftables connection that queues and encodes a transaction and
+// hands the finished batch to this Conn's socket (mdlayher/netlink's nltest.Func is the
+// seam): google/nftables remains the encoder, the send is one sendmsg and one receive.
 func (n *Conn) txConn() (*nftables.Conn, error) {
-	if n.tx == nil {
-		tx, err := n.dialTx()
-		if err != nil {
-			return nil, fmt.Errorf("nftables socket: %w", err)
+	return nftables.New(nftables.WithTestDial(func(req []netlink.Message) ([]netlink.Message, error) {
+		// google/nftables reads an answer per message; the batch has been answered whole.
+		ack := []netlink.Message{{Header: netlink.Header{Type: netlink.Error}, Data: make([]byte, 4)}}
+		if req == nil {
+			return ack, nil
 		}
-		n.tx = tx
-	}
-	return n.tx, nil
+		if err := n.raw.SendBatch(req); err != nil {
+			return nil, err
+		}
+		return ack, nil
+	}))
 }
 
-// Close closes the sockets.
-func (n *Conn) Close() error {
-	err := n.raw.Close()
-	if n.tx != nil {
-		err = errors.Join(err, n.tx.CloseLasting())
-	}
-	if n.ownFD > 0 {
-		err = errors.Join(err, unix.Close(n.ownFD))
-	}
-	return err
-}
+// Close closes the socket.
+func (n *Conn) Close() error { return n.raw.Close() }
 
 // NetNSCookie identifies the Conn's namespace for as long as the system runs.
 func (n *Conn) NetNSCookie() (uint64, error) { return n.raw.NetNSCookie() }
@@ -434,7 +410,9 @@ func (n *Conn) readElements(table string, s *LiveSet) ([]LiveElement, error) {
 // the same elements, except for sets whose elements are managed at run time), the same
 // chains with the same hooks, and in each chain the same rules, all stamped by nftmesh,
 // in the same order.
-func (l *Live) Matches(t *Table) bool {
+func (l *Live) Matches(t *Table) bool { return l.matches(t, t.renderBodies()) }
+
+func (l *Live) matches(t *Table, rb rendered) bool {
 	if l == nil || l.Name != t.Name || len(l.Sets) != len(t.Sets) || len(l.Chains) != len(t.Chains) {
 		return false
 	}
@@ -455,7 +433,7 @@ func (l *Live) Matches(t *Table) bool {
 	for _, c := range l.Chains {
 		liveChains[c.Name] = c
 	}
-	for _, c := range t.Chains {
+	for ci, c := range t.Chains {
 		lc := liveChains[c.Name]
 		if lc == nil || (lc.Base == nil) != (c.Base == nil) || len(lc.Rules) != len(c.Rules) {
 			return false
@@ -469,7 +447,7 @@ func (l *Live) Matches(t *Table) bool {
 		}
 		for i, r := range c.Rules {
 			lr := lc.Rules[i]
-			if lr.Foreign || lr.Body != r.body() || lr.Comment != r.Comment {
+			if lr.Foreign || lr.Body != rb.body(ci, i) || lr.Comment != r.Comment {
 				return false
 			}
 		}
@@ -548,7 +526,8 @@ func (l *Live) Render() string {
 // written back in the same transaction, so a replace never drops them. Nothing outside
 // the table is touched; if the kernel rejects the transaction, nothing changes.
 func (n *Conn) Apply(t *Table, cache *Cache) (Result, error) {
-	if err := t.Validate(); err != nil {
+	rb := t.renderBodies()
+	if err := t.validate(rb); err != nil {
 		return Result{}, fmt.Errorf("table inet %s: invalid: %w", t.Name, err)
 	}
 	var key cacheKey
@@ -562,7 +541,7 @@ func (n *Conn) Apply(t *Table, cache *Cache) (Result, error) {
 		if err != nil {
 			return Result{}, fmt.Errorf("table inet %s: %w", t.Name, err)
 		}
-		key, hash = cacheKey{cookie, t.Name}, t.ContentHash()
+		key, hash = cacheKey{cookie, t.Name}, t.contentKey(rb)
 		if cache.verified(key, gen, hash) {
 			return Result{Action: Unchanged}, nil
 		}
@@ -571,7 +550,7 @@ func (n *Conn) Apply(t *Table, cache *Cache) (Result, error) {
 	if err != nil {
 		return Result{}, fmt.Errorf("table inet %s: read: %w", t.Name, err)
 	}
-	if live.Matches(t) {
+	if live.matches(t, rb) {
 		if cache != nil {
 			// Only a read that no commit raced may vouch for the generation.
 			if after, err := n.Generation(); err == nil && after == gen {
@@ -587,7 +566,7 @@ func (n *Conn) Apply(t *Table, cache *Cache) (Result, error) {
 	if live != nil {
 		action = Replaced
 	}
-	writes, err := n.write(t, live)
+	writes, err := n.write(t, live, rb)
 	if err != nil {
 		return Result{}, fmt.Errorf("table inet %s: %s: kernel rejected the transaction, nothing changed: %w", t.Name, action, err)
 	}
@@ -595,7 +574,7 @@ func (n *Conn) Apply(t *Table, cache *Cache) (Result, error) {
 }
 
 // write queues the transaction on a google/nftables Conn and flushes it as one batch.
-func (n *Conn) write(t *Table, live *Live) (int, error) {
+func (n *Conn) write(t *Table, live *Live, rb rendered) (int, error) {
 	conn, err := n.txConn()
 	if err != nil {
 		return 0, err
@@ -633,13 +612,13 @@ func (n *Conn) write(t *Table, live *Live) (int, error) {
 		chains[c.Name] = conn.AddChain(nfChain(nt, c))
 		writes++
 	}
-	for _, c := range t.Chains {
+	for ci, c := range t.Chains {
 		for i, r := range c.Rules {
 			exprs, err := ruleExprs(r, sets)
 			if err != nil {
 				return 0, fmt.Errorf("chain %s rule %d: %w", c.Name, i+1, err)
 			}
-			conn.AddRule(&nftables.Rule{Table: nt, Chain: chains[c.Name], Exprs: exprs, UserData: ruleUserData(r)})
+			conn.AddRule(&nftables.Rule{Table: nt, Chain: chains[c.Name], Exprs: exprs, UserData: ruleUserData(r, rb.body(ci, i))})
 			writes++
 		}
 	}

@@ -4,6 +4,7 @@ import (
 	"crypto/sha256"
 	"fmt"
 	"net/netip"
+	"strings"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
@@ -26,13 +27,13 @@ const stampType userdata.Type = 0x6e // 'n'
 // userDataMax is NFT_USERDATA_MAXLEN.
 const userDataMax = 256
 
-// ruleUserData holds the comment and the stamp.
-func ruleUserData(r Rule) []byte {
+// ruleUserData holds the comment and the stamp (the rule's body).
+func ruleUserData(r Rule, body string) []byte {
 	var ud []byte
 	if r.Comment != "" {
 		ud = userdata.AppendString(ud, userdata.TypeComment, r.Comment)
 	}
-	return userdata.AppendString(ud, stampType, r.body())
+	return userdata.AppendString(ud, stampType, body)
 }
 
 // body is the rule's text without its comment: what the stamp records.
@@ -43,18 +44,56 @@ func (r Rule) body() string {
 }
 
 // userDataLen is the length ruleUserData will have: each TLV is type, length, value, NUL.
-func (r Rule) userDataLen() int {
-	n := 2 + len(r.body()) + 1
-	if r.Comment != "" {
-		n += 2 + len(r.Comment) + 1
+func userDataLen(body, comment string) int {
+	n := 2 + len(body) + 1
+	if comment != "" {
+		n += 2 + len(comment) + 1
 	}
 	return n
 }
+
+// rendered holds every rule's body, rendered once per apply: validation, the cache key,
+// the comparison with the live table and the stamps all need it.
+type rendered [][]string // [chain][rule]
+
+func (t *Table) renderBodies() rendered {
+	rb := make(rendered, len(t.Chains))
+	for ci, c := range t.Chains {
+		rb[ci] = make([]string, len(c.Rules))
+		for i, r := range c.Rules {
+			rb[ci][i] = r.body()
+		}
+	}
+	return rb
+}
+
+func (rb rendered) body(chain, rule int) string { return rb[chain][rule] }
 
 // ContentHash is a digest of the rendered table: equal tables, equal hashes.
 func (t *Table) ContentHash() string {
 	sum := sha256.Sum256([]byte(t.Render()))
 	return fmt.Sprintf("%x", sum[:12])
+}
+
+// contentKey is a digest of everything Render prints, from already rendered bodies.
+func (t *Table) contentKey(rb rendered) string {
+	h := sha256.New()
+	var b strings.Builder
+	b.WriteString(t.Name)
+	for _, s := range t.Sets {
+		renderSet(&b, s)
+	}
+	for ci, c := range t.Chains {
+		b.WriteString("\x00chain " + c.Name)
+		if c.Base != nil {
+			fmt.Fprintf(&b, " %s %s %d %s", c.Base.Type, c.Base.Hook, c.Base.Priority, c.Base.policy())
+		}
+		for i, r := range c.Rules {
+			b.WriteString("\x00" + rb[ci][i] + "\x01" + r.Comment)
+		}
+	}
+	h.Write([]byte(b.String()))
+	return string(h.Sum(nil)[:16])
 }
 
 var (

@@ -18,7 +18,9 @@ var identRE = regexp.MustCompile(`^[a-zA-Z][a-zA-Z0-9_-]{0,63}$`)
 
 // Validate reports every way the table would be rejected by nft or the kernel, or would
 // not print back as rendered, naming the object. It returns nil for a valid table.
-func (t *Table) Validate() error {
+func (t *Table) Validate() error { return t.validate(t.renderBodies()) }
+
+func (t *Table) validate(rb rendered) error {
 	var errs []error
 	add := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
 
@@ -52,9 +54,9 @@ func (t *Table) Validate() error {
 			}
 		}
 	}
-	for _, c := range t.Chains {
+	for ci, c := range t.Chains {
 		for i, r := range c.Rules {
-			if err := t.validateRule(c, r); err != nil {
+			if err := t.validateRule(c, r, rb.body(ci, i)); err != nil {
 				add("chain %s: rule %d (%s): %w", c.Name, i+1, r, err)
 			}
 		}
@@ -152,7 +154,7 @@ func (ctx *ruleContext) setProto(p L4Proto) error {
 	return nil
 }
 
-func (t *Table) validateRule(c *Chain, r Rule) error {
+func (t *Table) validateRule(c *Chain, r Rule, body string) error {
 	if len(r.Statements) == 0 {
 		return errors.New("a rule needs at least one statement")
 	}
@@ -162,7 +164,7 @@ func (t *Table) validateRule(c *Chain, r Rule) error {
 	if strings.ContainsAny(r.Comment, "\"\n\\") {
 		return fmt.Errorf("comment %q holds a quote, backslash or newline", r.Comment)
 	}
-	if n := r.userDataLen(); n > userDataMax {
+	if n := userDataLen(body, r.Comment); n > userDataMax {
 		return fmt.Errorf("rule text and comment need %d bytes of user data, the kernel keeps %d", n, userDataMax)
 	}
 	var ctx ruleContext

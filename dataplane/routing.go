@@ -131,7 +131,7 @@ func hasRoute(routes []routeInfo, f routeFamily, r compiler.Routing) bool {
 
 // listRouting reads every family's rules and routes in two dumps, on a plain blocking
 // socket: this check runs on every apply, changes or not.
-func listRouting(c *nlraw.Conn) ([]ruleInfo, []routeInfo, error) {
+func listRouting(c *nlraw.Conn, r compiler.Routing) ([]ruleInfo, []routeInfo, error) {
 	hdr := make([]byte, 12) // fib_rule_hdr and rtmsg are both 12 bytes; family 0 = all
 	msgs, err := c.Execute(unix.RTM_GETRULE, mdnl.Dump, hdr)
 	if err != nil {
@@ -157,7 +157,12 @@ func listRouting(c *nlraw.Conn) ([]ruleInfo, []routeInfo, error) {
 		})
 		rules = append(rules, ri)
 	}
-	msgs, err = c.Execute(unix.RTM_GETROUTE, mdnl.Dump, hdr)
+	// Only table r.Table: with strict checking on the socket (see sockets) the kernel
+	// filters the dump itself instead of sending every local and main route.
+	rq := append(make([]byte, 0, 20), hdr...)
+	rq[4] = tableByte(r.Table)
+	rq = rtattrU32(rq, unix.RTA_TABLE, uint32(r.Table))
+	msgs, err = c.Execute(unix.RTM_GETROUTE, mdnl.Dump, rq)
 	if err != nil {
 		return nil, nil, fmt.Errorf("list routes: %w", err)
 	}
@@ -204,7 +209,7 @@ func walkAttrs(b []byte, fn func(typ uint16, value []byte)) {
 // returns an undo that removes what it added, for when the rest of the apply fails.
 func ensureRouting(c *nlraw.Conn, r compiler.Routing) (changed bool, undo func(), err error) {
 	undo = func() {}
-	rules, routes, err := listRouting(c)
+	rules, routes, err := listRouting(c, r)
 	if err != nil {
 		return false, undo, err
 	}
@@ -244,7 +249,7 @@ func ensureRouting(c *nlraw.Conn, r compiler.Routing) (changed bool, undo func()
 
 // removeRouting deletes the rule and route of every family; absent ones are fine.
 func removeRouting(c *nlraw.Conn, r compiler.Routing) (bool, error) {
-	rules, routes, err := listRouting(c)
+	rules, routes, err := listRouting(c, r)
 	if err != nil {
 		return false, err
 	}

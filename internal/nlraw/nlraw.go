@@ -39,6 +39,12 @@ func Open(protocol int) (*Conn, error) {
 		unix.Close(fd)
 		return nil, fmt.Errorf("netlink bind: %w", err)
 	}
+	// Strict checking lets the kernel filter dumps by the request's header and attributes
+	// (routes of one table), and rejects malformed requests instead of guessing.
+	if err := unix.SetsockoptInt(fd, unix.SOL_NETLINK, unix.NETLINK_GET_STRICT_CHK, 1); err != nil && protocol == unix.NETLINK_ROUTE {
+		unix.Close(fd)
+		return nil, fmt.Errorf("NETLINK_GET_STRICT_CHK: %w", err)
+	}
 	// A kernel that never answers must not hang an apply forever.
 	tv := unix.Timeval{Sec: 10}
 	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {

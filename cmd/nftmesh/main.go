@@ -39,6 +39,7 @@ func commands() []command {
 		{"delete", "remove nftmesh's table and routing from a network namespace", runDelete},
 		{"policy", "explain and lint L4 authorization policies", runPolicy},
 		{"ca", "make a mesh root CA for demos and tests", runCA},
+		{"proxy", "run the node proxy (HBONE, L4 authorization, metrics)", runProxy},
 		{"version", "print the version", runVersion},
 	}
 }

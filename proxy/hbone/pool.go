@@ -1,0 +1,508 @@
+package hbone
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"sync"
+	"time"
+
+	"golang.org/x/net/http2"
+)
+
+// PoolKey says which HBONE connections may carry a tunnel (reference §5): same source
+// identity, same expected destination identity, same destination ip:15008, same source ip.
+type PoolKey struct {
+	SrcID, DstID string
+	Dst          netip.AddrPort // the destination's HBONE address, ip:15008
+	SrcIP        netip.Addr
+}
+
+// ErrPoolClosed is returned by Connect after Close.
+var ErrPoolClosed = errors.New("hbone: pool closed")
+
+// Pool opens HBONE tunnels over pooled HTTP/2 connections.
+type Pool struct {
+	// DialTLS opens one connection for key and completes (or at least starts) its TLS handshake:
+	// TLS 1.3, ALPN h2, the client certificate of key.SrcID, the server checked against key.DstID.
+	DialTLS     func(ctx context.Context, key PoolKey) (*tls.Conn, error)
+	MaxStreams  int           // tunnels in flight per connection before another is opened; 0: 100
+	IdleTimeout time.Duration // a connection without tunnels is closed after this; 0: 5 min
+	Log         *slog.Logger  // nil: slog.Default()
+
+	// ReadIdleTimeout and PingTimeout tune the PING health check; 0: 10 s and 20 s.
+	ReadIdleTimeout, PingTimeout time.Duration
+
+	initOnce sync.Once
+	t2       *http2.Transport
+	mu       sync.Mutex
+	conns    map[PoolKey][]*poolConn
+	limits   map[PoolKey]int // the server's MAX_CONCURRENT_STREAMS, once seen, if below MaxStreams
+	closed   bool
+	dials    sync.WaitGroup
+}
+
+// poolConn is one HTTP/2 connection, or a dial in progress. Fields after ready are guarded
+// by Pool.mu, except cc, tc and err, which are written once before ready is closed.
+type poolConn struct {
+	key   PoolKey
+	ready chan struct{}
+	cc    *http2.ClientConn
+	tc    *tls.Conn
+	err   error
+
+	streams    int // tunnels reserved or in flight, counted here (x/net counts differently)
+	waiters    int // Connect calls waiting for the dial
+	cancelDial context.CancelFunc
+	idle       *time.Timer
+	removed    bool
+}
+
+func (p *Pool) logger() *slog.Logger {
+	if p.Log != nil {
+		return p.Log
+	}
+	return slog.Default()
+}
+
+func (p *Pool) maxStreams() int {
+	if p.MaxStreams > 0 {
+		return p.MaxStreams
+	}
+	return defaultMaxStreams
+}
+
+func (p *Pool) init() {
+	p.initOnce.Do(func() {
+		// http2.Transport has no fields for the receive windows; they come from the
+		// net/http Transport it is configured on (http.HTTP2Config).
+		t1 := &http.Transport{
+			HTTP2: &http.HTTP2Config{
+				MaxReceiveBufferPerStream: streamWindow,
+				// x/net adds this to the initial 65535: the total is §5's 16 MiB.
+				MaxReceiveBufferPerConnection: connWindow - initialWindow,
+				MaxReadFrameSize:              maxFrameSize,
+				SendPingTimeout:               orDefault(p.ReadIdleTimeout, defaultReadIdle),
+				PingTimeout:                   orDefault(p.PingTimeout, defaultPingTimeout),
+			},
+		}
+		t2, err := http2.ConfigureTransports(t1)
+		if err != nil {
+			// Only fails when t1 already speaks h2, and t1 is ours.
+			panic(fmt.Sprintf("hbone: configuring the HTTP/2 transport: %v", err))
+		}
+		t2.ReadIdleTimeout = orDefault(p.ReadIdleTimeout, defaultReadIdle)
+		t2.PingTimeout = orDefault(p.PingTimeout, defaultPingTimeout)
+		t2.MaxReadFrameSize = maxFrameSize
+		t2.MaxHeaderListSize = maxHeaderListSize
+		t2.DisableCompression = true
+		p.t2 = t2
+		p.conns = make(map[PoolKey][]*poolConn)
+		p.limits = make(map[PoolKey]int)
+	})
+}
+
+// Connect opens one tunnel to authority (pod ip:port) through the destination of key. It
+// returns once the server answered 200, which it sends only after its upstream connect
+// succeeded; any other status is a *StatusError. hdr carries forwarded, baggage and
+// traceparent. ctx bounds the dial and the CONNECT, not the tunnel.
+func (p *Pool) Connect(ctx context.Context, key PoolKey, authority netip.AddrPort, hdr http.Header) (net.Conn, error) {
+	if !authority.IsValid() || authority.Port() == 0 {
+		return nil, fmt.Errorf("hbone: bad authority %v", authority)
+	}
+	p.init()
+	h := hdr.Clone()
+	if h == nil {
+		h = make(http.Header)
+	}
+	if _, ok := h["User-Agent"]; !ok {
+		h["User-Agent"] = nil // x/net would add Go-http-client/2.0
+	}
+	var lastErr error
+	for attempt := 0; attempt < 4; attempt++ {
+		pc, fresh, err := p.acquire(ctx, key)
+		if err != nil {
+			return nil, err
+		}
+		c, err := p.roundTrip(ctx, pc, authority, h)
+		if err == nil {
+			return c, nil
+		}
+		lastErr = err
+		var se *StatusError
+		code, isStreamErr := streamErrCode(err)
+		refused := isStreamErr && code == http2.ErrCodeRefusedStream
+		if refused {
+			// Beyond the server's stream limit: remember it for this key.
+			p.learnLimit(pc)
+		}
+		p.release(pc)
+		// REFUSED_STREAM was not processed (RFC 9113 §8.7): retry. A pooled connection may
+		// have died or gone away since it was last used: one retry. Any other error of a
+		// fresh connection is the answer.
+		if errors.As(err, &se) || ctx.Err() != nil || !refused && (fresh || attempt > 0) {
+			break
+		}
+		p.logger().Debug("hbone: retrying CONNECT", "dst", key.Dst.String(), "err", err)
+	}
+	return nil, lastErr
+}
+
+// errConnFull: the connection a caller waited for turned out full once its SETTINGS came
+// (the server allows fewer streams than MaxStreams); look again.
+var errConnFull = errors.New("hbone: connection full")
+
+// acquire reserves a stream slot on a usable connection for key, dialing one if needed.
+// fresh reports whether this call started the dial.
+func (p *Pool) acquire(ctx context.Context, key PoolKey) (pc *poolConn, fresh bool, err error) {
+	for range 8 {
+		pc, fresh, err = p.acquireOnce(ctx, key)
+		if !errors.Is(err, errConnFull) {
+			return pc, fresh, err
+		}
+	}
+	return nil, false, fmt.Errorf("hbone: no connection to %v with a free stream: %w", key.Dst, err)
+}
+
+// learnLimit records the server's stream limit for c's key when it is below MaxStreams, so
+// that no more callers wait for a new connection than it will take.
+func (p *Pool) learnLimit(c *poolConn) {
+	m := int(c.cc.State().MaxConcurrentStreams)
+	if m == 0 || m >= p.maxStreams() {
+		return
+	}
+	p.mu.Lock()
+	if !c.removed {
+		p.limits[c.key] = m
+	}
+	p.mu.Unlock()
+}
+
+func (p *Pool) acquireOnce(ctx context.Context, key PoolKey) (pc *poolConn, fresh bool, err error) {
+	p.mu.Lock()
+	limit := p.maxStreams()
+	if l := p.limits[key]; l > 0 {
+		limit = l
+	}
+	if p.closed {
+		p.mu.Unlock()
+		return nil, false, ErrPoolClosed
+	}
+	list := p.conns[key]
+	for i := 0; i < len(list); i++ {
+		c := list[i]
+		select {
+		case <-c.ready:
+		default:
+			// Dialing: join it while it has room.
+			if c.streams < limit {
+				c.streams++
+				c.waiters++
+				p.mu.Unlock()
+				return p.awaitDial(ctx, c, false)
+			}
+			continue
+		}
+		if c.err != nil {
+			continue // failed dial; its dialer removes it
+		}
+		if c.streams >= limit {
+			continue
+		}
+		// ReserveNewRequest: x/net refuses (rather than queues) a request beyond its own
+		// count, which includes resets not yet acknowledged; reserving makes the check and
+		// the claim one step.
+		if !c.cc.ReserveNewRequest() {
+			if st := c.cc.State(); st.Closed || st.Closing {
+				if c.streams == 0 {
+					p.removeLocked(c)
+					i--
+					list = p.conns[key]
+					go c.cc.Close()
+				}
+			}
+			continue
+		}
+		c.streams++
+		if c.idle != nil {
+			c.idle.Stop()
+			c.idle = nil
+		}
+		p.mu.Unlock()
+		return c, false, nil
+	}
+	// Nothing usable: dial another.
+	dctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	c := &poolConn{key: key, ready: make(chan struct{}), streams: 1, waiters: 1, cancelDial: cancel}
+	p.conns[key] = append(p.conns[key], c)
+	p.dials.Add(1)
+	p.mu.Unlock()
+	go p.dial(dctx, c)
+	return p.awaitDial(ctx, c, true)
+}
+
+// awaitDial waits for c's dial; a caller that gives up frees its slot, and the dial is
+// cancelled when nobody waits for it any more.
+func (p *Pool) awaitDial(ctx context.Context, c *poolConn, fresh bool) (*poolConn, bool, error) {
+	select {
+	case <-c.ready:
+	case <-ctx.Done():
+		p.mu.Lock()
+		c.waiters--
+		select {
+		case <-c.ready:
+			// Finished meanwhile: the slot goes back like any other.
+			p.releaseLocked(c)
+		default:
+			c.streams--
+			if c.waiters == 0 {
+				c.cancelDial()
+			}
+		}
+		p.mu.Unlock()
+		return nil, fresh, fmt.Errorf("hbone: waiting for connection to %v: %w", c.key.Dst, ctx.Err())
+	}
+	p.mu.Lock()
+	c.waiters--
+	if c.err != nil {
+		c.streams--
+		p.mu.Unlock()
+		return nil, fresh, c.err
+	}
+	ok := c.cc.ReserveNewRequest()
+	if !ok {
+		p.releaseLocked(c)
+		st := c.cc.State()
+		if m := int(st.MaxConcurrentStreams); m > 0 && m < p.maxStreams() && !c.removed {
+			p.limits[c.key] = m
+		}
+		p.mu.Unlock()
+		if st.Closed || st.Closing {
+			return nil, fresh, fmt.Errorf("hbone: new connection to %v unusable", c.key.Dst)
+		}
+		return nil, fresh, errConnFull
+	}
+	p.mu.Unlock()
+	return c, fresh, nil
+}
+
+func (p *Pool) dial(ctx context.Context, c *poolConn) {
+	defer p.dials.Done()
+	defer c.cancelDial()
+	tc, err := p.DialTLS(ctx, c.key)
+	if err == nil && tc == nil {
+		err = errors.New("DialTLS returned no connection")
+	}
+	if err == nil {
+		err = tc.HandshakeContext(ctx)
+		if err == nil {
+			if proto := tc.ConnectionState().NegotiatedProtocol; proto != "h2" {
+				err = fmt.Errorf("ALPN %q, want h2", proto)
+			}
+		}
+		if err != nil {
+			tc.Close()
+		}
+	}
+	var cc *http2.ClientConn
+	if err == nil {
+		cc, err = p.t2.NewClientConn(tc)
+		if err != nil {
+			tc.Close()
+		}
+	}
+	if err == nil {
+		// Wait for the server's SETTINGS (they precede the PING ACK): until then x/net
+		// assumes 1000 streams, and reservations made on that guess are refused later. This
+		// also turns a rejected client certificate into a dial error.
+		if perr := cc.Ping(ctx); perr != nil {
+			cc.Close()
+			cc, err = nil, fmt.Errorf("waiting for the server's SETTINGS: %w", perr)
+		}
+	}
+	if err != nil {
+		err = fmt.Errorf("hbone: connecting to %v: %w", c.key.Dst, err)
+		p.logger().Debug("hbone: dial failed", "dst", c.key.Dst.String(), "err", err)
+	}
+	p.mu.Lock()
+	closed := p.closed
+	if err == nil && closed {
+		err = ErrPoolClosed
+	}
+	c.cc, c.tc, c.err = cc, tc, err
+	if err != nil {
+		p.removeLocked(c)
+	} else if c.streams == 0 {
+		p.idleLocked(c) // every waiter gave up, yet the dial made it
+	}
+	close(c.ready)
+	p.mu.Unlock()
+	if closed && cc != nil {
+		cc.Close()
+	}
+}
+
+// roundTrip sends the CONNECT on pc and waits for the response headers.
+func (p *Pool) roundTrip(ctx context.Context, pc *poolConn, authority netip.AddrPort, h http.Header) (net.Conn, error) {
+	a := authority.String()
+	pr, pw := io.Pipe()
+	body := &reqBody{pr: pr, closed: make(chan struct{})}
+	// x/net ties the whole stream to the request's context; the tunnel outlives ctx, so the
+	// stream gets its own, cancelled through ctx only until the response arrives.
+	sctx, cancel := context.WithCancel(context.Background())
+	req := (&http.Request{
+		Method:        http.MethodConnect,
+		URL:           &url.URL{Host: a},
+		Host:          a,
+		Header:        h,
+		Body:          body,
+		ContentLength: -1, // streamed: no content-length, END_STREAM at CloseWrite
+		Proto:         "HTTP/2.0",
+		ProtoMajor:    2,
+	}).WithContext(sctx)
+	stop := context.AfterFunc(ctx, cancel)
+	resp, err := pc.cc.RoundTrip(req)
+	if !stop() {
+		// ctx ended first.
+		if err == nil {
+			resp.Body.Close()
+		}
+		err = ctx.Err()
+	}
+	if err != nil {
+		cancel()
+		pw.Close()
+		return nil, fmt.Errorf("hbone: CONNECT %s via %v: %w", a, pc.key.Dst, err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		resp.Body.Close()
+		cancel()
+		pw.Close()
+		return nil, &StatusError{Code: resp.StatusCode}
+	}
+	return &clientConn{
+		pool:   p,
+		pc:     pc,
+		resp:   resp,
+		pw:     pw,
+		body:   body,
+		cancel: cancel,
+		local:  pc.tc.LocalAddr(),
+		remote: net.TCPAddrFromAddrPort(authority),
+	}, nil
+}
+
+// release frees a stream slot.
+func (p *Pool) release(c *poolConn) {
+	p.mu.Lock()
+	p.releaseLocked(c)
+	p.mu.Unlock()
+}
+
+// releaseLocked frees a stream slot; a connection left without tunnels starts its idle
+// timer, or is closed at once when it cannot take more.
+func (p *Pool) releaseLocked(c *poolConn) {
+	c.streams--
+	if c.streams == 0 && c.cc != nil {
+		p.idleLocked(c)
+	}
+}
+
+func (p *Pool) idleLocked(c *poolConn) {
+	// Closing covers GOAWAY received; a connection merely full (resets awaiting their PING
+	// acknowledgement) is kept.
+	if st := c.cc.State(); p.closed || c.removed || st.Closed || st.Closing {
+		p.removeLocked(c)
+		go c.cc.Close()
+		return
+	}
+	idle := p.IdleTimeout
+	if idle <= 0 {
+		idle = defaultIdleTimeout
+	}
+	if c.idle != nil {
+		c.idle.Stop()
+	}
+	c.idle = time.AfterFunc(idle, func() {
+		p.mu.Lock()
+		if c.streams > 0 || c.removed {
+			p.mu.Unlock()
+			return
+		}
+		p.removeLocked(c)
+		p.mu.Unlock()
+		p.logger().Debug("hbone: closing idle connection", "dst", c.key.Dst.String())
+		c.cc.Close()
+	})
+}
+
+func (p *Pool) removeLocked(c *poolConn) {
+	if c.removed {
+		return
+	}
+	c.removed = true
+	if c.idle != nil {
+		c.idle.Stop()
+		c.idle = nil
+	}
+	list := p.conns[c.key]
+	for i, x := range list {
+		if x == c {
+			list = append(list[:i], list[i+1:]...)
+			break
+		}
+	}
+	if len(list) == 0 {
+		delete(p.conns, c.key)
+		delete(p.limits, c.key) // learnt again if it still applies
+	} else {
+		p.conns[c.key] = list
+	}
+}
+
+// Close closes every pooled connection; tunnels on them are reset. Connect fails afterwards.
+func (p *Pool) Close() error {
+	p.init()
+	p.mu.Lock()
+	p.closed = true
+	var ccs []*http2.ClientConn
+	for _, list := range p.conns {
+		for _, c := range list {
+			select {
+			case <-c.ready:
+				if c.cc != nil {
+					ccs = append(ccs, c.cc)
+				}
+			default:
+				c.cancelDial()
+			}
+			if c.idle != nil {
+				c.idle.Stop()
+				c.idle = nil
+			}
+			c.removed = true
+		}
+	}
+	clear(p.conns)
+	clear(p.limits)
+	p.mu.Unlock()
+	for _, cc := range ccs {
+		cc.Close()
+	}
+	p.dials.Wait()
+	return nil
+}
+
+// numConns is the number of pooled connections (dialing included), for tests.
+func (p *Pool) numConns(key PoolKey) int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.conns[key])
+}

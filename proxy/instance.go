@@ -1,0 +1,397 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/nftmesh/nftmesh/policy"
+	"github.com/nftmesh/nftmesh/proxy/hbone"
+	"github.com/nftmesh/nftmesh/proxy/identity"
+	"github.com/nftmesh/nftmesh/proxy/workload"
+	"github.com/nftmesh/nftmesh/proxy/zds"
+)
+
+// instance serves one pod: its listeners, its live connections.
+type instance struct {
+	p     *Proxy
+	uid   string
+	info  zds.WorkloadInfo
+	netns *os.File
+	id    identity.ID
+	ips   []netip.Addr
+	wl    *workload.Workload // nil when the store does not know the pod
+
+	listeners []net.Listener
+	hbone     *hbone.Server
+	wg        sync.WaitGroup
+
+	mu      sync.Mutex
+	live    map[*liveConn]struct{} // inbound connections, for policy re-checks
+	ctx     context.Context
+	stopCtx context.CancelFunc
+}
+
+// liveConn is an inbound connection that policy re-checks may close.
+type liveConn struct {
+	conn     policy.Connection
+	upstream net.Conn
+	peer     net.Conn // nil for HBONE: the tunnel ends when the upstream closes
+}
+
+func (i *instance) fd() int { return int(i.netns.Fd()) }
+
+func (p *Proxy) startInstance(uid string, info zds.WorkloadInfo, netns *os.File) (*instance, error) {
+	sa := info.ServiceAccount
+	if sa == "" {
+		sa = "default"
+	}
+	inst := &instance{
+		p: p, uid: uid, info: info, netns: netns,
+		id:   identity.ForServiceAccount(p.issuer.TrustDomain(), info.Namespace, sa),
+		live: map[*liveConn]struct{}{},
+	}
+	inst.ctx, inst.stopCtx = context.WithCancel(context.Background())
+	if w, ok := p.workloads.WorkloadByUID(uid); ok {
+		inst.wl = w
+		inst.ips = slices.Clone(w.IPs)
+	}
+	families := []netip.Addr{netip.IPv4Unspecified()}
+	if slices.ContainsFunc(inst.ips, func(a netip.Addr) bool { return a.Is6() && !a.Is4In6() }) {
+		families = append(families, netip.IPv6Unspecified())
+	}
+	opts := SockOpts{Mark: p.cfg.Mark, Transparent: true, ReusePort: true}
+	inst.hbone = &hbone.Server{TLS: identity.ServerTLSConfig(p.issuer, inst.id), Dial: inst.dialInbound, Log: p.log}
+	for _, any := range families {
+		for _, port := range []uint16{p.cfg.OutboundPort, p.cfg.InboundPort, p.cfg.HBONEPort} {
+			l, err := ListenIn(inst.fd(), netip.AddrPortFrom(any, port), opts)
+			if err != nil {
+				inst.closeListeners()
+				return nil, err
+			}
+			inst.listeners = append(inst.listeners, l)
+			inst.wg.Add(1)
+			go func() {
+				defer inst.wg.Done()
+				switch port {
+				case p.cfg.OutboundPort:
+					inst.acceptLoop(l, inst.serveOutbound)
+				case p.cfg.InboundPort:
+					inst.acceptLoop(l, inst.serveInbound)
+				default:
+					if err := inst.hbone.Serve(l); err != nil && !errors.Is(err, hbone.ErrServerClosed) && !isClosed(err) {
+						p.log.Warn("HBONE listener stopped", "uid", uid, "error", err)
+					}
+				}
+			}()
+		}
+	}
+	return inst, nil
+}
+
+func (i *instance) closeListeners() {
+	for _, l := range i.listeners {
+		l.Close()
+	}
+}
+
+// stop stops accepting, lets live connections drain until the deadline, then closes them.
+func (i *instance) stop(ctx context.Context, deadline time.Duration) {
+	i.closeListeners()
+	dctx, cancel := context.WithTimeout(ctx, deadline)
+	defer cancel()
+	i.hbone.Shutdown(dctx)
+	done := make(chan struct{})
+	go func() { i.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-dctx.Done():
+		i.stopCtx() // ends the plaintext connections still open
+		<-done
+	}
+	i.stopCtx()
+	i.netns.Close()
+}
+
+func (i *instance) acceptLoop(l net.Listener, serve func(*net.TCPConn)) {
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			if !isClosed(err) {
+				i.p.log.Warn("accept failed", "uid", i.uid, "listener", l.Addr().String(), "error", err)
+			}
+			return
+		}
+		i.wg.Add(1)
+		go func() {
+			defer i.wg.Done()
+			serve(c.(*net.TCPConn))
+		}()
+	}
+}
+
+// pipeUntilStopped pipes a and b, closing both if the instance stops first.
+func (i *instance) pipeUntilStopped(a, b net.Conn) (int64, int64, error) {
+	stop := context.AfterFunc(i.ctx, func() { a.Close(); b.Close() })
+	defer stop()
+	return pipe(a, b)
+}
+
+// serveOutbound handles a connection the pod's rules redirected to 15001: to a mesh
+// workload over HBONE, to anything else directly, from the pod's namespace.
+func (i *instance) serveOutbound(c *net.TCPConn) {
+	p := i.p
+	dst, err := OriginalDst(c)
+	if err != nil {
+		p.log.Warn("outbound: no original destination", "uid", i.uid, "error", err)
+		c.SetLinger(0)
+		c.Close()
+		return
+	}
+	src := AddrPortOf(c.RemoteAddr())
+	info := &connInfo{direction: "outbound", src: src, dst: dst, start: time.Now(),
+		srcWorkload: i.info.Name, srcNamespace: i.info.Namespace, srcIdentity: i.id.String()}
+	ctx, cancel := context.WithTimeout(i.ctx, p.cfg.DialTimeout)
+	defer cancel()
+
+	var up net.Conn
+	target, ok := p.workloads.Resolve(dst)
+	if ok && target.Workload.InMesh && len(target.Workload.IPs) > 0 {
+		dstID := identity.ForServiceAccount(p.issuer.TrustDomain(), target.Workload.Namespace, orDefault(target.Workload.ServiceAccount))
+		hboneAddr := netip.AddrPortFrom(target.Addr.Addr(), p.cfg.HBONEPort)
+		// As ztunnel logs a tunnel: dst.addr is where the proxy connects (the peer's HBONE
+		// port), dst.hbone_addr the CONNECT authority (the app's ip:port). They were the
+		// other way round, which broke log queries written for ztunnel.
+		info.dst, info.hboneAddr, info.mtls = hboneAddr, target.Addr, true
+		info.dstWorkload, info.dstNamespace, info.dstIdentity = target.Workload.Name, target.Workload.Namespace, dstID.String()
+		if target.Service != nil {
+			info.dstService = target.Service.Name + "." + target.Service.Namespace
+		}
+		hdr := http.Header{}
+		hdr.Set("Forwarded", fmt.Sprintf("for=%q", src.String()))
+		key := hbone.PoolKey{SrcID: i.id.String(), DstID: dstID.String(), Dst: hboneAddr, SrcIP: src.Addr()}
+		up, err = p.pool.Connect(ctx, key, target.Addr, hdr)
+	} else {
+		if ok {
+			info.dstWorkload, info.dstNamespace = target.Workload.Name, target.Workload.Namespace
+		}
+		up, err = DialIn(ctx, i.fd(), netip.AddrPort{}, dst, SockOpts{Mark: p.cfg.Mark})
+	}
+	p.metrics.open(info)
+	if err != nil {
+		info.responseFlags = "UF"
+		var se *hbone.StatusError
+		if errors.As(err, &se) && se.Code == http.StatusUnauthorized {
+			info.responseFlags = "DENY"
+		}
+		c.SetLinger(0)
+		c.Close()
+		p.metrics.done(p.log, info, 0, 0, err)
+		return
+	}
+	sent, recv, err := i.pipeUntilStopped(c, up)
+	p.metrics.done(p.log, info, sent, recv, err)
+}
+
+// serveInbound handles plain TCP the pod's rules captured to 15006: authorize without a
+// principal, then deliver to the app with the client's source address.
+func (i *instance) serveInbound(c *net.TCPConn) {
+	p := i.p
+	local := AddrPortOf(c.LocalAddr())
+	dst := local // TPROXY: the accepted socket's local address is the original destination
+	if local.Port() == p.cfg.InboundPort {
+		var err error
+		if dst, err = OriginalDst(c); err != nil { // REDIRECT
+			p.log.Warn("inbound: no original destination", "uid", i.uid, "error", err)
+			c.SetLinger(0)
+			c.Close()
+			return
+		}
+	}
+	src := AddrPortOf(c.RemoteAddr())
+	info := &connInfo{direction: "inbound", src: src, dst: dst, start: time.Now(),
+		dstWorkload: i.info.Name, dstNamespace: i.info.Namespace, dstIdentity: i.id.String()}
+	if w, ok := p.workloads.WorkloadByIP(src.Addr()); ok {
+		info.srcWorkload, info.srcNamespace = w.Name, w.Namespace
+	}
+	p.metrics.open(info)
+	pc := policy.Connection{SrcIP: src.Addr(), DstIP: dst.Addr(), DstPort: dst.Port()}
+	if d := p.policies.Decide(pc, i.policyWorkload()); !d.Allow {
+		info.responseFlags = "DENY"
+		c.Close()
+		p.metrics.done(p.log, info, 0, 0, fmt.Errorf("denied by policy: %s", d))
+		return
+	}
+	ctx, cancel := context.WithTimeout(i.ctx, p.cfg.DialTimeout)
+	up, err := i.deliver(ctx, src.Addr(), dst)
+	cancel()
+	if err != nil {
+		info.responseFlags = "UF"
+		c.SetLinger(0)
+		c.Close()
+		p.metrics.done(p.log, info, 0, 0, err)
+		return
+	}
+	lc := i.track(pc, up, c)
+	sent, recv, err := i.pipeUntilStopped(c, up)
+	i.untrack(lc)
+	p.metrics.done(p.log, info, sent, recv, err)
+}
+
+// deliver connects to the app in the pod with the client's IP as source: IP_TRANSPARENT
+// and IP_FREEBIND to bind it, the proxy mark so the rules let it through and mark the
+// connection, whose replies then come back to this socket through table 100.
+func (i *instance) deliver(ctx context.Context, srcIP netip.Addr, dst netip.AddrPort) (*net.TCPConn, error) {
+	return DialIn(ctx, i.fd(), netip.AddrPortFrom(srcIP, 0), dst,
+		SockOpts{Mark: i.p.cfg.Mark, Transparent: true, FreeBind: true})
+}
+
+func (i *instance) policyWorkload() policy.Workload {
+	w := policy.Workload{Namespace: i.info.Namespace}
+	if i.wl != nil {
+		w.Labels = i.wl.Labels
+	}
+	return w
+}
+
+// dialInbound is the HBONE server's Dialer: check the target, authorize the peer's
+// identity, connect to the app.
+func (i *instance) dialInbound(ctx context.Context, req hbone.Request) (net.Conn, int, error) {
+	p := i.p
+	if !slices.Contains(i.ips, req.Authority.Addr().Unmap()) {
+		return nil, http.StatusBadRequest, fmt.Errorf("authority %s is not this pod (%v)", req.Authority, i.ips)
+	}
+	if slices.Contains(p.cfg.internalPorts(), req.Authority.Port()) {
+		return nil, http.StatusServiceUnavailable, fmt.Errorf("port %d is the proxy's own", req.Authority.Port())
+	}
+	peer, err := identity.PeerID(req.PeerTLS)
+	if err != nil {
+		return nil, http.StatusUnauthorized, err
+	}
+	src := AddrPortOf(req.RemoteAddr)
+	// As ztunnel logs an inbound tunnel: dst.addr is the pod's HBONE address the peer
+	// connected to, dst.hbone_addr the CONNECT authority. Without it the destination's
+	// log could not tell a tunnel from plaintext to the same port.
+	info := &connInfo{direction: "inbound", src: src, start: time.Now(), mtls: true,
+		dst: netip.AddrPortFrom(req.Authority.Addr(), p.cfg.HBONEPort), hboneAddr: req.Authority,
+		srcIdentity: peer.String(), srcNamespace: peer.Namespace,
+		dstWorkload: i.info.Name, dstNamespace: i.info.Namespace, dstIdentity: i.id.String()}
+	if w, ok := p.workloads.WorkloadByIP(src.Addr()); ok {
+		info.srcWorkload = w.Name
+	}
+	p.metrics.open(info)
+	pc := policy.Connection{SrcPrincipal: peer.String(), SrcIP: src.Addr(), DstIP: req.Authority.Addr(), DstPort: req.Authority.Port()}
+	if d := p.policies.Decide(pc, i.policyWorkload()); !d.Allow {
+		info.responseFlags = "DENY"
+		p.metrics.done(p.log, info, 0, 0, fmt.Errorf("denied by policy: %s", d))
+		return nil, http.StatusUnauthorized, fmt.Errorf("denied by policy: %s", d)
+	}
+	up, err := i.deliver(ctx, src.Addr(), req.Authority)
+	if err != nil {
+		info.responseFlags = "UF"
+		p.metrics.done(p.log, info, 0, 0, err)
+		return nil, http.StatusServiceUnavailable, err
+	}
+	return &trackedConn{TCPConn: up, i: i, lc: i.track(pc, up, nil), info: info}, http.StatusOK, nil
+}
+
+// trackedConn is an HBONE tunnel's upstream: closing it ends the tunnel's bookkeeping.
+type trackedConn struct {
+	*net.TCPConn
+	i         *instance
+	lc        *liveConn
+	info      *connInfo
+	once      sync.Once
+	sent, rcv countingBytes
+}
+
+type countingBytes struct {
+	mu sync.Mutex
+	n  int64
+}
+
+func (c *countingBytes) add(n int) {
+	c.mu.Lock()
+	c.n += int64(n)
+	c.mu.Unlock()
+}
+
+func (c *countingBytes) get() int64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.n
+}
+
+func (t *trackedConn) Read(b []byte) (int, error) {
+	n, err := t.TCPConn.Read(b)
+	t.rcv.add(n)
+	return n, err
+}
+
+func (t *trackedConn) Write(b []byte) (int, error) {
+	n, err := t.TCPConn.Write(b)
+	t.sent.add(n)
+	return n, err
+}
+
+func (t *trackedConn) Close() error {
+	err := t.TCPConn.Close()
+	t.once.Do(func() {
+		t.i.untrack(t.lc)
+		t.i.p.metrics.done(t.i.p.log, t.info, t.sent.get(), t.rcv.get(), nil)
+	})
+	return err
+}
+
+func (i *instance) track(pc policy.Connection, up, peer net.Conn) *liveConn {
+	lc := &liveConn{conn: pc, upstream: up, peer: peer}
+	i.mu.Lock()
+	i.live[lc] = struct{}{}
+	i.mu.Unlock()
+	return lc
+}
+
+func (i *instance) untrack(lc *liveConn) {
+	i.mu.Lock()
+	delete(i.live, lc)
+	i.mu.Unlock()
+}
+
+// recheck closes (with a reset) the live connections the current policies deny.
+func (i *instance) recheck() {
+	w := i.policyWorkload()
+	i.mu.Lock()
+	var denied []*liveConn
+	for lc := range i.live {
+		if d := i.p.policies.Decide(lc.conn, w); !d.Allow {
+			denied = append(denied, lc)
+		}
+	}
+	i.mu.Unlock()
+	for _, lc := range denied {
+		i.p.log.Info("closing connection denied by changed policy", "uid", i.uid, "connection", lc.conn.String())
+		for _, c := range []net.Conn{lc.upstream, lc.peer} {
+			if c == nil {
+				continue
+			}
+			if r, ok := c.(resetter); ok {
+				r.SetLinger(0)
+			}
+			c.Close()
+		}
+	}
+}
+
+func orDefault(sa string) string {
+	if sa == "" {
+		return "default"
+	}
+	return sa
+}

@@ -1,0 +1,281 @@
+// Package proxy is nftmesh's node proxy: for every pod the agent hands over (ZDS), it
+// listens inside the pod's network namespace on the outbound (15001), inbound plaintext
+// (15006) and HBONE (15008) ports that the pod's rules capture to; tunnels mesh traffic
+// over HBONE between pods; authorizes every inbound connection; and reports Istio's
+// metrics and an access log line per connection.
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/nftmesh/nftmesh/policy"
+	"github.com/nftmesh/nftmesh/proxy/hbone"
+	"github.com/nftmesh/nftmesh/proxy/identity"
+	"github.com/nftmesh/nftmesh/proxy/workload"
+	"github.com/nftmesh/nftmesh/proxy/zds"
+)
+
+// Config holds the proxy's numbers; zero values take Istio's.
+type Config struct {
+	Mark             uint32 // SO_MARK on every pod socket: 0x539
+	OutboundPort     uint16 // 15001
+	InboundPort      uint16 // 15006
+	HBONEPort        uint16 // 15008
+	DialTimeout      time.Duration
+	ShutdownDeadline time.Duration
+}
+
+func (c Config) withDefaults() Config {
+	if c.Mark == 0 {
+		c.Mark = 0x539
+	}
+	if c.OutboundPort == 0 {
+		c.OutboundPort = 15001
+	}
+	if c.InboundPort == 0 {
+		c.InboundPort = 15006
+	}
+	if c.HBONEPort == 0 {
+		c.HBONEPort = 15008
+	}
+	if c.DialTimeout == 0 {
+		c.DialTimeout = 10 * time.Second
+	}
+	if c.ShutdownDeadline == 0 {
+		c.ShutdownDeadline = 10 * time.Second
+	}
+	return c
+}
+
+// internalPorts may never be a tunnel's target: they are the proxy's own.
+func (c Config) internalPorts() []uint16 {
+	return []uint16{c.OutboundPort, c.InboundPort, c.HBONEPort, 15000, 15020, 15021, 15053}
+}
+
+// Proxy is the node proxy. It implements zds.Handler.
+type Proxy struct {
+	cfg       Config
+	log       *slog.Logger
+	issuer    identity.Issuer
+	workloads workload.Store
+	policies  *policy.Store
+	metrics   *Metrics
+	pool      *hbone.Pool
+
+	mu        sync.Mutex
+	instances map[string]*instance     // by pod UID
+	byIP      map[netip.Addr]*instance // pod IP -> instance, for outbound HBONE dials
+	closing   bool
+	ready     bool
+}
+
+var _ zds.Handler = (*Proxy)(nil)
+
+// New returns a proxy. metrics may be nil.
+func New(cfg Config, issuer identity.Issuer, workloads workload.Store, policies *policy.Store, metrics *Metrics, log *slog.Logger) *Proxy {
+	if log == nil {
+		log = slog.Default()
+	}
+	p := &Proxy{
+		cfg: cfg.withDefaults(), log: log, issuer: issuer, workloads: workloads, policies: policies, metrics: metrics,
+		instances: map[string]*instance{}, byIP: map[netip.Addr]*instance{},
+	}
+	p.pool = &hbone.Pool{DialTLS: p.dialHBONE, Log: log}
+	return p
+}
+
+// Run re-checks live inbound connections whenever the policies change, until ctx ends.
+func (p *Proxy) Run(ctx context.Context) {
+	changes, cancel := p.policies.Subscribe()
+	defer cancel()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-changes:
+			p.recheck()
+		}
+	}
+}
+
+// Ready reports whether the proxy serves (it has taken its first snapshot).
+func (p *Proxy) Ready() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.ready && !p.closing
+}
+
+// MarkReady is for proxies that run without an agent (tests, demos).
+func (p *Proxy) MarkReady() {
+	p.mu.Lock()
+	p.ready = true
+	p.mu.Unlock()
+}
+
+// AddWorkload starts the pod's listeners in its namespace and returns once they are up.
+func (p *Proxy) AddWorkload(ctx context.Context, uid string, info zds.WorkloadInfo, netns *os.File) error {
+	p.mu.Lock()
+	if p.closing {
+		p.mu.Unlock()
+		netns.Close()
+		return errors.New("proxy is shutting down")
+	}
+	if old := p.instances[uid]; old != nil {
+		// The agent re-sent a pod we run (after a reconnect): keep the running one.
+		p.mu.Unlock()
+		netns.Close()
+		return nil
+	}
+	p.mu.Unlock()
+
+	inst, err := p.startInstance(uid, info, netns)
+	if err != nil {
+		netns.Close()
+		return fmt.Errorf("pod %s/%s (%s): %w", info.Namespace, info.Name, uid, err)
+	}
+	p.mu.Lock()
+	p.instances[uid] = inst
+	for _, ip := range inst.ips {
+		p.byIP[ip] = inst
+	}
+	p.mu.Unlock()
+	p.log.Info("workload added", "uid", uid, "pod", info.Namespace+"/"+info.Name, "ips", inst.ips, "identity", inst.id.String())
+	return nil
+}
+
+// KeepWorkload keeps a pod the agent could not hand over again.
+func (p *Proxy) KeepWorkload(ctx context.Context, uid string) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.instances[uid] == nil {
+		return fmt.Errorf("keep %s: no such workload", uid)
+	}
+	return nil
+}
+
+// DelWorkload drains and stops the pod's listeners. An unknown pod is not an error: the
+// agent sends deletes to every proxy.
+func (p *Proxy) DelWorkload(ctx context.Context, uid string) error {
+	p.mu.Lock()
+	inst := p.instances[uid]
+	delete(p.instances, uid)
+	if inst != nil {
+		for _, ip := range inst.ips {
+			if p.byIP[ip] == inst {
+				delete(p.byIP, ip)
+			}
+		}
+	}
+	p.mu.Unlock()
+	if inst == nil {
+		return nil
+	}
+	inst.stop(ctx, p.cfg.ShutdownDeadline)
+	p.log.Info("workload removed", "uid", uid, "pod", inst.info.Namespace+"/"+inst.info.Name)
+	return nil
+}
+
+// SnapshotDone drops the workloads the agent's snapshot did not name.
+func (p *Proxy) SnapshotDone(ctx context.Context, named map[string]bool) error {
+	p.mu.Lock()
+	var gone []string
+	for uid := range p.instances {
+		if !named[uid] {
+			gone = append(gone, uid)
+		}
+	}
+	p.ready = true
+	p.mu.Unlock()
+	for _, uid := range gone {
+		p.DelWorkload(ctx, uid)
+	}
+	return nil
+}
+
+// Shutdown stops accepting everywhere and drains live connections until ctx's deadline.
+func (p *Proxy) Shutdown(ctx context.Context) error {
+	p.mu.Lock()
+	p.closing = true
+	insts := make([]*instance, 0, len(p.instances))
+	for _, inst := range p.instances {
+		insts = append(insts, inst)
+	}
+	p.instances, p.byIP = map[string]*instance{}, map[netip.Addr]*instance{}
+	p.mu.Unlock()
+	var wg sync.WaitGroup
+	for _, inst := range insts {
+		wg.Add(1)
+		go func() { defer wg.Done(); inst.stop(ctx, p.cfg.ShutdownDeadline) }()
+	}
+	wg.Wait()
+	return p.pool.Close()
+}
+
+// recheck closes live inbound connections that the current policies deny.
+func (p *Proxy) recheck() {
+	p.mu.Lock()
+	insts := make([]*instance, 0, len(p.instances))
+	for _, inst := range p.instances {
+		insts = append(insts, inst)
+	}
+	p.mu.Unlock()
+	for _, inst := range insts {
+		inst.recheck()
+	}
+}
+
+// dialHBONE opens a pooled HBONE connection from the source pod's namespace: the socket
+// is made there, with the proxy mark, so the source IP is the pod's and no rule captures it.
+func (p *Proxy) dialHBONE(ctx context.Context, key hbone.PoolKey) (*tls.Conn, error) {
+	p.mu.Lock()
+	src := p.byIP[key.SrcIP]
+	p.mu.Unlock()
+	if src == nil {
+		return nil, fmt.Errorf("no workload with IP %s on this node", key.SrcIP)
+	}
+	srcID, err := identity.ParseID(key.SrcID)
+	if err != nil {
+		return nil, err
+	}
+	dstID, err := identity.ParseID(key.DstID)
+	if err != nil {
+		return nil, err
+	}
+	c, err := DialIn(ctx, src.fd(), netip.AddrPort{}, key.Dst, SockOpts{Mark: p.cfg.Mark})
+	if err != nil {
+		return nil, err
+	}
+	tc := tls.Client(c, identity.ClientTLSConfig(p.issuer, srcID, []identity.ID{dstID}))
+	if err := tc.HandshakeContext(ctx); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("HBONE handshake with %s (%s): %w", key.Dst, dstID, err)
+	}
+	return tc, nil
+}
+
+// Handler returns the readiness endpoint (/healthz/ready).
+func (p *Proxy) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/healthz/ready", func(w http.ResponseWriter, r *http.Request) {
+		if !p.Ready() {
+			http.Error(w, "not ready", http.StatusServiceUnavailable)
+			return
+		}
+		w.Write([]byte("ready\n"))
+	})
+	return mux
+}
+
+func isClosed(err error) bool {
+	return errors.Is(err, net.ErrClosed)
+}

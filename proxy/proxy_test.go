@@ -1,0 +1,195 @@
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/nftmesh/nftmesh/compiler"
+	"github.com/nftmesh/nftmesh/dataplane"
+	"github.com/nftmesh/nftmesh/internal/nettest"
+	"github.com/nftmesh/nftmesh/policy"
+	"github.com/nftmesh/nftmesh/proxy/identity"
+	"github.com/nftmesh/nftmesh/proxy/workload"
+	"github.com/nftmesh/nftmesh/proxy/zds"
+)
+
+// meshFixture is two enrolled pods, "sleep" (the topology's pod) and "httpbin" (its
+// remote), with in-pod rules applied and one in-process proxy serving both, and an app
+// on httpbin:8080 that answers each connection with the peer address it sees, then echoes.
+type meshFixture struct {
+	tp       *nettest.Topology
+	proxy    *Proxy
+	policies *policy.Store
+	reg      *prometheus.Registry
+	logs     *strings.Builder
+}
+
+func newMesh(t *testing.T, capture compiler.CaptureMode) *meshFixture {
+	t.Helper()
+	nettest.Require(t, "nft")
+	tp := nettest.NewTopology(t)
+	in := compiler.DefaultIntent()
+	in.Spec.InboundCapture = &capture
+	d, err := dataplane.PodDesired(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := dataplane.NewManager(slog.New(slog.NewTextHandler(io.Discard, nil)), 0)
+	for _, ns := range []*nettest.Netns{tp.Pod, tp.Remote} {
+		if _, err := m.Apply(ns.Path, d); err != nil {
+			t.Fatal(err)
+		}
+	}
+	certPEM, keyPEM, err := identity.GenerateRoot("cluster.local", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	issuer, err := identity.NewCAIssuer(certPEM, keyPEM, identity.CAOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	store, err := workload.NewStatic(&workload.File{Workloads: []workload.Workload{
+		{UID: "u-sleep", Name: "sleep", Namespace: "demo", ServiceAccount: "sleep", InMesh: true,
+			IPs: []netip.Addr{tp.IPv4.Pod, tp.IPv6.Pod}, Labels: map[string]string{"app": "sleep"}},
+		{UID: "u-httpbin", Name: "httpbin", Namespace: "demo", ServiceAccount: "httpbin", InMesh: true,
+			IPs: []netip.Addr{tp.IPv4.Remote, tp.IPv6.Remote}, Labels: map[string]string{"app": "httpbin"}},
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &meshFixture{tp: tp, policies: policy.NewStore(policy.Options{}), reg: prometheus.NewRegistry(), logs: &strings.Builder{}}
+	log := slog.New(slog.NewTextHandler(&lockedWriter{b: f.logs}, nil))
+	f.proxy = New(Config{ShutdownDeadline: time.Second}, issuer, store, f.policies, NewMetrics(f.reg), log)
+	ctx, cancel := context.WithCancel(context.Background())
+	go f.proxy.Run(ctx)
+	t.Cleanup(func() {
+		cancel()
+		sctx, c := context.WithTimeout(context.Background(), 3*time.Second)
+		defer c()
+		f.proxy.Shutdown(sctx)
+	})
+	for _, w := range []struct {
+		uid, name, sa string
+		ns            *nettest.Netns
+	}{{"u-sleep", "sleep", "sleep", tp.Pod}, {"u-httpbin", "httpbin", "httpbin", tp.Remote}} {
+		file, err := os.Open(w.ns.Path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := f.proxy.AddWorkload(ctx, w.uid, zds.WorkloadInfo{Name: w.name, Namespace: "demo", ServiceAccount: w.sa}, file); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The app: one line with the peer address it sees, then echo.
+	for _, fam := range tp.Families() {
+		var l net.Listener
+		if err := tp.Remote.Do(func() (err error) {
+			l, err = net.Listen(fam.TCP, net.JoinHostPort(fam.Remote.String(), "8080"))
+			return
+		}); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { l.Close() })
+		go func() {
+			for {
+				c, err := l.Accept()
+				if err != nil {
+					return
+				}
+				go func() {
+					defer c.Close()
+					fmt.Fprintf(c, "%s\n", c.RemoteAddr())
+					io.Copy(c, c)
+				}()
+			}
+		}()
+	}
+	return f
+}
+
+type lockedWriter struct {
+	mu chan struct{}
+	b  *strings.Builder
+}
+
+func (w *lockedWriter) Write(p []byte) (int, error) {
+	return w.b.Write(p) // slog handlers serialize their writes
+}
+
+// dialFrom connects from inside ns (an app socket: no mark, so the rules capture it).
+func dialFrom(t *testing.T, ns *nettest.Netns, network string, dst netip.AddrPort) (net.Conn, error) {
+	t.Helper()
+	var c net.Conn
+	err := ns.Do(func() (err error) {
+		c, err = net.DialTimeout(network, dst.String(), 3*time.Second)
+		return
+	})
+	return c, err
+}
+
+// roundTrip reads the app's greeting (the source it saw) and checks an echo.
+func roundTrip(c net.Conn) (string, error) {
+	c.SetDeadline(time.Now().Add(3 * time.Second))
+	r := bufio.NewReader(c)
+	seen, err := r.ReadString('\n')
+	if err != nil {
+		return "", fmt.Errorf("greeting: %w", err)
+	}
+	if _, err := c.Write([]byte("ping\n")); err != nil {
+		return "", err
+	}
+	echo, err := r.ReadString('\n')
+	if err != nil || echo != "ping\n" {
+		return "", fmt.Errorf("echo %q: %v", echo, err)
+	}
+	return strings.TrimSpace(seen), nil
+}
+
+func TestMeshHBONE(t *testing.T) {
+	for _, mode := range []compiler.CaptureMode{compiler.CaptureTProxy, compiler.CaptureRedirect} {
+		t.Run(string(mode), func(t *testing.T) {
+			f := newMesh(t, mode)
+			for _, fam := range f.tp.Families() {
+				c, err := dialFrom(t, f.tp.Pod, fam.TCP, netip.AddrPortFrom(fam.Remote, 8080))
+				if err != nil {
+					t.Fatalf("%s: dial: %v", fam.Name, err)
+				}
+				seen, err := roundTrip(c)
+				c.Close()
+				if err != nil {
+					t.Fatalf("%s: %v\nlogs:\n%s", fam.Name, err, f.logs)
+				}
+				if ap, _ := netip.ParseAddrPort(seen); ap.Addr() != fam.Pod {
+					t.Errorf("%s: the app saw %s, want the client pod's IP %s", fam.Name, seen, fam.Pod)
+				}
+			}
+			time.Sleep(100 * time.Millisecond)
+			opened := testutil.ToFloat64(f.proxy.metrics.opened.With(prometheusLabels("destination", true)))
+			if opened < 2 {
+				t.Errorf("inbound mTLS connections opened = %v, want 2\n%s", opened, f.logs)
+			}
+			if !strings.Contains(f.logs.String(), "connection complete") || !strings.Contains(f.logs.String(), "src.identity=spiffe://cluster.local/ns/demo/sa/sleep") {
+				t.Errorf("no access log line with the source identity:\n%s", f.logs)
+			}
+		})
+	}
+}
+
+func prometheusLabels(reporter string, mtls bool) map[string]string {
+	l := (&connInfo{direction: map[string]string{"destination": "inbound", "source": "outbound"}[reporter], mtls: mtls,
+		srcWorkload: "sleep", srcNamespace: "demo", srcIdentity: "spiffe://cluster.local/ns/demo/sa/sleep",
+		dstWorkload: "httpbin", dstNamespace: "demo", dstIdentity: "spiffe://cluster.local/ns/demo/sa/httpbin"}).labels()
+	return l
+}

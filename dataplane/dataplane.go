@@ -253,25 +253,31 @@ func (m *Manager) Remove(path, table string, routing *compiler.Routing) (bool, e
 	return removed, nil
 }
 
-// Show returns the live table of the namespace at path as canonical text, or "" when
-// there is none.
-func Show(path, table string) (string, error) {
+// readLive reads nftmesh's table (with set elements) from the namespace at path.
+func readLive(path, table string) (*ruleset.Live, error) {
 	ns, err := open(path)
 	if err != nil {
-		return "", err
+		return nil, err
 	}
 	defer ns.Close()
 	conn, _, err := sockets(ns, false)
 	if err != nil {
-		return "", err
+		return nil, err
 	}
 	defer conn.Close()
 	live, err := conn.ReadLive(table, true)
 	if err != nil {
-		return "", fmt.Errorf("netns %s: table inet %s: %w", path, table, err)
+		return nil, fmt.Errorf("netns %s: table inet %s: %w", path, table, err)
 	}
-	if live == nil {
-		return "", nil
+	return live, nil
+}
+
+// Show returns the live table of the namespace at path as canonical text, or "" when
+// there is none.
+func Show(path, table string) (string, error) {
+	live, err := readLive(path, table)
+	if err != nil || live == nil {
+		return "", err
 	}
 	return live.Render(), nil
 }
@@ -279,19 +285,9 @@ func Show(path, table string) (string, error) {
 // Diff compares the live table of the namespace at path with want: "" when they match,
 // else a unified diff (live first). Runtime set elements are not compared.
 func Diff(path string, want *ruleset.Table) (string, error) {
-	ns, err := open(path)
+	live, err := readLive(path, want.Name)
 	if err != nil {
 		return "", err
-	}
-	defer ns.Close()
-	conn, _, err := sockets(ns, false)
-	if err != nil {
-		return "", err
-	}
-	defer conn.Close()
-	live, err := conn.ReadLive(want.Name, true)
-	if err != nil {
-		return "", fmt.Errorf("netns %s: table inet %s: %w", path, want.Name, err)
 	}
 	if live.Matches(want) {
 		return "", nil

@@ -1,9 +1,7 @@
 package nlraw
 
 import (
-	"encoding/binary"
-	"fmt"
-
+	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -21,47 +19,30 @@ func (r *Conn) ExecuteAll(reqs []Request) ([]error, error) {
 	var buf []byte
 	first := r.seq.Load() + 1
 	for _, q := range reqs {
-		seq := r.seq.Add(1)
-		l := unix.NLMSG_HDRLEN + len(q.Data)
-		var h [unix.NLMSG_HDRLEN]byte
-		binary.NativeEndian.PutUint32(h[0:4], uint32(l))
-		binary.NativeEndian.PutUint16(h[4:6], q.Type)
-		binary.NativeEndian.PutUint16(h[6:8], q.Flags|unix.NLM_F_REQUEST|unix.NLM_F_ACK)
-		binary.NativeEndian.PutUint32(h[8:12], seq)
-		buf = append(buf, h[:]...)
-		buf = append(buf, q.Data...)
-		for len(buf)%unix.NLMSG_ALIGNTO != 0 {
-			buf = append(buf, 0)
-		}
+		buf = appendMessage(buf, q.Type, q.Flags|unix.NLM_F_REQUEST|unix.NLM_F_ACK, r.seq.Add(1), q.Data)
 	}
-	if err := unix.Sendto(r.fd, buf, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
-		return nil, fmt.Errorf("netlink send: %w", err)
+	if err := r.send(buf); err != nil {
+		return nil, err
 	}
 	errs := make([]error, len(reqs))
-	for got := 0; got < len(reqs); {
-		n, _, err := unix.Recvfrom(r.fd, *r.buf, 0)
+	got := 0
+	err := r.receive(func(h netlink.Header, body []byte) (bool, error) {
+		i := int(h.Sequence - first)
+		if h.Type != netlink.Error || i < 0 || i >= len(reqs) {
+			return false, nil
+		}
+		e, err := errno(body)
 		if err != nil {
-			return nil, fmt.Errorf("netlink receive: %w", err)
+			return true, err
 		}
-		b := (*r.buf)[:n]
-		for len(b) >= unix.NLMSG_HDRLEN {
-			l := int(binary.NativeEndian.Uint32(b[0:4]))
-			if l < unix.NLMSG_HDRLEN || l > len(b) {
-				return nil, fmt.Errorf("netlink: malformed message of length %d", l)
-			}
-			typ := binary.NativeEndian.Uint16(b[4:6])
-			seq := binary.NativeEndian.Uint32(b[8:12])
-			body := b[unix.NLMSG_HDRLEN:l]
-			b = b[min(nlmsgAlign(l), len(b)):]
-			i := int(seq - first)
-			if typ != unix.NLMSG_ERROR || len(body) < 4 || i < 0 || i >= len(reqs) {
-				continue
-			}
-			if errno := -int32(binary.NativeEndian.Uint32(body[0:4])); errno != 0 {
-				errs[i] = unix.Errno(errno)
-			}
-			got++
+		if e != 0 {
+			errs[i] = e
 		}
+		got++
+		return got == len(reqs), nil
+	})
+	if err != nil {
+		return nil, err
 	}
 	return errs, nil
 }

@@ -97,32 +97,40 @@ func (r *Conn) NetNSCookie() (uint64, error) {
 	return v, nil
 }
 
-// Execute sends one request and returns the replies: all parts of a dump, or the one
-// answer to a plain request. A kernel error comes back as an error wrapping the errno.
-func (r *Conn) Execute(msgType uint16, flags netlink.HeaderFlags, data []byte) ([]netlink.Message, error) {
-	seq := r.seq.Add(1)
-	r.Requests++
-	req := make([]byte, unix.NLMSG_HDRLEN+len(data))
-	binary.NativeEndian.PutUint32(req[0:4], uint32(len(req)))
-	binary.NativeEndian.PutUint16(req[4:6], msgType)
-	binary.NativeEndian.PutUint16(req[6:8], uint16(flags|netlink.Request))
-	binary.NativeEndian.PutUint32(req[8:12], seq)
-	copy(req[unix.NLMSG_HDRLEN:], data)
-	if err := unix.Sendto(r.fd, req, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
-		return nil, fmt.Errorf("netlink send: %w", err)
+// appendMessage appends one netlink message (header, payload, padding) to buf.
+func appendMessage(buf []byte, typ, flags uint16, seq uint32, data []byte) []byte {
+	var h [unix.NLMSG_HDRLEN]byte
+	binary.NativeEndian.PutUint32(h[0:4], uint32(unix.NLMSG_HDRLEN+len(data)))
+	binary.NativeEndian.PutUint16(h[4:6], typ)
+	binary.NativeEndian.PutUint16(h[6:8], flags)
+	binary.NativeEndian.PutUint32(h[8:12], seq)
+	buf = append(append(buf, h[:]...), data...)
+	for len(buf)%unix.NLMSG_ALIGNTO != 0 {
+		buf = append(buf, 0)
 	}
-	dump := flags&netlink.Dump != 0
-	var out []netlink.Message
+	return buf
+}
+
+func (r *Conn) send(buf []byte) error {
+	r.Requests++
+	if err := unix.Sendto(r.fd, buf, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
+		return fmt.Errorf("netlink send: %w", err)
+	}
+	return nil
+}
+
+// receive reads messages and hands each to fn until fn says it is done.
+func (r *Conn) receive(fn func(h netlink.Header, body []byte) (done bool, err error)) error {
 	for {
 		n, _, err := unix.Recvfrom(r.fd, *r.buf, 0)
 		if err != nil {
-			return nil, fmt.Errorf("netlink receive: %w", err)
+			return fmt.Errorf("netlink receive: %w", err)
 		}
 		b := (*r.buf)[:n]
 		for len(b) >= unix.NLMSG_HDRLEN {
 			l := int(binary.NativeEndian.Uint32(b[0:4]))
 			if l < unix.NLMSG_HDRLEN || l > len(b) {
-				return nil, fmt.Errorf("netlink: malformed message of length %d", l)
+				return fmt.Errorf("netlink: malformed message of length %d", l)
 			}
 			h := netlink.Header{
 				Length:   uint32(l),
@@ -133,27 +141,51 @@ func (r *Conn) Execute(msgType uint16, flags netlink.HeaderFlags, data []byte) (
 			}
 			body := b[unix.NLMSG_HDRLEN:l]
 			b = b[min(nlmsgAlign(l), len(b)):]
-			if h.Sequence != seq {
-				continue // a late answer to an earlier request
-			}
-			switch h.Type {
-			case netlink.Done:
-				return out, nil
-			case netlink.Error:
-				if len(body) < 4 {
-					return nil, fmt.Errorf("netlink: short error message")
-				}
-				if errno := -int32(binary.NativeEndian.Uint32(body[0:4])); errno != 0 {
-					return nil, unix.Errno(errno)
-				}
-				return out, nil // an ack
-			}
-			out = append(out, netlink.Message{Header: h, Data: append([]byte(nil), body...)})
-			if !dump && h.Flags&netlink.Multi == 0 {
-				return out, nil
+			if done, err := fn(h, body); done || err != nil {
+				return err
 			}
 		}
 	}
+}
+
+// errno reads the error code of an NLMSG_ERROR message; 0 is an ack.
+func errno(body []byte) (unix.Errno, error) {
+	if len(body) < 4 {
+		return 0, fmt.Errorf("netlink: short error message")
+	}
+	return unix.Errno(-int32(binary.NativeEndian.Uint32(body[0:4]))), nil
+}
+
+// Execute sends one request and returns the replies: all parts of a dump, or the one
+// answer to a plain request. A kernel error comes back as an error wrapping the errno.
+func (r *Conn) Execute(msgType uint16, flags netlink.HeaderFlags, data []byte) ([]netlink.Message, error) {
+	seq := r.seq.Add(1)
+	if err := r.send(appendMessage(nil, msgType, uint16(flags|netlink.Request), seq, data)); err != nil {
+		return nil, err
+	}
+	dump := flags&netlink.Dump != 0
+	var out []netlink.Message
+	err := r.receive(func(h netlink.Header, body []byte) (bool, error) {
+		if h.Sequence != seq {
+			return false, nil // a late answer to an earlier request
+		}
+		switch h.Type {
+		case netlink.Done:
+			return true, nil
+		case netlink.Error:
+			e, err := errno(body)
+			if err == nil && e != 0 {
+				err = e
+			}
+			return true, err // an ack, or the kernel's refusal
+		}
+		out = append(out, netlink.Message{Header: h, Data: append([]byte(nil), body...)})
+		return !dump && h.Flags&netlink.Multi == 0, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
 }
 
 func nlmsgAlign(l int) int { return (l + unix.NLMSG_ALIGNTO - 1) &^ (unix.NLMSG_ALIGNTO - 1) }

@@ -1,0 +1,424 @@
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+	"sigs.k8s.io/yaml"
+
+	"github.com/nftmesh/nftmesh/compiler"
+	"github.com/nftmesh/nftmesh/internal/nettest"
+	"github.com/nftmesh/nftmesh/proxy/workload"
+	"github.com/nftmesh/nftmesh/proxy/zds"
+)
+
+// The benchmarks measure pod to pod across the two nodes, notsleep (node2) to httpbin
+// (node1): through the mesh, notsleep's outbound capture, node2's proxy, HBONE, node1's
+// proxy, httpbin's app; and the baseline, in the same run, over the same veths and
+// namespaces with the two pods' rules removed ("direct": plain TCP, forwarded by both
+// nodes). Each benchmark has a "direct" and a "mesh" sub-benchmark.
+//
+//	go test -run '^$' -bench . -benchtime 2s -count 5 ./e2e/
+//
+// All processes (the test's clients and apps, both proxies) share the machine's cores.
+
+const (
+	sinkPort  = 9000 // reads everything, then answers the byte count (8 bytes, big endian)
+	rrPort    = 9001 // answers every 1 KiB request with 1 KiB
+	closePort = 9002 // writes one line and closes
+	rrSize    = 1024
+)
+
+var legs = []struct {
+	name string
+	mesh bool
+}{{"direct", false}, {"mesh", true}}
+
+func newBenchMesh(b *testing.B) *Mesh {
+	m := NewMesh(b, compiler.CaptureTProxy)
+	m.Serve(m.Httpbin, sinkPort, func(c net.Conn) {
+		buf := make([]byte, 256<<10)
+		var n int64
+		for {
+			k, err := c.Read(buf)
+			n += int64(k)
+			if err != nil {
+				break
+			}
+		}
+		binary.Write(c, binary.BigEndian, n)
+	})
+	m.Serve(m.Httpbin, rrPort, func(c net.Conn) {
+		buf := make([]byte, rrSize)
+		for {
+			if _, err := io.ReadFull(c, buf); err != nil {
+				return
+			}
+			if _, err := c.Write(buf); err != nil {
+				return
+			}
+		}
+	})
+	m.Serve(m.Httpbin, closePort, func(c net.Conn) { io.WriteString(c, "bye\n") })
+	return m
+}
+
+// setLeg turns the client's and the server's in-pod rules on (mesh) or off (direct).
+func (m *Mesh) setLeg(mesh bool) {
+	m.SetRules(m.Notsleep, mesh)
+	m.SetRules(m.Httpbin, mesh)
+}
+
+// nsDialer dials from a thread that stays in a namespace, so that a dial costs what it
+// costs an app (no thread made and entered per dial, as Netns.Do does).
+type nsDialer struct {
+	reqs chan dialReq
+}
+
+type dialReq struct {
+	dst   netip.AddrPort
+	reply chan dialRes
+}
+
+type dialRes struct {
+	c   net.Conn
+	err error
+}
+
+func newNSDialer(tb testing.TB, ns *nettest.Netns) *nsDialer {
+	d := &nsDialer{reqs: make(chan dialReq)}
+	ready := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread ends with the goroutine
+		f, err := os.Open(ns.Path)
+		if err == nil {
+			err = unix.Setns(int(f.Fd()), unix.CLONE_NEWNET)
+			f.Close()
+		}
+		ready <- err
+		if err != nil {
+			return
+		}
+		dialer := net.Dialer{Timeout: ioTimeout}
+		for r := range d.reqs {
+			c, err := dialer.Dial("tcp", r.dst.String())
+			r.reply <- dialRes{c, err}
+		}
+	}()
+	if err := <-ready; err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { close(d.reqs) })
+	return d
+}
+
+func (d *nsDialer) dial(dst netip.AddrPort) (net.Conn, error) {
+	r := dialReq{dst, make(chan dialRes, 1)}
+	d.reqs <- r
+	res := <-r.reply
+	return res.c, res.err
+}
+
+// BenchmarkStream: one long TCP stream, notsleep to httpbin, 256 KiB writes; MB/s.
+func BenchmarkStream(b *testing.B) {
+	m := newBenchMesh(b)
+	dst := netip.AddrPortFrom(m.Httpbin.V4, sinkPort)
+	for _, leg := range legs {
+		b.Run(leg.name, func(b *testing.B) {
+			m.setLeg(leg.mesh)
+			c, err := Dial(m.Notsleep.NS, "tcp4", dst)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer c.Close()
+			buf := make([]byte, 256<<10)
+			b.SetBytes(int64(len(buf)))
+			cpu0 := m.proxyCPU(b)
+			b.ResetTimer()
+			for range b.N {
+				if _, err := c.Write(buf); err != nil {
+					b.Fatal(err)
+				}
+			}
+			c.(interface{ CloseWrite() error }).CloseWrite()
+			c.SetReadDeadline(time.Now().Add(30 * time.Second))
+			var n int64
+			if err := binary.Read(c, binary.BigEndian, &n); err != nil {
+				b.Fatalf("byte count: %v", err)
+			}
+			b.StopTimer()
+			if want := int64(b.N) * int64(len(buf)); n != want {
+				b.Fatalf("the app read %d bytes, want %d", n, want)
+			}
+			if leg.mesh {
+				// CPU both proxies spent per MB moved (10 ms resolution).
+				b.ReportMetric((m.proxyCPU(b)-cpu0).Seconds()*1e3/(float64(n)/1e6), "proxy-cpu-ms/MB")
+			}
+		})
+	}
+}
+
+// BenchmarkLatency1K: 1 KiB request, 1 KiB response over one connection, notsleep to
+// httpbin; p50 and p99 round trip in µs. The latency the proxies add is mesh minus direct.
+func BenchmarkLatency1K(b *testing.B) {
+	m := newBenchMesh(b)
+	dst := netip.AddrPortFrom(m.Httpbin.V4, rrPort)
+	for _, leg := range legs {
+		b.Run(leg.name, func(b *testing.B) {
+			m.setLeg(leg.mesh)
+			c, err := Dial(m.Notsleep.NS, "tcp4", dst)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer c.Close()
+			req, resp := make([]byte, rrSize), make([]byte, rrSize)
+			rt := func() {
+				if _, err := c.Write(req); err != nil {
+					b.Fatal(err)
+				}
+				if _, err := io.ReadFull(c, resp); err != nil {
+					b.Fatal(err)
+				}
+			}
+			for range 200 { // warm up: windows, caches, the pooled connection
+				rt()
+			}
+			lat := make([]time.Duration, 0, b.N)
+			cpu0 := m.proxyCPU(b)
+			b.ResetTimer()
+			for range b.N {
+				t0 := time.Now()
+				rt()
+				lat = append(lat, time.Since(t0))
+			}
+			b.StopTimer()
+			slices.Sort(lat)
+			q := func(p float64) float64 { return float64(lat[int(p*float64(len(lat)-1))]) / 1e3 }
+			b.ReportMetric(q(0.50), "p50-µs")
+			b.ReportMetric(q(0.99), "p99-µs")
+			b.ReportMetric(q(0.999), "p99.9-µs")
+			if leg.mesh {
+				b.ReportMetric(float64((m.proxyCPU(b)-cpu0).Microseconds())/float64(b.N), "proxy-cpu-µs/op")
+			}
+		})
+	}
+}
+
+// BenchmarkConnRate: new connections per second, notsleep to httpbin: connect, read the
+// app's line, the app closes, close. Through the mesh every connection is a new CONNECT
+// stream on the one pooled HBONE connection node2 keeps to httpbin (checked). seq: one
+// at a time; par8: eight clients at once.
+func BenchmarkConnRate(b *testing.B) {
+	m := newBenchMesh(b)
+	dst := netip.AddrPortFrom(m.Httpbin.V4, closePort)
+	const par = 8
+	dialers := make([]*nsDialer, par)
+	for i := range dialers {
+		dialers[i] = newNSDialer(b, m.Notsleep.NS)
+	}
+	one := func(d *nsDialer) error {
+		c, err := d.dial(dst)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		c.SetReadDeadline(time.Now().Add(ioTimeout))
+		line, err := bufio.NewReader(c).ReadString('\n')
+		if err != nil || line != "bye\n" {
+			return fmt.Errorf("read %q: %v", line, err)
+		}
+		return nil
+	}
+	for _, leg := range legs {
+		for _, conc := range []int{1, par} {
+			name := leg.name + "/seq"
+			if conc > 1 {
+				name = fmt.Sprintf("%s/par%d", leg.name, conc)
+			}
+			b.Run(name, func(b *testing.B) {
+				m.setLeg(leg.mesh)
+				if err := one(dialers[0]); err != nil { // warm: the pooled connection
+					b.Fatal(err)
+				}
+				cpu0 := m.proxyCPU(b)
+				lat := make([][]time.Duration, conc)
+				b.ResetTimer()
+				var wg sync.WaitGroup
+				errs := make(chan error, conc)
+				for w := range conc {
+					n := b.N / conc
+					if w < b.N%conc {
+						n++
+					}
+					wg.Go(func() {
+						for range n {
+							t0 := time.Now()
+							if err := one(dialers[w]); err != nil {
+								errs <- err
+								return
+							}
+							lat[w] = append(lat[w], time.Since(t0))
+						}
+					})
+				}
+				wg.Wait()
+				b.StopTimer()
+				close(errs)
+				if err := <-errs; err != nil {
+					b.Fatal(err)
+				}
+				b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "conns/s")
+				all := slices.Concat(lat...)
+				slices.Sort(all)
+				b.ReportMetric(float64(all[len(all)/2])/1e3, "p50-µs")
+				b.ReportMetric(float64(all[len(all)*99/100])/1e3, "p99-µs")
+				b.ReportMetric(float64(all[len(all)-1])/1e3, "max-µs")
+				if leg.mesh {
+					b.ReportMetric(float64((m.proxyCPU(b)-cpu0).Microseconds())/float64(b.N), "proxy-cpu-µs/op")
+					if n := hboneConns(b, m.Notsleep.NS); n != 1 {
+						b.Errorf("notsleep has %d HBONE connections to httpbin, want 1 (pooled)", n)
+					}
+				}
+			})
+		}
+	}
+}
+
+// hboneConns counts the established TCP connections to port 15008 in ns.
+func hboneConns(tb testing.TB, ns *nettest.Netns) int {
+	out, err := ns.Run("", "ss", "-Htn", "state", "established", "dport", "= :15008")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return len(strings.Fields(strings.TrimSpace(out))) / 4 // Recv-Q Send-Q Local Peer
+}
+
+// BenchmarkProxyMemory: RSS of an `nftmesh proxy` process (in a node namespace of its
+// own, as in the mesh) once ready with no pod, and with 100 pod namespaces enrolled over
+// ZDS (each with an IPv4 and an IPv6 address in the workloads file: six listeners per
+// pod). The setup runs once; the loop samples VmRSS (ns/op is the cost of a sample).
+func BenchmarkProxyMemory(b *testing.B) {
+	const pods = 100
+	nettest.Require(b)
+	m := &Mesh{tb: b, Dir: b.TempDir(), agentLogs: &syncBuffer{}}
+	node := nettest.New(b)
+	m.sysctls(node)
+	var wf workload.File
+	for i := range pods {
+		wf.Workloads = append(wf.Workloads, workload.Workload{
+			UID: fmt.Sprintf("uid-pod%d", i), Name: fmt.Sprintf("pod%d", i), Namespace: meshNamespace,
+			ServiceAccount: fmt.Sprintf("sa%d", i%10), InMesh: true,
+			IPs: []netip.Addr{
+				netip.AddrFrom4([4]byte{10, 247, byte(128 + i/200), byte(2 + i%200)}),
+				netip.MustParseAddr(fmt.Sprintf("fd00:247:128::%x", i+2)),
+			},
+		})
+	}
+	m.writeFiles()
+	wdata, err := yaml.Marshal(&wf)
+	if err != nil {
+		b.Fatal(err)
+	}
+	m.WorkloadsFile = m.write("workloads.yaml", wdata)
+
+	sock := m.Dir + "/mem.sock"
+	agent, err := zds.Listen(sock, slog.New(slog.NewTextHandler(m.agentLogs, nil)))
+	if err != nil {
+		b.Fatal(err)
+	}
+	served := make(chan struct{})
+	go func() { defer close(served); agent.Serve(context.Background(), nil) }()
+	b.Cleanup(func() { agent.Close(); <-served })
+	proxy := StartProxy(b, "mem", node, m.ProxyArgs(sock)...)
+	ctx, cancel := context.WithTimeout(context.Background(), readyTimeout)
+	defer cancel()
+	if err := agent.WaitReady(ctx, 1); err != nil {
+		b.Fatal(err)
+	}
+	time.Sleep(300 * time.Millisecond)
+	rss0 := procStatus(b, proxy.Pid(), "VmRSS")
+
+	nss := make([]*nettest.Netns, pods)
+	for i := range nss {
+		nss[i] = nettest.New(b)
+	}
+	start := time.Now()
+	for i, ns := range nss {
+		w := wf.Workloads[i]
+		m.Enroll(agent, w.UID, zds.WorkloadInfo{Name: w.Name, Namespace: w.Namespace, ServiceAccount: w.ServiceAccount}, ns)
+	}
+	enroll := time.Since(start)
+	// Every Add was acked; the proxy's log lines reach us through a pipe, a little later.
+	time.Sleep(500 * time.Millisecond)
+	if n := strings.Count(proxy.Log.String(), `"msg":"workload added"`); n != pods {
+		b.Fatalf("%d workloads added, want %d", n, pods)
+	}
+	var rss float64
+	for b.Loop() {
+		rss = max(rss, procStatus(b, proxy.Pid(), "VmRSS"))
+	}
+	hwm := procStatus(b, proxy.Pid(), "VmHWM")
+	b.ReportMetric(rss0/1024, "MiB-rss-0pods")
+	b.ReportMetric(rss/1024, "MiB-rss-100pods")
+	b.ReportMetric(hwm/1024, "MiB-hwm")
+	b.ReportMetric((rss-rss0)/pods, "KiB/pod")
+	b.ReportMetric(float64(enroll.Microseconds())/pods, "µs/enroll")
+}
+
+// proxyCPU is the CPU time (user and system) both proxies of the mesh have used so far.
+func (m *Mesh) proxyCPU(tb testing.TB) time.Duration {
+	var d time.Duration
+	for _, n := range []*Node{m.Node1, m.Node2} {
+		data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", n.Proxy.Pid()))
+		if err != nil {
+			tb.Fatal(err)
+		}
+		// Fields after the command name (which may hold spaces): utime and stime are the
+		// 12th and 13th, in clock ticks (USER_HZ, 100 on Linux).
+		f := strings.Fields(string(data[strings.LastIndexByte(string(data), ')')+1:]))
+		for _, i := range []int{11, 12} {
+			v, err := strconv.ParseInt(f[i], 10, 64)
+			if err != nil {
+				tb.Fatal(err)
+			}
+			d += time.Duration(v) * 10 * time.Millisecond
+		}
+	}
+	return d
+}
+
+// procStatus reads a kB field of /proc/<pid>/status.
+func procStatus(tb testing.TB, pid int, field string) float64 {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if rest, ok := strings.CutPrefix(line, field+":"); ok {
+			f := strings.Fields(rest)
+			if len(f) > 0 {
+				v, err := strconv.ParseFloat(f[0], 64)
+				if err == nil {
+					return v
+				}
+			}
+		}
+	}
+	tb.Fatalf("/proc/%d/status: no %s", pid, field)
+	return 0
+}

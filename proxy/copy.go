@@ -37,7 +37,7 @@ func pipe(a, b net.Conn) (aToB, bToA int64, err error) {
 	}
 	one := func(dst, src net.Conn, n *int64) {
 		defer wg.Done()
-		copied, err := io.Copy(dst, src)
+		copied, err := copyConn(dst, src)
 		*n = copied
 		if err != nil && !errors.Is(err, net.ErrClosed) {
 			firstErr.CompareAndSwap(nil, &err)
@@ -62,6 +62,26 @@ func pipe(a, b net.Conn) (aToB, bToA int64, err error) {
 		err = *p
 	}
 	return aToB, bToA, err
+}
+
+// copyBufSize is the buffer for a leg that is not TCP to TCP: big writes mean fewer TLS
+// records, HTTP/2 frames and system calls per megabyte on an HBONE tunnel.
+const copyBufSize = 256 << 10
+
+var copyBufs = sync.Pool{New: func() any { b := make([]byte, copyBufSize); return &b }}
+
+// copyConn copies src to dst: TCP to TCP through io.Copy (splice, no copy to user space),
+// anything else through a large buffer. Hiding src's WriterTo and dst's ReaderFrom behind
+// plain interfaces makes io.CopyBuffer really use that buffer.
+func copyConn(dst, src net.Conn) (int64, error) {
+	_, srcTCP := src.(*net.TCPConn)
+	_, dstTCP := dst.(*net.TCPConn)
+	if srcTCP && dstTCP {
+		return io.Copy(dst, src)
+	}
+	buf := copyBufs.Get().(*[]byte)
+	defer copyBufs.Put(buf)
+	return io.CopyBuffer(struct{ io.Writer }{dst}, struct{ io.Reader }{src}, *buf)
 }
 
 func isReset(err error) bool {

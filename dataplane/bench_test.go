@@ -312,7 +312,7 @@ func BenchmarkEnrollFresh(b *testing.B) {
 		in   compiler.Intent
 	}{{"dualstack", compiler.DefaultIntent()}, {"ipv4", ipv4}} {
 		b.Run(c.name, func(b *testing.B) {
-			m := benchManager(0)
+			m := benchManager(b, 0)
 			var total, compile latencies
 			var cpu cpuClock
 			writes := 0
@@ -362,7 +362,7 @@ func BenchmarkNoopReapply(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	m := benchManager(0)
+	m := benchManager(b, 0)
 	nss, _ := makeNetns(b, 1)
 	path := nss[0].Path
 	if _, err := m.Apply(path, d); err != nil {
@@ -454,8 +454,12 @@ type poolSize struct {
 }
 
 // benchManager is a Manager with the given worker count that logs nothing.
-func benchManager(workers int) *Manager {
-	return NewManager(slog.New(slog.DiscardHandler), max(0, workers))
+// benchManager returns a Manager whose cached sockets (and with them its hold on the
+// namespaces) are released when the benchmark ends, so that the namespaces can go.
+func benchManager(b *testing.B, workers int) *Manager {
+	m := NewManager(slog.New(slog.DiscardHandler), max(0, workers))
+	b.Cleanup(func() { m.Close() })
+	return m
 }
 
 // BenchmarkChangedReapply: switch benchPods enrolled namespaces between two intents
@@ -469,7 +473,7 @@ func BenchmarkChangedReapply(b *testing.B) {
 	modes := append([]poolSize{{"sequential", -1}}, poolSizes()...)
 	for _, mode := range modes {
 		b.Run(mode.name, func(b *testing.B) {
-			m := benchManager(mode.workers)
+			m := benchManager(b, mode.workers)
 			nss, _ := makeNetns(b, benchPods)
 			jobs := make([]Job, len(nss))
 			for i, ns := range nss {
@@ -540,7 +544,7 @@ func BenchmarkEnroll1000Pool(b *testing.B) {
 	in := compiler.DefaultIntent()
 	for _, size := range poolSizes() {
 		b.Run(size.name, func(b *testing.B) {
-			m := benchManager(size.workers)
+			m := benchManager(b, size.workers)
 			var totals, compiles latencies
 			var cpu cpuClock
 			b.ResetTimer()
@@ -806,7 +810,8 @@ func TestBaselineRaceReproduces(t *testing.T) {
 	})
 	t.Run("nftmesh", func(t *testing.T) {
 		ns := nettest.New(t)
-		m := benchManager(0)
+		m := quietManager()
+		defer m.Close()
 		d := podDesired(t, "default-ipv4")
 		first, err := m.Apply(ns.Path, d)
 		if err != nil || first.Action != ruleset.Created {

@@ -79,6 +79,8 @@ type Manager struct {
 	seq   atomic.Uint64
 	mu    sync.Mutex
 	state map[nsKey]*nsState
+	socks map[nsKey]*nsSockets // see sockcache.go
+	swept time.Time
 }
 
 type nsState struct {
@@ -96,7 +98,7 @@ func NewManager(log *slog.Logger, workers int) *Manager {
 	if workers <= 0 {
 		workers = DefaultWorkers
 	}
-	return &Manager{log: log, workers: workers, cache: ruleset.NewCache(), state: map[nsKey]*nsState{}}
+	return &Manager{log: log, workers: workers, cache: ruleset.NewCache(), state: map[nsKey]*nsState{}, socks: map[nsKey]*nsSockets{}}
 }
 
 // acquire returns the namespace's state, counted as in use; release undoes it.
@@ -190,23 +192,23 @@ func (m *Manager) Apply(path string, d Desired) (Result, error) {
 		return res, nil
 	}
 
-	conn, rt, err := sockets(ns, d.Routing != nil)
+	socks, err := m.cachedSockets(ns, d.Routing != nil)
 	if err != nil {
 		return res, err
 	}
-	defer conn.Close()
 	undo := func() {}
 	if d.Routing != nil {
-		defer rt.Close()
-		res.RoutingChanged, undo, err = ensureRouting(rt, *d.Routing)
+		res.RoutingChanged, undo, err = ensureRouting(socks.rt, *d.Routing)
 		if err != nil {
 			undo()
+			m.dropSockets(ns.key)
 			return res, fmt.Errorf("netns %s: routing: %w", path, err)
 		}
 	}
-	res.Result, err = conn.Apply(d.Table, m.cache)
+	res.Result, err = socks.nft.Apply(d.Table, m.cache)
 	if err != nil {
 		undo()
+		m.dropSockets(ns.key)
 		return res, fmt.Errorf("netns %s: %w", path, err)
 	}
 	if res.Action != ruleset.Unchanged || res.RoutingChanged {
@@ -230,6 +232,7 @@ func (m *Manager) Remove(path, table string, routing *compiler.Routing) (bool, e
 	if superseded {
 		return false, nil
 	}
+	m.dropSockets(ns.key)
 	conn, rt, err := sockets(ns, routing != nil)
 	if err != nil {
 		return false, err

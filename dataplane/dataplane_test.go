@@ -525,3 +525,51 @@ func TestHostPodIPs(t *testing.T) {
 	}
 	check("pod IP changes")
 }
+
+// Sockets are kept per namespace between applies, and released by Remove and Close.
+func TestSocketCache(t *testing.T) {
+	nettest.Require(t, "nft")
+	m := quietManager()
+	a, b := nettest.New(t), nettest.New(t)
+	d := podDesired(t, "default-dualstack")
+	for _, ns := range []*nettest.Netns{a, b, a} {
+		if _, err := m.Apply(ns.Path, d); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := len(m.socks); n != 2 {
+		t.Fatalf("%d namespaces cached, want 2", n)
+	}
+	var first *nsSockets
+	for _, s := range m.socks {
+		first = s
+	}
+	if _, err := m.Apply(a.Path, d); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Apply(b.Path, d); err != nil {
+		t.Fatal(err)
+	}
+	reused := false
+	for _, s := range m.socks {
+		reused = reused || s == first
+	}
+	if !reused {
+		t.Error("sockets were made again for a cached namespace")
+	}
+	if _, err := m.Remove(a.Path, compiler.TableName, d.Routing); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(m.socks); n != 1 {
+		t.Errorf("%d namespaces cached after a remove, want 1", n)
+	}
+	m.Close()
+	if n := len(m.socks); n != 0 {
+		t.Errorf("%d namespaces cached after Close", n)
+	}
+	// A manager still works after Close: it makes sockets again.
+	if res, err := m.Apply(b.Path, d); err != nil || res.Action != ruleset.Unchanged {
+		t.Errorf("apply after Close: %+v %v", res, err)
+	}
+	m.Close()
+}

@@ -97,7 +97,9 @@ func runApply(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "nftmesh apply: %v\n", err)
 		return exitError
 	}
-	res, err := dataplane.NewManager(logger(stderr), 0).Apply(path, d)
+	m := dataplane.NewManager(logger(stderr), 0)
+	defer m.Close()
+	res, err := m.Apply(path, d)
 	if err != nil {
 		fmt.Fprintf(stderr, "nftmesh apply: %v\n", err)
 		return exitError
@@ -161,7 +163,9 @@ func runDelete(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "nftmesh delete: %v\n", err)
 		return exitError
 	}
-	removed, err := dataplane.NewManager(logger(stderr), 0).Remove(path, d.Table.Name, d.Routing)
+	m := dataplane.NewManager(logger(stderr), 0)
+	defer m.Close()
+	removed, err := m.Remove(path, d.Table.Name, d.Routing)
 	if err != nil {
 		fmt.Fprintf(stderr, "nftmesh delete: %v\n", err)
 		return exitError

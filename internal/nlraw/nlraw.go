@@ -20,7 +20,6 @@ import (
 type Conn struct {
 	fd       int
 	seq      atomic.Uint32
-	buf      *[]byte
 	Requests int // requests sent, for tests that prove a read was skipped
 }
 
@@ -51,7 +50,7 @@ func Open(protocol int) (*Conn, error) {
 		unix.Close(fd)
 		return nil, err
 	}
-	return &Conn{fd: fd, buf: bufPool.Get().(*[]byte)}, nil
+	return &Conn{fd: fd}, nil
 }
 
 // OpenAt makes the socket in the namespace of nsFD, on a goroutine whose thread is
@@ -76,16 +75,11 @@ func OpenAt(nsFD, protocol int) (*Conn, error) {
 }
 
 // Close closes the socket.
-func (r *Conn) Close() error {
-	if r.buf != nil {
-		bufPool.Put(r.buf)
-		r.buf = nil
-	}
-	return unix.Close(r.fd)
-}
+func (r *Conn) Close() error { return unix.Close(r.fd) }
 
-// bufPool holds receive buffers: a dump part can be up to 64 KiB, and a fresh buffer of
-// that size per socket costs more than the exchanges it serves.
+// bufPool holds receive buffers, borrowed for one exchange: a dump part can be up to
+// 64 KiB, and a fresh buffer of that size (zeroed, and paged in) costs more than the
+// exchange; a buffer per open socket would pin megabytes for cached sockets.
 var bufPool = sync.Pool{New: func() any { b := make([]byte, 1<<16); return &b }}
 
 // NetNSCookie identifies the socket's namespace for as long as the system runs.
@@ -121,12 +115,14 @@ func (r *Conn) send(buf []byte) error {
 
 // receive reads messages and hands each to fn until fn says it is done.
 func (r *Conn) receive(fn func(h netlink.Header, body []byte) (done bool, err error)) error {
+	buf := bufPool.Get().(*[]byte)
+	defer bufPool.Put(buf)
 	for {
-		n, _, err := unix.Recvfrom(r.fd, *r.buf, 0)
+		n, _, err := unix.Recvfrom(r.fd, *buf, 0)
 		if err != nil {
 			return fmt.Errorf("netlink receive: %w", err)
 		}
-		b := (*r.buf)[:n]
+		b := (*buf)[:n]
 		for len(b) >= unix.NLMSG_HDRLEN {
 			l := int(binary.NativeEndian.Uint32(b[0:4]))
 			if l < unix.NLMSG_HDRLEN || l > len(b) {

@@ -1,0 +1,108 @@
+package dataplane
+
+import (
+	"os"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/nftmesh/nftmesh/internal/nlraw"
+	"github.com/nftmesh/nftmesh/ruleset"
+)
+
+// A Manager keeps each namespace's sockets between applies: making them costs a visit to
+// the namespace on a worker thread (two context switches, which this kind of VM makes
+// expensive) and a dozen system calls, more than the whole check of a no-op apply. The
+// cache holds its own handle on the namespace, so the namespace, and with it the key,
+// cannot be reused while cached; that also keeps a deleted pod's namespace alive until
+// the entry is dropped: by Remove, by an error, or after socketIdle without use.
+
+// socketIdle is how long an unused namespace's sockets are kept.
+const socketIdle = 30 * time.Second
+
+type nsSockets struct {
+	file *os.File // our own handle on the namespace
+	nft  *ruleset.Conn
+	rt   *nlraw.Conn // made when a pod apply first needs it
+	used time.Time
+}
+
+func (s *nsSockets) close() {
+	s.nft.Close()
+	if s.rt != nil {
+		s.rt.Close()
+	}
+	s.file.Close()
+}
+
+// cachedSockets returns the namespace's sockets, making what is missing. The caller holds
+// the namespace's turn, so no one else uses them meanwhile.
+func (m *Manager) cachedSockets(ns *netNS, routing bool) (*nsSockets, error) {
+	now := time.Now()
+	m.mu.Lock()
+	s := m.socks[ns.key]
+	var stale []*nsSockets
+	if now.Sub(m.swept) > socketIdle/4 {
+		m.swept = now
+		for k, x := range m.socks {
+			if now.Sub(x.used) > socketIdle && k != ns.key {
+				stale = append(stale, x)
+				delete(m.socks, k)
+			}
+		}
+	}
+	m.mu.Unlock()
+	for _, x := range stale {
+		x.close()
+	}
+	if s != nil && (s.rt != nil || !routing) {
+		s.used = now
+		return s, nil
+	}
+	nft, rt, err := sockets(ns, routing)
+	if err != nil {
+		return nil, err
+	}
+	if s != nil { // had the nftables socket; only the routing one was missing
+		nft.Close()
+		s.rt, s.used = rt, now
+		return s, nil
+	}
+	fd, err := unix.FcntlInt(uintptr(ns.fd()), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		nft.Close()
+		if rt != nil {
+			rt.Close()
+		}
+		return nil, err
+	}
+	s = &nsSockets{file: os.NewFile(uintptr(fd), ns.path), nft: nft, rt: rt, used: now}
+	m.mu.Lock()
+	m.socks[ns.key] = s
+	m.mu.Unlock()
+	return s, nil
+}
+
+// dropSockets closes and forgets the namespace's sockets (after an error their state is
+// unknown; after a remove they are not needed).
+func (m *Manager) dropSockets(key nsKey) {
+	m.mu.Lock()
+	s := m.socks[key]
+	delete(m.socks, key)
+	m.mu.Unlock()
+	if s != nil {
+		s.close()
+	}
+}
+
+// Close releases every cached socket and namespace handle.
+func (m *Manager) Close() error {
+	m.mu.Lock()
+	socks := m.socks
+	m.socks = map[nsKey]*nsSockets{}
+	m.mu.Unlock()
+	for _, s := range socks {
+		s.close()
+	}
+	return nil
+}

@@ -83,7 +83,8 @@ Commands:
 	fmt.Fprint(w, `
 Run 'nftmesh <command> --help' for a command's flags.
 
-Exit codes: 0 success; 1 'diff' found a difference; 2 bad flags, bad input, or failure.
+Exit codes: 0 success; 1 a negative answer ('diff': a difference, 'show': no table,
+'policy explain': denied, 'policy lint': warnings); 2 bad flags, bad input, or failure.
 `)
 }
 

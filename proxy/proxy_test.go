@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -192,4 +193,68 @@ func prometheusLabels(reporter string, mtls bool) map[string]string {
 		srcWorkload: "sleep", srcNamespace: "demo", srcIdentity: "spiffe://cluster.local/ns/demo/sa/sleep",
 		dstWorkload: "httpbin", dstNamespace: "demo", dstIdentity: "spiffe://cluster.local/ns/demo/sa/httpbin"}).labels()
 	return l
+}
+
+func fdCount(t *testing.T) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
+}
+
+// settle waits until f() is at most want, or the deadline passes, and returns the last value.
+func settle(want int, f func() int) int {
+	deadline := time.Now().Add(2 * time.Second)
+	n := f()
+	for n > want && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+		n = f()
+	}
+	return n
+}
+
+// Connections through the proxy leave nothing behind: after a warm-up (which opens the
+// pooled HBONE connection and the workers), many connections opened and closed, in order
+// or by reset, return the goroutine and descriptor counts to where they were.
+func TestNoLeakPerConnection(t *testing.T) {
+	f := newMesh(t, compiler.CaptureTProxy)
+	fam := f.tp.IPv4
+	dst := netip.AddrPortFrom(fam.Remote, 8080)
+	once := func(reset bool) {
+		c, err := dialFrom(t, f.tp.Pod, fam.TCP, dst)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := roundTrip(c); err != nil {
+			t.Fatalf("%v\n%s", err, f.logs)
+		}
+		if reset {
+			c.(*net.TCPConn).SetLinger(0)
+		}
+		c.Close()
+	}
+	for i := 0; i < 5; i++ {
+		once(false)
+	}
+	time.Sleep(200 * time.Millisecond)
+	baseG, baseFD := runtime.NumGoroutine(), fdCount(t)
+	// Two rounds: the first may add a constant (a second pooled HBONE connection, a pipe
+	// that Go keeps for splice); a leak grows with every round.
+	var afterG, afterFD [2]int
+	for round := 0; round < 2; round++ {
+		for i := 0; i < 60; i++ {
+			once(i%3 == 0)
+		}
+		afterG[round] = settle(baseG, runtime.NumGoroutine)
+		afterFD[round] = settle(baseFD, func() int { return fdCount(t) })
+	}
+	t.Logf("goroutines %d -> %v, fds %d -> %v", baseG, afterG, baseFD, afterFD)
+	if afterG[0] > baseG+8 || afterG[1] > afterG[0] {
+		t.Errorf("goroutines: %d before, %v after each round of 60 connections", baseG, afterG)
+	}
+	if afterFD[0] > baseFD+4 || afterFD[1] > afterFD[0] {
+		t.Errorf("file descriptors: %d before, %v after each round of 60 connections", baseFD, afterFD)
+	}
 }

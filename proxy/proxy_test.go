@@ -238,23 +238,36 @@ func TestNoLeakPerConnection(t *testing.T) {
 	for i := 0; i < 5; i++ {
 		once(false)
 	}
+	// Pooled HBONE connections are not per-connection state: the pool may open another
+	// one (x/net counts reset streams until the peer acknowledges them) and keeps it until
+	// it idles out. Each costs two descriptors here (both ends live in this process).
+	hboneConns := func() int {
+		out, err := f.tp.Pod.Run("", "ss", "-Htn", "state", "established", "dport", "= :15008")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return strings.Count(out, "\n")
+	}
 	time.Sleep(200 * time.Millisecond)
-	baseG, baseFD := runtime.NumGoroutine(), fdCount(t)
-	// Two rounds: the first may add a constant (a second pooled HBONE connection, a pipe
-	// that Go keeps for splice); a leak grows with every round.
+	baseG, baseFD, baseH := runtime.NumGoroutine(), fdCount(t), hboneConns()
 	var afterG, afterFD [2]int
 	for round := 0; round < 2; round++ {
 		for i := 0; i < 60; i++ {
 			once(i%3 == 0)
 		}
 		afterG[round] = settle(baseG, runtime.NumGoroutine)
-		afterFD[round] = settle(baseFD, func() int { return fdCount(t) })
+		pooled := hboneConns() - baseH
+		afterFD[round] = settle(baseFD, func() int { return fdCount(t) }) - 2*pooled
+		afterG[round] -= 8 * pooled // a pooled connection's read, write and ping goroutines, both ends
 	}
-	t.Logf("goroutines %d -> %v, fds %d -> %v", baseG, afterG, baseFD, afterFD)
-	if afterG[0] > baseG+8 || afterG[1] > afterG[0] {
-		t.Errorf("goroutines: %d before, %v after each round of 60 connections", baseG, afterG)
-	}
-	if afterFD[0] > baseFD+4 || afterFD[1] > afterFD[0] {
-		t.Errorf("file descriptors: %d before, %v after each round of 60 connections", baseFD, afterFD)
+	t.Logf("goroutines %d -> %v, fds %d -> %v (pooled HBONE connections discounted)", baseG, afterG, baseFD, afterFD)
+	// A leak grows with the connections: 60 per round would show as dozens.
+	for round := 0; round < 2; round++ {
+		if afterG[round] > baseG+4 {
+			t.Errorf("goroutines: %d before, %v after each round of 60 connections", baseG, afterG)
+		}
+		if afterFD[round] > baseFD+8 { // slack: pipes Go keeps for splice
+			t.Errorf("file descriptors: %d before, %v after each round of 60 connections", baseFD, afterFD)
+		}
 	}
 }

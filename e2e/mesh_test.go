@@ -14,7 +14,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"runtime"
 	"strconv"
 	"strings"
@@ -265,35 +264,10 @@ func (m *Mesh) wire() {
 		n.NS.IP(m.tb, append(addrs, routes...)...)
 	}
 	for _, p := range m.Pods {
-		waitUp(m.tb, p.NS, "eth0")
+		p.NS.WaitUp(m.tb, "eth0")
 	}
 	for _, n := range []*Node{n1, n2} {
-		waitUp(m.tb, n.NS, nodeLinks[n]...)
-	}
-}
-
-// waitUp waits until the links are operationally up (linkwatch has seen the carrier).
-func waitUp(tb testing.TB, ns *nettest.Netns, links ...string) {
-	tb.Helper()
-	deadline := time.Now().Add(3 * time.Second)
-	for {
-		out, err := ns.Run("", "ip", "-o", "link", "show", "up")
-		if err != nil {
-			tb.Fatal(err)
-		}
-		missing := ""
-		for _, l := range links {
-			if !regexp.MustCompile(`: ` + regexp.QuoteMeta(l) + `[@:].*state UP`).MatchString(out) {
-				missing = l
-			}
-		}
-		if missing == "" {
-			return
-		}
-		if time.Now().After(deadline) {
-			tb.Fatalf("netns %s: link %s not up:\n%s", ns.Name, missing, out)
-		}
-		time.Sleep(10 * time.Millisecond)
+		n.NS.WaitUp(m.tb, nodeLinks[n]...)
 	}
 }
 

@@ -176,14 +176,14 @@ func NewTopology(t testing.TB) *Topology {
 	tp.Pod.IP(t, pod...)
 	tp.Node.IP(t, node...)
 	tp.Remote.IP(t, remote...)
-	tp.Pod.waitUp(t, "eth0")
-	tp.Node.waitUp(t, "vpod", "vremote")
-	tp.Remote.waitUp(t, "eth0")
+	tp.Pod.WaitUp(t, "eth0")
+	tp.Node.WaitUp(t, "vpod", "vremote")
+	tp.Remote.WaitUp(t, "eth0")
 	return tp
 }
 
-// waitUp waits until the links are operationally up (linkwatch has seen the carrier).
-func (n *Netns) waitUp(t testing.TB, links ...string) {
+// WaitUp waits until the links are operationally up (linkwatch has seen the carrier).
+func (n *Netns) WaitUp(t testing.TB, links ...string) {
 	t.Helper()
 	deadline := time.Now().Add(3 * time.Second)
 	for {

@@ -66,7 +66,13 @@ func newMesh(t *testing.T, capture compiler.CaptureMode) *meshFixture {
 			IPs: []netip.Addr{tp.IPv4.Pod, tp.IPv6.Pod}, Labels: map[string]string{"app": "sleep"}},
 		{UID: "u-httpbin", Name: "httpbin", Namespace: "demo", ServiceAccount: "httpbin", InMesh: true,
 			IPs: []netip.Addr{tp.IPv4.Remote, tp.IPv6.Remote}, Labels: map[string]string{"app": "httpbin"}},
-	}})
+		{UID: "u-gone", Name: "httpbin-old", Namespace: "demo", ServiceAccount: "httpbin", InMesh: true,
+			IPs: []netip.Addr{netip.MustParseAddr("10.248.9.9")}},
+	}, Services: []workload.Service{{
+		Name: "httpbin", Namespace: "demo", VIPs: []netip.Addr{serviceVIP},
+		Ports:     []workload.ServicePort{{Port: 80, TargetPort: 8080}},
+		Endpoints: []workload.EndpointInfo{{UID: "u-httpbin", Ready: true}, {UID: "u-gone", Ready: false}},
+	}}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -185,6 +191,38 @@ func TestMeshHBONE(t *testing.T) {
 				t.Errorf("no access log line with the source identity:\n%s", f.logs)
 			}
 		})
+	}
+}
+
+// serviceVIP is a service address no interface has: only the proxy knows where it goes.
+var serviceVIP = netip.MustParseAddr("10.96.0.10")
+
+// Outbound to a service VIP picks the ready endpoint (never the unready one, which does
+// not exist) and tunnels straight to it, on the target port.
+func TestServiceVIP(t *testing.T) {
+	f := newMesh(t, compiler.CaptureTProxy)
+	for i := 0; i < 3; i++ {
+		c, err := dialFrom(t, f.tp.Pod, "tcp4", netip.AddrPortFrom(serviceVIP, 80))
+		if err != nil {
+			t.Fatalf("dial the VIP: %v", err)
+		}
+		seen, err := roundTrip(c)
+		c.Close()
+		if err != nil {
+			t.Fatalf("%v\n%s", err, f.logs)
+		}
+		if ap, _ := netip.ParseAddrPort(seen); ap.Addr() != f.tp.IPv4.Pod {
+			t.Errorf("the app saw %s, want the client pod's IP", seen)
+		}
+	}
+	time.Sleep(100 * time.Millisecond)
+	if !strings.Contains(f.logs.String(), "dst.hbone_addr="+netip.AddrPortFrom(f.tp.IPv4.Remote, 8080).String()) {
+		t.Errorf("no tunnel to httpbin:8080 in the access log:\n%s", f.logs)
+	}
+	l := prometheusLabels("source", true)
+	l["destination_service"] = "httpbin.demo"
+	if n := testutil.ToFloat64(f.proxy.metrics.opened.With(l)); n != 3 {
+		t.Errorf("outbound connections to the service = %v, want 3", n)
 	}
 }
 

@@ -101,10 +101,16 @@ func NewManager(log *slog.Logger, workers int) *Manager {
 	return &Manager{log: log, workers: workers, cache: ruleset.NewCache(), state: map[nsKey]*nsState{}, socks: map[nsKey]*nsSockets{}}
 }
 
-// acquire returns the namespace's state, counted as in use; release undoes it.
-func (m *Manager) acquire(key nsKey, seq uint64) *nsState {
+// acquire returns the namespace's state, counted as in use, and, when ordered, a new
+// submission number for it; release undoes it. The number is taken under the same lock
+// as the state, so a state released (and deleted) meanwhile cannot forget a newer one.
+func (m *Manager) acquire(key nsKey, ordered bool) (*nsState, uint64) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	var seq uint64
+	if ordered {
+		seq = m.seq.Add(1)
+	}
 	st := m.state[key]
 	if st == nil {
 		st = &nsState{}
@@ -112,7 +118,7 @@ func (m *Manager) acquire(key nsKey, seq uint64) *nsState {
 	}
 	st.users++
 	st.latest = max(st.latest, seq)
-	return st
+	return st, seq
 }
 
 func (m *Manager) release(key nsKey, st *nsState) {
@@ -127,8 +133,7 @@ func (m *Manager) release(key nsKey, st *nsState) {
 // superseded=true, holding nothing, when a newer submission exists by then: that one
 // will apply (or has applied) the newer intent, which must win.
 func (m *Manager) turn(key nsKey) (seq uint64, superseded bool, done func()) {
-	seq = m.seq.Add(1)
-	st := m.acquire(key, seq)
+	st, seq := m.acquire(key, true)
 	st.mu.Lock()
 	m.mu.Lock()
 	newer := st.latest > seq
@@ -196,6 +201,7 @@ func (m *Manager) Apply(path string, d Desired) (Result, error) {
 	if err != nil {
 		return res, err
 	}
+	defer m.releaseSockets(socks)
 	undo := func() {}
 	if d.Routing != nil {
 		res.RoutingChanged, undo, err = ensureRouting(socks.rt, *d.Routing)
@@ -238,12 +244,17 @@ func (m *Manager) Remove(path, table string, routing *compiler.Routing) (bool, e
 		return false, err
 	}
 	defer conn.Close()
+	if rt != nil {
+		defer rt.Close()
+	}
+	if cookie, err := conn.NetNSCookie(); err == nil {
+		m.cache.Forget(cookie)
+	}
 	removed, err := conn.Delete(table)
 	if err != nil {
 		return false, fmt.Errorf("netns %s: %w", path, err)
 	}
 	if routing != nil {
-		defer rt.Close()
 		r, err := removeRouting(rt, *routing)
 		removed = removed || r
 		if err != nil {
@@ -377,7 +388,7 @@ func (m *Manager) podIP(hostPath string, ip netip.Addr, uid string,
 	}
 	defer ns.Close()
 	// Element changes are not superseded by later submissions: each is its own fact.
-	st := m.acquire(ns.key, 0)
+	st, _ := m.acquire(ns.key, false)
 	st.mu.Lock()
 	defer func() { st.mu.Unlock(); m.release(ns.key, st) }()
 	conn, _, err := sockets(ns, false)

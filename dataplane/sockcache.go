@@ -21,10 +21,12 @@ import (
 const socketIdle = 30 * time.Second
 
 type nsSockets struct {
-	file *os.File // our own handle on the namespace
-	nft  *ruleset.Conn
-	rt   *nlraw.Conn // made when a pod apply first needs it
-	used time.Time
+	file  *os.File // our own handle on the namespace
+	nft   *ruleset.Conn
+	rt    *nlraw.Conn // made when a pod apply first needs it
+	used  time.Time   // guarded by Manager.mu, as are inUse and dead
+	inUse int         // applies holding these sockets: never closed under them
+	dead  bool        // dropped while in use: the last user closes
 }
 
 func (s *nsSockets) close() {
@@ -35,37 +37,44 @@ func (s *nsSockets) close() {
 	s.file.Close()
 }
 
-// cachedSockets returns the namespace's sockets, making what is missing. The caller holds
-// the namespace's turn, so no one else uses them meanwhile.
+// cachedSockets returns the namespace's sockets, making what is missing, and marks them
+// in use until releaseSockets. The caller holds the namespace's turn, so no other apply
+// uses them meanwhile; the sweep and Close never close sockets in use.
 func (m *Manager) cachedSockets(ns *netNS, routing bool) (*nsSockets, error) {
 	now := time.Now()
 	m.mu.Lock()
-	s := m.socks[ns.key]
 	var stale []*nsSockets
 	if now.Sub(m.swept) > socketIdle/4 {
 		m.swept = now
 		for k, x := range m.socks {
-			if now.Sub(x.used) > socketIdle && k != ns.key {
+			if x.inUse == 0 && now.Sub(x.used) > socketIdle {
 				stale = append(stale, x)
 				delete(m.socks, k)
 			}
 		}
+	}
+	s := m.socks[ns.key]
+	if s != nil {
+		s.inUse++
+		s.used = now
 	}
 	m.mu.Unlock()
 	for _, x := range stale {
 		x.close()
 	}
 	if s != nil && (s.rt != nil || !routing) {
-		s.used = now
 		return s, nil
 	}
 	nft, rt, err := sockets(ns, routing)
 	if err != nil {
+		if s != nil {
+			m.releaseSockets(s)
+		}
 		return nil, err
 	}
 	if s != nil { // had the nftables socket; only the routing one was missing
 		nft.Close()
-		s.rt, s.used = rt, now
+		s.rt = rt
 		return s, nil
 	}
 	fd, err := unix.FcntlInt(uintptr(ns.fd()), unix.F_DUPFD_CLOEXEC, 0)
@@ -76,21 +85,36 @@ func (m *Manager) cachedSockets(ns *netNS, routing bool) (*nsSockets, error) {
 		}
 		return nil, err
 	}
-	s = &nsSockets{file: os.NewFile(uintptr(fd), ns.path), nft: nft, rt: rt, used: now}
+	s = &nsSockets{file: os.NewFile(uintptr(fd), ns.path), nft: nft, rt: rt, used: now, inUse: 1}
 	m.mu.Lock()
 	m.socks[ns.key] = s
 	m.mu.Unlock()
 	return s, nil
 }
 
-// dropSockets closes and forgets the namespace's sockets (after an error their state is
-// unknown; after a remove they are not needed).
+// releaseSockets ends a use; sockets dropped meanwhile are closed by their last user.
+func (m *Manager) releaseSockets(s *nsSockets) {
+	m.mu.Lock()
+	s.inUse--
+	closeNow := s.dead && s.inUse == 0
+	m.mu.Unlock()
+	if closeNow {
+		s.close()
+	}
+}
+
+// dropSockets forgets the namespace's sockets (after an error their state is unknown;
+// after a remove they are not needed) and closes them once no apply uses them.
 func (m *Manager) dropSockets(key nsKey) {
 	m.mu.Lock()
 	s := m.socks[key]
 	delete(m.socks, key)
-	m.mu.Unlock()
+	closeNow := s != nil && s.inUse == 0
 	if s != nil {
+		s.dead = true
+	}
+	m.mu.Unlock()
+	if closeNow {
 		s.close()
 	}
 }
@@ -98,10 +122,16 @@ func (m *Manager) dropSockets(key nsKey) {
 // Close releases every cached socket and namespace handle.
 func (m *Manager) Close() error {
 	m.mu.Lock()
-	socks := m.socks
+	var idle []*nsSockets
+	for _, s := range m.socks {
+		s.dead = true
+		if s.inUse == 0 {
+			idle = append(idle, s)
+		}
+	}
 	m.socks = map[nsKey]*nsSockets{}
 	m.mu.Unlock()
-	for _, s := range socks {
+	for _, s := range idle {
 		s.close()
 	}
 	return nil

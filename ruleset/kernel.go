@@ -534,14 +534,19 @@ func (n *Conn) Apply(t *Table, cache *Cache) (Result, error) {
 	var hash string
 	var gen uint32
 	if cache != nil {
-		cookie, err := n.raw.NetNSCookie()
-		if err == nil {
-			gen, err = n.Generation()
+		// Without SO_NETNS_COOKIE (Linux < 5.14) there is no safe key: no cache.
+		if cookie, err := n.raw.NetNSCookie(); err != nil {
+			cache = nil
+		} else {
+			key = cacheKey{cookie, t.Name}
 		}
-		if err != nil {
+	}
+	if cache != nil {
+		var err error
+		if gen, err = n.Generation(); err != nil {
 			return Result{}, fmt.Errorf("table inet %s: %w", t.Name, err)
 		}
-		key, hash = cacheKey{cookie, t.Name}, t.contentKey(rb)
+		hash = t.contentKey(rb)
 		if cache.verified(key, gen, hash) {
 			return Result{Action: Unchanged}, nil
 		}

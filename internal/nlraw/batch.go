@@ -14,9 +14,12 @@ import (
 func (r *Conn) SendBatch(msgs []netlink.Message) error {
 	var buf []byte
 	last := len(msgs) - 2 // the message before BATCH_END
-	var lastSeq uint32
+	var firstSeq, lastSeq uint32
 	for i, m := range msgs {
 		seq := r.seq.Add(1)
+		if i == 0 {
+			firstSeq = seq
+		}
 		flags := uint16(m.Header.Flags) &^ (unix.NLM_F_ECHO | unix.NLM_F_ACK)
 		if i == last {
 			flags |= unix.NLM_F_ACK
@@ -29,8 +32,8 @@ func (r *Conn) SendBatch(msgs []netlink.Message) error {
 	}
 	var first error
 	err := r.receive(func(h netlink.Header, body []byte) (bool, error) {
-		if h.Type != netlink.Error {
-			return false, nil
+		if h.Type != netlink.Error || h.Sequence < firstSeq || h.Sequence > lastSeq+1 {
+			return false, nil // not about this batch
 		}
 		e, err := errno(body)
 		if err != nil {
@@ -38,9 +41,12 @@ func (r *Conn) SendBatch(msgs []netlink.Message) error {
 		}
 		if e != 0 && first == nil {
 			first = e
-			if e == unix.EPERM || e == unix.ENOBUFS {
-				return true, nil // the kernel sends nothing more
-			}
+		}
+		switch {
+		case e == unix.EPERM || e == unix.ENOBUFS:
+			return true, nil // the kernel sends nothing more
+		case e != 0 && (h.Sequence == firstSeq || h.Sequence == lastSeq+1):
+			return true, nil // the batch as a whole was refused (at BATCH_BEGIN or BATCH_END)
 		}
 		return h.Sequence == lastSeq, nil
 	})

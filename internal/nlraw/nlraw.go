@@ -75,7 +75,15 @@ func OpenAt(nsFD, protocol int) (*Conn, error) {
 }
 
 // Close closes the socket.
-func (r *Conn) Close() error { return unix.Close(r.fd) }
+// Close closes the socket; later calls fail with EBADF instead of reaching a reused fd.
+func (r *Conn) Close() error {
+	if r.fd < 0 {
+		return unix.EBADF
+	}
+	fd := r.fd
+	r.fd = -1
+	return unix.Close(fd)
+}
 
 // bufPool holds receive buffers, borrowed for one exchange: a dump part can be up to
 // 64 KiB, and a fresh buffer of that size (zeroed, and paged in) costs more than the
@@ -153,17 +161,35 @@ func errno(body []byte) (unix.Errno, error) {
 }
 
 // Execute sends one request and returns the replies: all parts of a dump, or the one
-// answer to a plain request. A kernel error comes back as an error wrapping the errno.
+// answer to a plain request. A kernel error comes back as an error wrapping the errno. A
+// dump the kernel marks interrupted (the ruleset changed while it was being dumped) is
+// done again, so that callers never see a torn one.
 func (r *Conn) Execute(msgType uint16, flags netlink.HeaderFlags, data []byte) ([]netlink.Message, error) {
+	for attempt := 0; ; attempt++ {
+		out, interrupted, err := r.execute(msgType, flags, data)
+		if err != nil || !interrupted {
+			return out, err
+		}
+		if attempt == 4 {
+			return nil, fmt.Errorf("netlink dump: interrupted %d times by concurrent changes", attempt+1)
+		}
+	}
+}
+
+func (r *Conn) execute(msgType uint16, flags netlink.HeaderFlags, data []byte) ([]netlink.Message, bool, error) {
 	seq := r.seq.Add(1)
 	if err := r.send(appendMessage(nil, msgType, uint16(flags|netlink.Request), seq, data)); err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	dump := flags&netlink.Dump != 0
 	var out []netlink.Message
+	interrupted := false
 	err := r.receive(func(h netlink.Header, body []byte) (bool, error) {
 		if h.Sequence != seq {
 			return false, nil // a late answer to an earlier request
+		}
+		if h.Flags&netlink.DumpInterrupted != 0 {
+			interrupted = true
 		}
 		switch h.Type {
 		case netlink.Done:
@@ -179,9 +205,9 @@ func (r *Conn) Execute(msgType uint16, flags netlink.HeaderFlags, data []byte) (
 		return !dump && h.Flags&netlink.Multi == 0, nil
 	})
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
-	return out, nil
+	return out, interrupted, nil
 }
 
 func nlmsgAlign(l int) int { return (l + unix.NLMSG_ALIGNTO - 1) &^ (unix.NLMSG_ALIGNTO - 1) }

@@ -10,6 +10,7 @@ import (
 	"os"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nftmesh/nftmesh/policy"
@@ -33,17 +34,23 @@ type instance struct {
 	hbone     *hbone.Server
 	wg        sync.WaitGroup
 
+	nsMu     sync.RWMutex // held (read) while the namespace fd is in use
+	nsClosed bool
+
 	mu      sync.Mutex
 	live    map[*liveConn]struct{} // inbound connections, for policy re-checks
 	ctx     context.Context
 	stopCtx context.CancelFunc
 }
 
-// liveConn is an inbound connection that policy re-checks may close.
+// liveConn is an inbound connection that policy re-checks may close. It is tracked before
+// its policy decision, so a change that lands while the app connection is being made is
+// not missed: a denied liveConn refuses the upstream that arrives later.
 type liveConn struct {
 	conn     policy.Connection
-	upstream net.Conn
 	peer     net.Conn // nil for HBONE: the tunnel ends when the upstream closes
+	upstream net.Conn // guarded by instance.mu
+	denied   bool     // guarded by instance.mu
 }
 
 func (i *instance) fd() int { return int(i.netns.Fd()) }
@@ -117,7 +124,10 @@ func (i *instance) stop(ctx context.Context, deadline time.Duration) {
 		<-done
 	}
 	i.stopCtx()
+	i.nsMu.Lock()
+	i.nsClosed = true
 	i.netns.Close()
+	i.nsMu.Unlock()
 }
 
 func (i *instance) acceptLoop(l net.Listener, serve func(*net.TCPConn)) {
@@ -182,7 +192,7 @@ func (i *instance) serveOutbound(c *net.TCPConn) {
 		if ok {
 			info.dstWorkload, info.dstNamespace = target.Workload.Name, target.Workload.Namespace
 		}
-		up, err = DialIn(ctx, i.fd(), netip.AddrPort{}, dst, SockOpts{Mark: p.cfg.Mark})
+		up, err = i.dialIn(ctx, netip.AddrPort{}, dst, SockOpts{Mark: p.cfg.Mark})
 	}
 	p.metrics.open(info)
 	if err != nil {
@@ -223,6 +233,8 @@ func (i *instance) serveInbound(c *net.TCPConn) {
 	}
 	p.metrics.open(info)
 	pc := policy.Connection{SrcIP: src.Addr(), DstIP: dst.Addr(), DstPort: dst.Port()}
+	lc := i.track(pc, c)
+	defer i.untrack(lc)
 	if d := p.policies.Decide(pc, i.policyWorkload()); !d.Allow {
 		info.responseFlags = "DENY"
 		c.Close()
@@ -232,16 +244,20 @@ func (i *instance) serveInbound(c *net.TCPConn) {
 	ctx, cancel := context.WithTimeout(i.ctx, p.cfg.DialTimeout)
 	up, err := i.deliver(ctx, src.Addr(), dst)
 	cancel()
+	if err == nil && !i.attach(lc, up) {
+		err = errors.New("denied by a policy change while connecting")
+		info.responseFlags = "DENY"
+	}
 	if err != nil {
-		info.responseFlags = "UF"
+		if info.responseFlags == "" {
+			info.responseFlags = "UF"
+		}
 		c.SetLinger(0)
 		c.Close()
 		p.metrics.done(p.log, info, 0, 0, err)
 		return
 	}
-	lc := i.track(pc, up, c)
 	sent, recv, err := i.pipeUntilStopped(c, up)
-	i.untrack(lc)
 	p.metrics.done(p.log, info, sent, recv, err)
 }
 
@@ -249,8 +265,20 @@ func (i *instance) serveInbound(c *net.TCPConn) {
 // and IP_FREEBIND to bind it, the proxy mark so the rules let it through and mark the
 // connection, whose replies then come back to this socket through table 100.
 func (i *instance) deliver(ctx context.Context, srcIP netip.Addr, dst netip.AddrPort) (*net.TCPConn, error) {
-	return DialIn(ctx, i.fd(), netip.AddrPortFrom(srcIP, 0), dst,
-		SockOpts{Mark: i.p.cfg.Mark, Transparent: true, FreeBind: true})
+	return i.dialIn(ctx, netip.AddrPortFrom(srcIP, 0), dst, SockOpts{Mark: i.p.cfg.Mark, Transparent: true, FreeBind: true})
+}
+
+var errStopped = errors.New("workload stopped")
+
+// dialIn connects from the pod's namespace. The namespace file stays open while its fd
+// is in use: stop waits, so the fd number can never meanwhile belong to another pod.
+func (i *instance) dialIn(ctx context.Context, local, remote netip.AddrPort, o SockOpts) (*net.TCPConn, error) {
+	i.nsMu.RLock()
+	defer i.nsMu.RUnlock()
+	if i.nsClosed {
+		return nil, errStopped
+	}
+	return DialIn(ctx, i.fd(), local, remote, o)
 }
 
 func (i *instance) policyWorkload() policy.Workload {
@@ -288,74 +316,93 @@ func (i *instance) dialInbound(ctx context.Context, req hbone.Request) (net.Conn
 	}
 	p.metrics.open(info)
 	pc := policy.Connection{SrcPrincipal: peer.String(), SrcIP: src.Addr(), DstIP: req.Authority.Addr(), DstPort: req.Authority.Port()}
+	lc := i.track(pc, nil)
 	if d := p.policies.Decide(pc, i.policyWorkload()); !d.Allow {
+		i.untrack(lc)
 		info.responseFlags = "DENY"
 		p.metrics.done(p.log, info, 0, 0, fmt.Errorf("denied by policy: %s", d))
 		return nil, http.StatusUnauthorized, fmt.Errorf("denied by policy: %s", d)
 	}
 	up, err := i.deliver(ctx, src.Addr(), req.Authority)
 	if err != nil {
+		i.untrack(lc)
 		info.responseFlags = "UF"
 		p.metrics.done(p.log, info, 0, 0, err)
 		return nil, http.StatusServiceUnavailable, err
 	}
-	return &trackedConn{TCPConn: up, i: i, lc: i.track(pc, up, nil), info: info}, http.StatusOK, nil
+	if !i.attach(lc, up) {
+		i.untrack(lc)
+		info.responseFlags = "DENY"
+		err := errors.New("denied by a policy change while connecting")
+		p.metrics.done(p.log, info, 0, 0, err)
+		return nil, http.StatusUnauthorized, err
+	}
+	return &trackedConn{c: up, i: i, lc: lc, info: info}, http.StatusOK, nil
 }
 
-// trackedConn is an HBONE tunnel's upstream: closing it ends the tunnel's bookkeeping.
+// trackedConn is an HBONE tunnel's upstream: it counts bytes and ends the tunnel's
+// bookkeeping when closed. It wraps the TCP conn instead of embedding it: an embedded
+// *net.TCPConn would let net.Buffers write around Write (writev), uncounted.
 type trackedConn struct {
-	*net.TCPConn
+	c         *net.TCPConn
 	i         *instance
 	lc        *liveConn
 	info      *connInfo
 	once      sync.Once
-	sent, rcv countingBytes
-}
-
-type countingBytes struct {
-	mu sync.Mutex
-	n  int64
-}
-
-func (c *countingBytes) add(n int) {
-	c.mu.Lock()
-	c.n += int64(n)
-	c.mu.Unlock()
-}
-
-func (c *countingBytes) get() int64 {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.n
+	sent, rcv atomic.Int64
 }
 
 func (t *trackedConn) Read(b []byte) (int, error) {
-	n, err := t.TCPConn.Read(b)
-	t.rcv.add(n)
+	n, err := t.c.Read(b)
+	t.rcv.Add(int64(n))
 	return n, err
 }
 
 func (t *trackedConn) Write(b []byte) (int, error) {
-	n, err := t.TCPConn.Write(b)
-	t.sent.add(n)
+	n, err := t.c.Write(b)
+	t.sent.Add(int64(n))
 	return n, err
 }
 
+func (t *trackedConn) CloseWrite() error                  { return t.c.CloseWrite() }
+func (t *trackedConn) SetLinger(sec int) error            { return t.c.SetLinger(sec) }
+func (t *trackedConn) LocalAddr() net.Addr                { return t.c.LocalAddr() }
+func (t *trackedConn) RemoteAddr() net.Addr               { return t.c.RemoteAddr() }
+func (t *trackedConn) SetDeadline(d time.Time) error      { return t.c.SetDeadline(d) }
+func (t *trackedConn) SetReadDeadline(d time.Time) error  { return t.c.SetReadDeadline(d) }
+func (t *trackedConn) SetWriteDeadline(d time.Time) error { return t.c.SetWriteDeadline(d) }
+
 func (t *trackedConn) Close() error {
-	err := t.TCPConn.Close()
+	err := t.c.Close()
 	t.once.Do(func() {
 		t.i.untrack(t.lc)
-		t.i.p.metrics.done(t.i.p.log, t.info, t.sent.get(), t.rcv.get(), nil)
+		t.i.p.metrics.done(t.i.p.log, t.info, t.sent.Load(), t.rcv.Load(), nil)
 	})
 	return err
 }
 
-func (i *instance) track(pc policy.Connection, up, peer net.Conn) *liveConn {
-	lc := &liveConn{conn: pc, upstream: up, peer: peer}
+// track registers an inbound connection for policy re-checks, before its decision.
+func (i *instance) track(pc policy.Connection, peer net.Conn) *liveConn {
+	lc := &liveConn{conn: pc, peer: peer}
 	i.mu.Lock()
 	i.live[lc] = struct{}{}
 	i.mu.Unlock()
 	return lc
+}
+
+// attach gives a tracked connection its upstream; false (and up closed) if a re-check
+// denied it meanwhile.
+func (i *instance) attach(lc *liveConn, up net.Conn) bool {
+	i.mu.Lock()
+	denied := lc.denied
+	if !denied {
+		lc.upstream = up
+	}
+	i.mu.Unlock()
+	if denied {
+		up.Close()
+	}
+	return !denied
 }
 
 func (i *instance) untrack(lc *liveConn) {
@@ -364,28 +411,29 @@ func (i *instance) untrack(lc *liveConn) {
 	i.mu.Unlock()
 }
 
-// recheck closes (with a reset) the live connections the current policies deny.
+// recheck closes (with a reset) the live connections the current policies deny, and
+// marks those still connecting so that they give up.
 func (i *instance) recheck() {
 	w := i.policyWorkload()
+	var closing []net.Conn
 	i.mu.Lock()
-	var denied []*liveConn
 	for lc := range i.live {
-		if d := i.p.policies.Decide(lc.conn, w); !d.Allow {
-			denied = append(denied, lc)
+		if d := i.p.policies.Decide(lc.conn, w); !d.Allow && !lc.denied {
+			lc.denied = true
+			i.p.log.Info("closing connection denied by changed policy", "uid", i.uid, "connection", lc.conn.String())
+			for _, c := range []net.Conn{lc.upstream, lc.peer} {
+				if c != nil {
+					closing = append(closing, c)
+				}
+			}
 		}
 	}
 	i.mu.Unlock()
-	for _, lc := range denied {
-		i.p.log.Info("closing connection denied by changed policy", "uid", i.uid, "connection", lc.conn.String())
-		for _, c := range []net.Conn{lc.upstream, lc.peer} {
-			if c == nil {
-				continue
-			}
-			if r, ok := c.(resetter); ok {
-				r.SetLinger(0)
-			}
-			c.Close()
+	for _, c := range closing {
+		if r, ok := c.(resetter); ok {
+			r.SetLinger(0)
 		}
+		c.Close()
 	}
 }
 

@@ -75,6 +75,7 @@ type Proxy struct {
 	mu        sync.Mutex
 	instances map[string]*instance     // by pod UID
 	byIP      map[netip.Addr]*instance // pod IP -> instance, for outbound HBONE dials
+	starting  map[string]bool          // pods whose AddWorkload is still starting listeners
 	closing   bool
 	ready     bool
 }
@@ -88,7 +89,7 @@ func New(cfg Config, issuer identity.Issuer, workloads workload.Store, policies 
 	}
 	p := &Proxy{
 		cfg: cfg.withDefaults(), log: log, issuer: issuer, workloads: workloads, policies: policies, metrics: metrics,
-		instances: map[string]*instance{}, byIP: map[netip.Addr]*instance{},
+		instances: map[string]*instance{}, byIP: map[netip.Addr]*instance{}, starting: map[string]bool{},
 	}
 	p.pool = &hbone.Pool{DialTLS: p.dialHBONE, Log: log}
 	return p
@@ -130,25 +131,34 @@ func (p *Proxy) AddWorkload(ctx context.Context, uid string, info zds.WorkloadIn
 		netns.Close()
 		return errors.New("proxy is shutting down")
 	}
-	if old := p.instances[uid]; old != nil {
+	if p.instances[uid] != nil || p.starting[uid] {
 		// The agent re-sent a pod we run (after a reconnect): keep the running one.
 		p.mu.Unlock()
 		netns.Close()
 		return nil
 	}
+	p.starting[uid] = true // a concurrent add of the same pod waits for nothing: see above
 	p.mu.Unlock()
 
 	inst, err := p.startInstance(uid, info, netns)
+	p.mu.Lock()
+	stillWanted := p.starting[uid] && !p.closing // a Del or Shutdown may have come meanwhile
+	delete(p.starting, uid)
+	if err == nil && stillWanted {
+		p.instances[uid] = inst
+		for _, ip := range inst.ips {
+			p.byIP[ip] = inst
+		}
+	}
+	p.mu.Unlock()
 	if err != nil {
 		netns.Close()
 		return fmt.Errorf("pod %s/%s (%s): %w", info.Namespace, info.Name, uid, err)
 	}
-	p.mu.Lock()
-	p.instances[uid] = inst
-	for _, ip := range inst.ips {
-		p.byIP[ip] = inst
+	if !stillWanted {
+		inst.stop(ctx, 0)
+		return fmt.Errorf("pod %s/%s (%s): deleted while starting", info.Namespace, info.Name, uid)
 	}
-	p.mu.Unlock()
 	p.log.Info("workload added", "uid", uid, "pod", info.Namespace+"/"+info.Name, "ips", inst.ips, "identity", inst.id.String())
 	return nil
 }
@@ -169,6 +179,7 @@ func (p *Proxy) DelWorkload(ctx context.Context, uid string) error {
 	p.mu.Lock()
 	inst := p.instances[uid]
 	delete(p.instances, uid)
+	delete(p.starting, uid) // an add still starting is dropped when it finishes
 	if inst != nil {
 		for _, ip := range inst.ips {
 			if p.byIP[ip] == inst {
@@ -251,7 +262,7 @@ func (p *Proxy) dialHBONE(ctx context.Context, key hbone.PoolKey) (*tls.Conn, er
 	if err != nil {
 		return nil, err
 	}
-	c, err := DialIn(ctx, src.fd(), netip.AddrPort{}, key.Dst, SockOpts{Mark: p.cfg.Mark})
+	c, err := src.dialIn(ctx, netip.AddrPort{}, key.Dst, SockOpts{Mark: p.cfg.Mark})
 	if err != nil {
 		return nil, err
 	}

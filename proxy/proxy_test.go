@@ -187,6 +187,12 @@ func TestMeshHBONE(t *testing.T) {
 			if opened < 2 {
 				t.Errorf("inbound mTLS connections opened = %v, want 2\n%s", opened, f.logs)
 			}
+			// Bytes towards the app count on the destination too (the tunnel writes them with
+			// writev, which must not slip past the counting).
+			l := prometheusLabels("destination", true)
+			if sent, rcv := testutil.ToFloat64(f.proxy.metrics.sent.With(l)), testutil.ToFloat64(f.proxy.metrics.received.With(l)); sent < 10 || rcv < 10 {
+				t.Errorf("inbound bytes sent %v, received %v; want both counted", sent, rcv)
+			}
 			if !strings.Contains(f.logs.String(), "connection complete") || !strings.Contains(f.logs.String(), "src.identity=spiffe://cluster.local/ns/demo/sa/sleep") {
 				t.Errorf("no access log line with the source identity:\n%s", f.logs)
 			}

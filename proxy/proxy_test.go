@@ -11,6 +11,7 @@ import (
 	"os"
 	"runtime"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -34,7 +35,7 @@ type meshFixture struct {
 	proxy    *Proxy
 	policies *policy.Store
 	reg      *prometheus.Registry
-	logs     *strings.Builder
+	logs     *syncBuf
 }
 
 func newMesh(t *testing.T, capture compiler.CaptureMode) *meshFixture {
@@ -76,8 +77,8 @@ func newMesh(t *testing.T, capture compiler.CaptureMode) *meshFixture {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := &meshFixture{tp: tp, policies: policy.NewStore(policy.Options{}), reg: prometheus.NewRegistry(), logs: &strings.Builder{}}
-	log := slog.New(slog.NewTextHandler(&lockedWriter{b: f.logs}, nil))
+	f := &meshFixture{tp: tp, policies: policy.NewStore(policy.Options{}), reg: prometheus.NewRegistry(), logs: &syncBuf{}}
+	log := slog.New(slog.NewTextHandler(f.logs, nil))
 	f.proxy = New(Config{ShutdownDeadline: time.Second}, issuer, store, f.policies, NewMetrics(f.reg), log)
 	ctx, cancel := context.WithCancel(context.Background())
 	go f.proxy.Run(ctx)
@@ -126,13 +127,22 @@ func newMesh(t *testing.T, capture compiler.CaptureMode) *meshFixture {
 	return f
 }
 
-type lockedWriter struct {
-	mu chan struct{}
-	b  *strings.Builder
+// syncBuf collects the proxy's log lines; the test reads it while connections log.
+type syncBuf struct {
+	mu sync.Mutex
+	b  strings.Builder
 }
 
-func (w *lockedWriter) Write(p []byte) (int, error) {
-	return w.b.Write(p) // slog handlers serialize their writes
+func (w *syncBuf) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.b.Write(p)
+}
+
+func (w *syncBuf) String() string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.b.String()
 }
 
 // dialFrom connects from inside ns (an app socket: no mark, so the rules capture it).

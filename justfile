@@ -12,7 +12,7 @@ compile *args: build
 
 # Run every test. Needs root: tests create network namespaces and run the real nft.
 test: lint
-    go test -count=1 ./...
+    go test -race -count=1 ./...
 
 # Rewrite the golden rulesets in fixtures/golden from fixtures/intents.
 golden:

@@ -315,7 +315,7 @@ func hboneConns(tb testing.TB, ns *nettest.Netns) int {
 func BenchmarkProxyMemory(b *testing.B) {
 	const pods = 100
 	nettest.Require(b)
-	m := &Mesh{tb: b, Dir: b.TempDir(), agentLogs: &syncBuffer{}}
+	m := &Mesh{tb: b, Dir: b.TempDir(), agentLogs: &nettest.SyncBuffer{}}
 	node := nettest.New(b)
 	m.sysctls(node)
 	var wf workload.File

@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -120,7 +119,7 @@ type Mesh struct {
 	podDesired, hostDesired dataplane.Desired
 	rulesOn                 map[*Pod]bool
 	nextIndex               int
-	agentLogs               *syncBuffer
+	agentLogs               *nettest.SyncBuffer
 }
 
 // Deadlines: short, so that a failure fails fast instead of hanging.
@@ -139,7 +138,7 @@ const (
 func NewMesh(tb testing.TB, capture compiler.CaptureMode) *Mesh {
 	tb.Helper()
 	nettest.Require(tb)
-	m := &Mesh{tb: tb, Capture: capture, Dir: tb.TempDir(), nextIndex: 10, agentLogs: &syncBuffer{}, rulesOn: map[*Pod]bool{}}
+	m := &Mesh{tb: tb, Capture: capture, Dir: tb.TempDir(), nextIndex: 10, agentLogs: &nettest.SyncBuffer{}, rulesOn: map[*Pod]bool{}}
 	m.Node1 = m.newNode("node1", 1)
 	m.Node2 = m.newNode("node2", 2)
 	m.Sleep = m.newPod("sleep", m.Node1, 1, true, nil)
@@ -518,29 +517,11 @@ func (m *Mesh) Connect(from *Pod, f family) (*Session, error) {
 	return s, nil
 }
 
-// syncBuffer is a bytes.Buffer safe for concurrent writes and reads.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
-}
-
 // Proc is an `nftmesh proxy` process running in a node namespace.
 type Proc struct {
 	Name string
 	cmd  *exec.Cmd
-	Log  *syncBuffer // stdout and stderr: the JSON log, access log lines included
+	Log  *nettest.SyncBuffer // stdout and stderr: the JSON log, access log lines included
 	done chan struct{}
 	err  error
 	once sync.Once
@@ -550,7 +531,7 @@ type Proc struct {
 // place, so the process is the proxy itself) and stops it when the test ends.
 func StartProxy(tb testing.TB, name string, ns *nettest.Netns, args ...string) *Proc {
 	tb.Helper()
-	p := &Proc{Name: name, Log: &syncBuffer{}, done: make(chan struct{})}
+	p := &Proc{Name: name, Log: &nettest.SyncBuffer{}, done: make(chan struct{})}
 	p.cmd = exec.Command("ip", append([]string{"netns", "exec", ns.Name, nftmeshBin, "proxy"}, args...)...)
 	p.cmd.Stdout, p.cmd.Stderr = p.Log, p.Log
 	// NFTMESH_E2E_PROXY_ENV adds environment variables (space separated) for the proxies

@@ -11,7 +11,6 @@ import (
 	"os"
 	"runtime"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -35,7 +34,7 @@ type meshFixture struct {
 	proxy    *Proxy
 	policies *policy.Store
 	reg      *prometheus.Registry
-	logs     *syncBuf
+	logs     *nettest.SyncBuffer
 }
 
 func newMesh(t *testing.T, capture compiler.CaptureMode) *meshFixture {
@@ -77,7 +76,7 @@ func newMesh(t *testing.T, capture compiler.CaptureMode) *meshFixture {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := &meshFixture{tp: tp, policies: policy.NewStore(policy.Options{}), reg: prometheus.NewRegistry(), logs: &syncBuf{}}
+	f := &meshFixture{tp: tp, policies: policy.NewStore(policy.Options{}), reg: prometheus.NewRegistry(), logs: &nettest.SyncBuffer{}}
 	log := slog.New(slog.NewTextHandler(f.logs, nil))
 	f.proxy = New(Config{ShutdownDeadline: time.Second}, issuer, store, f.policies, NewMetrics(f.reg), log)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -125,24 +124,6 @@ func newMesh(t *testing.T, capture compiler.CaptureMode) *meshFixture {
 		}()
 	}
 	return f
-}
-
-// syncBuf collects the proxy's log lines; the test reads it while connections log.
-type syncBuf struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (w *syncBuf) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.b.Write(p)
-}
-
-func (w *syncBuf) String() string {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.b.String()
 }
 
 // dialFrom connects from inside ns (an app socket: no mark, so the rules capture it).

@@ -8,6 +8,7 @@ import (
 	"sync/atomic"
 	"syscall"
 
+	"github.com/nftmesh/nftmesh/internal/rawio"
 	"github.com/nftmesh/nftmesh/proxy/hbone"
 )
 
@@ -64,26 +65,45 @@ func pipe(a, b net.Conn) (aToB, bToA int64, err error) {
 	return aToB, bToA, err
 }
 
-// copyBufSize is the buffer for a leg that is not TCP to TCP: big writes mean fewer TLS
-// records, HTTP/2 frames and system calls per megabyte on an HBONE tunnel.
+// copyBufSize is the buffer for a leg that is neither TCP to TCP nor handled by the
+// tunnel itself: big writes mean fewer TLS records, HTTP/2 frames and system calls per
+// megabyte.
 const copyBufSize = 256 << 10
 
 var copyBufs = sync.Pool{New: func() any { b := make([]byte, copyBufSize); return &b }}
 
 // copyConn copies src to dst. TCP to TCP goes through io.Copy (splice, no copy to user
-// space), and so does a tunnel to TCP (the tunnel's WriteTo sizes its reads itself). TCP
-// into a tunnel goes through a large buffer: big writes mean fewer TLS records, HTTP/2
-// frames and system calls per megabyte; hiding src's WriteTo and dst's ReaderFrom makes
-// io.CopyBuffer really use it.
+// space). A tunnel to TCP goes through the tunnel's WriteTo (it sizes its reads itself);
+// TCP into a tunnel through the tunnel's ReadFrom (its sender reads the socket itself,
+// no hand-off between goroutines). Anything else gets a large buffer; hiding src's WriteTo
+// and dst's ReaderFrom makes io.CopyBuffer really use it.
 func copyConn(dst, src net.Conn) (int64, error) {
-	_, srcTCP := src.(*net.TCPConn)
-	_, dstTCP := dst.(*net.TCPConn)
-	if !srcTCP || dstTCP {
+	srcTCP, srcIsTCP := src.(*net.TCPConn)
+	dstTCP, dstIsTCP := dst.(*net.TCPConn)
+	switch {
+	case srcIsTCP && dstIsTCP:
 		return io.Copy(dst, src)
+	case srcIsTCP:
+		if rf, ok := dst.(io.ReaderFrom); ok {
+			return rf.ReadFrom(rawConn(srcTCP))
+		}
+		buf := copyBufs.Get().(*[]byte)
+		defer copyBufs.Put(buf)
+		return io.CopyBuffer(struct{ io.Writer }{dst}, struct{ io.Reader }{src}, *buf)
+	case dstIsTCP:
+		if wt, ok := src.(io.WriterTo); ok {
+			return wt.WriteTo(rawConn(dstTCP))
+		}
 	}
-	buf := copyBufs.Get().(*[]byte)
-	defer copyBufs.Put(buf)
-	return io.CopyBuffer(struct{ io.Writer }{dst}, struct{ io.Reader }{src}, *buf)
+	return io.Copy(dst, src)
+}
+
+// rawConn is c with raw system calls for a tunnel's own reads and writes (see rawio).
+func rawConn(c *net.TCPConn) net.Conn {
+	if rc, err := rawio.NewConn(c); err == nil {
+		return rc
+	}
+	return c
 }
 
 func isReset(err error) bool {

@@ -13,6 +13,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/nftmesh/nftmesh/internal/rawio"
 	"github.com/nftmesh/nftmesh/policy"
 	"github.com/nftmesh/nftmesh/proxy/hbone"
 	"github.com/nftmesh/nftmesh/proxy/identity"
@@ -337,14 +338,22 @@ func (i *instance) dialInbound(ctx context.Context, req hbone.Request) (net.Conn
 		p.metrics.done(p.log, info, 0, 0, err)
 		return nil, http.StatusUnauthorized, err
 	}
-	return &trackedConn{c: up, i: i, lc: lc, info: info}, http.StatusOK, nil
+	raw, err := rawio.NewConn(up)
+	if err != nil {
+		i.untrack(lc)
+		up.Close()
+		info.responseFlags = "UF"
+		p.metrics.done(p.log, info, 0, 0, err)
+		return nil, http.StatusServiceUnavailable, err
+	}
+	return &trackedConn{c: raw, i: i, lc: lc, info: info}, http.StatusOK, nil
 }
 
 // trackedConn is an HBONE tunnel's upstream: it counts bytes and ends the tunnel's
 // bookkeeping when closed. It wraps the TCP conn instead of embedding it: an embedded
 // *net.TCPConn would let net.Buffers write around Write (writev), uncounted.
 type trackedConn struct {
-	c         *net.TCPConn
+	c         *rawio.Conn // raw system calls: see rawio
 	i         *instance
 	lc        *liveConn
 	info      *connInfo
@@ -360,6 +369,14 @@ func (t *trackedConn) Read(b []byte) (int, error) {
 
 func (t *trackedConn) Write(b []byte) (int, error) {
 	n, err := t.c.Write(b)
+	t.sent.Add(int64(n))
+	return n, err
+}
+
+// TryWrite lets the HBONE server's read loop write to the app without waking the tunnel's
+// goroutine.
+func (t *trackedConn) TryWrite(b []byte) (int, error) {
+	n, err := t.c.TryWrite(b)
 	t.sent.Add(int64(n))
 	return n, err
 }

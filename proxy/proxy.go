@@ -91,7 +91,7 @@ func New(cfg Config, issuer identity.Issuer, workloads workload.Store, policies 
 		cfg: cfg.withDefaults(), log: log, issuer: issuer, workloads: workloads, policies: policies, metrics: metrics,
 		instances: map[string]*instance{}, byIP: map[netip.Addr]*instance{}, starting: map[string]bool{},
 	}
-	p.pool = &hbone.Pool{DialTLS: p.dialHBONE, Log: log}
+	p.pool = &hbone.Pool{Dial: p.dialHBONE, TLSConfig: p.hboneTLS, Log: log}
 	return p
 }
 
@@ -247,13 +247,19 @@ func (p *Proxy) recheck() {
 
 // dialHBONE opens a pooled HBONE connection from the source pod's namespace: the socket
 // is made there, with the proxy mark, so the source IP is the pod's and no rule captures it.
-func (p *Proxy) dialHBONE(ctx context.Context, key hbone.PoolKey) (*tls.Conn, error) {
+func (p *Proxy) dialHBONE(ctx context.Context, key hbone.PoolKey) (net.Conn, error) {
 	p.mu.Lock()
 	src := p.byIP[key.SrcIP]
 	p.mu.Unlock()
 	if src == nil {
 		return nil, fmt.Errorf("no workload with IP %s on this node", key.SrcIP)
 	}
+	return src.dialIn(ctx, netip.AddrPort{}, key.Dst, SockOpts{Mark: p.cfg.Mark})
+}
+
+// hboneTLS is the client TLS configuration of a pooled HBONE connection: the source's
+// certificate, the destination's identity expected.
+func (p *Proxy) hboneTLS(key hbone.PoolKey) (*tls.Config, error) {
 	srcID, err := identity.ParseID(key.SrcID)
 	if err != nil {
 		return nil, err
@@ -262,16 +268,7 @@ func (p *Proxy) dialHBONE(ctx context.Context, key hbone.PoolKey) (*tls.Conn, er
 	if err != nil {
 		return nil, err
 	}
-	c, err := src.dialIn(ctx, netip.AddrPort{}, key.Dst, SockOpts{Mark: p.cfg.Mark})
-	if err != nil {
-		return nil, err
-	}
-	tc := tls.Client(c, identity.ClientTLSConfig(p.issuer, srcID, []identity.ID{dstID}))
-	if err := tc.HandshakeContext(ctx); err != nil {
-		c.Close()
-		return nil, fmt.Errorf("HBONE handshake with %s (%s): %w", key.Dst, dstID, err)
-	}
-	return tc, nil
+	return identity.ClientTLSConfig(p.issuer, srcID, []identity.ID{dstID}), nil
 }
 
 // Handler returns the readiness endpoint (/healthz/ready).

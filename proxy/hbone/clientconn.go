@@ -12,9 +12,14 @@ import (
 	"time"
 )
 
-// reqBody is the CONNECT's request body: the pipe the tunnel's writes go through. The
-// transport closes it when it is done with the stream's sending side.
+// reqBody is the CONNECT's request body, read by x/net's transport goroutine. Its source is
+// given once: a pipe that Write feeds, or, through ReadFrom, the proxied connection itself,
+// which the transport then reads straight into its frame buffer (no copy, no goroutine
+// hand-off per read). The transport closes the body when it is done with the stream's
+// sending side.
 type reqBody struct {
+	srcc   chan io.Reader // cap 1: the source
+	src    io.Reader      // the transport goroutine's
 	pr     *io.PipeReader
 	once   sync.Once
 	closed chan struct{}
@@ -22,14 +27,54 @@ type reqBody struct {
 
 var errBodyClosed = errors.New("hbone: request body closed by the transport")
 
-func (b *reqBody) Read(p []byte) (int, error) { return b.pr.Read(p) }
+func (b *reqBody) Read(p []byte) (int, error) {
+	if b.src == nil {
+		select {
+		case b.src = <-b.srcc:
+		case <-b.closed:
+			return 0, errBodyClosed
+		}
+	}
+	return b.src.Read(p)
+}
 
+// Close unblocks a Read on the pipe; a Read on a ReadFrom source returns when that source
+// is closed.
 func (b *reqBody) Close() error {
 	b.once.Do(func() {
 		b.pr.CloseWithError(errBodyClosed)
 		close(b.closed)
 	})
 	return nil
+}
+
+// Body source modes.
+const (
+	srcNone int32 = iota
+	srcPipe
+	srcDirect
+)
+
+// directSrc is a ReadFrom source: it counts what the transport read and reports the end.
+type directSrc struct {
+	r    io.Reader
+	n    atomic.Int64
+	err  error // set before done is closed
+	done chan struct{}
+	end  func() // at the source's EOF
+}
+
+func (d *directSrc) Read(p []byte) (int, error) {
+	n, err := d.r.Read(p)
+	d.n.Add(int64(n))
+	if err != nil && d.err == nil {
+		d.err = err
+		if errors.Is(err, io.EOF) {
+			d.end()
+		}
+		close(d.done)
+	}
+	return n, err
 }
 
 // gracefulCloseWait bounds how long Close waits for the transport to send the last request
@@ -44,6 +89,7 @@ type clientConn struct {
 	resp   *http.Response
 	pw     *io.PipeWriter
 	body   *reqBody
+	mode   atomic.Int32 // srcNone, srcPipe or srcDirect
 	cancel context.CancelFunc
 	local  net.Addr
 	remote net.Addr
@@ -102,6 +148,9 @@ func (c *clientConn) WriteTo(w io.Writer) (int64, error) {
 }
 
 func (c *clientConn) Write(p []byte) (int, error) {
+	if !c.usePipe() {
+		return 0, &net.OpError{Op: "write", Net: "hbone", Source: c.local, Addr: c.remote, Err: errors.New("hbone: Write during ReadFrom")}
+	}
 	n, err := c.pw.Write(p)
 	if err == nil {
 		return n, nil
@@ -118,10 +167,51 @@ func (c *clientConn) Write(p []byte) (int, error) {
 	return n, &net.OpError{Op: "write", Net: "hbone", Source: c.local, Addr: c.remote, Err: err}
 }
 
+// usePipe makes the pipe the body's source, unless ReadFrom made r the source.
+func (c *clientConn) usePipe() bool {
+	if c.mode.CompareAndSwap(srcNone, srcPipe) {
+		c.body.srcc <- c.body.pr
+	}
+	return c.mode.Load() == srcPipe
+}
+
+// ReadFrom sends what r yields until r ends, then ends the request body (END_STREAM) as
+// CloseWrite does. x/net's transport goroutine reads r itself. r must allow reads from
+// another goroutine and unblock them when closed, as a net.Conn does: a tunnel reset makes
+// ReadFrom return at once, while that read goes on until r is closed.
+func (c *clientConn) ReadFrom(r io.Reader) (int64, error) {
+	if !c.mode.CompareAndSwap(srcNone, srcDirect) {
+		// Write came first (or another ReadFrom): copy through Write.
+		return io.Copy(struct{ io.Writer }{c}, struct{ io.Reader }{r})
+	}
+	d := &directSrc{r: r, done: make(chan struct{}), end: func() { c.writeClosed.Store(true) }}
+	c.body.srcc <- d
+	select {
+	case <-d.done:
+	case <-c.body.closed:
+		select {
+		case <-d.done: // both: the source's end came first
+		default:
+			err := resetError(errBodyClosed)
+			if c.closed.Load() {
+				err = net.ErrClosed
+			}
+			return d.n.Load(), &net.OpError{Op: "write", Net: "hbone", Source: c.local, Addr: c.remote, Err: err}
+		}
+	}
+	if errors.Is(d.err, io.EOF) {
+		return d.n.Load(), nil
+	}
+	return d.n.Load(), d.err // the source's own error: the transport resets the stream
+}
+
 // CloseWrite ends the request body: END_STREAM, which the server turns into a FIN upstream.
-// Reading goes on.
+// Reading goes on. While ReadFrom runs, its source's end is the body's end.
 func (c *clientConn) CloseWrite() error {
 	if c.writeClosed.Swap(true) {
+		return nil
+	}
+	if !c.usePipe() {
 		return nil
 	}
 	return c.pw.Close()
@@ -142,6 +232,11 @@ func (c *clientConn) Close() error {
 			t.Stop()
 		}
 		c.pw.CloseWithError(net.ErrClosed)
+		if c.mode.Load() == srcDirect && !c.writeClosed.Load() {
+			// The transport goroutine may be blocked reading the ReadFrom source, which
+			// Body.Close would wait for: cancelling first resets the stream without waiting.
+			c.cancel()
+		}
 		c.resp.Body.Close() // resets an unfinished stream; waits for the stream's goroutine
 		c.cancel()
 		c.pool.release(c.pc)

@@ -2,7 +2,7 @@
 // HTTP/2 CONNECT on port 15008, as Istio ambient's ztunnel does it (reference.md §5).
 //
 // It moves bytes and nothing else. Policy, network namespaces and workload lookup come in
-// through callbacks: the Server's Dialer decides and connects each tunnel, the Pool's DialTLS
+// through callbacks: the Server's Dialer decides and connects each tunnel, the Pool's Dial
 // opens each pooled connection; TLS configurations come from the caller.
 //
 // One CONNECT carries one proxied TCP connection. Both directions half-close independently

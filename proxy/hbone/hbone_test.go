@@ -389,8 +389,7 @@ func TestStaleConnectionRetried(t *testing.T) {
 	e := newEnv(t)
 	var breakers []*atomic.Bool
 	var mu sync.Mutex
-	clTLS := e.clTLS
-	e.pool.DialTLS = func(ctx context.Context, key PoolKey) (*tls.Conn, error) {
+	e.pool.Dial = func(ctx context.Context, key PoolKey) (net.Conn, error) {
 		var d net.Dialer
 		c, err := d.DialContext(ctx, "tcp", key.Dst.String())
 		if err != nil {
@@ -400,7 +399,7 @@ func TestStaleConnectionRetried(t *testing.T) {
 		mu.Lock()
 		breakers = append(breakers, b)
 		mu.Unlock()
-		return tls.Client(breakableConn{c, b}, clTLS), nil
+		return breakableConn{c, b}, nil
 	}
 	ctx := testCtx(t, 10*time.Second)
 	c, err := e.connect(ctx)
@@ -884,17 +883,37 @@ func TestTLSWrongTrustDomainRejected(t *testing.T) {
 	}
 }
 
+// TestTLS12Rejected: the server refuses a TLS 1.2 client (the pool never offers one).
 func TestTLS12Rejected(t *testing.T) {
 	conf := sharedPKI(t).clientTLS(t)
 	conf.MinVersion = tls.VersionTLS12
 	conf.MaxVersion = tls.VersionTLS12
-	e := newEnv(t, withClientTLS(conf))
-	_, err := e.connect(testCtx(t, 10*time.Second))
+	e := newEnv(t)
+	tc, err := tls.Dial("tcp", e.hbone.String(), conf)
 	if err == nil {
-		t.Fatal("Connect succeeded over TLS 1.2")
+		tc.Close()
+		t.Fatal("TLS 1.2 handshake succeeded")
 	}
 	if !strings.Contains(err.Error(), "protocol version") {
 		t.Errorf("err %v, want a protocol version alert", err)
+	}
+}
+
+// TestPoolPinsTLS13: whatever versions and protocols the caller's configuration lists, the
+// pool offers TLS 1.3 and h2 only.
+func TestPoolPinsTLS13(t *testing.T) {
+	conf := sharedPKI(t).clientTLS(t)
+	conf.MinVersion = tls.VersionTLS12
+	conf.MaxVersion = tls.VersionTLS12
+	conf.NextProtos = []string{"http/1.1"}
+	e := newEnv(t, withClientTLS(conf))
+	c, err := e.connect(testCtx(t, 10*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := exchange(c, []byte("pinned")); err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -1011,14 +1030,13 @@ func TestClientSettings(t *testing.T) {
 		}
 		res <- r
 	}()
-	p := &Pool{Log: testLogger(t), DialTLS: func(ctx context.Context, key PoolKey) (*tls.Conn, error) {
-		var d net.Dialer
-		c, err := d.DialContext(ctx, "tcp", key.Dst.String())
-		if err != nil {
-			return nil, err
-		}
-		return tls.Client(c, pki.clientTLS(t)), nil
-	}}
+	clTLS := pki.clientTLS(t)
+	p := &Pool{Log: testLogger(t),
+		TLSConfig: func(PoolKey) (*tls.Config, error) { return clTLS, nil },
+		Dial: func(ctx context.Context, key PoolKey) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "tcp", key.Dst.String())
+		}}
 	defer p.Close()
 	key := PoolKey{Dst: addrPort(l.Addr())}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)

@@ -331,13 +331,10 @@ func newEnv(t testing.TB, opts ...envOpt) *env {
 	e.hbone = addrPort(e.ln.Addr())
 	e.key = PoolKey{SrcID: clientID, DstID: serverID, Dst: e.hbone, SrcIP: netip.MustParseAddr("127.0.0.1")}
 	clTLS := e.clTLS
-	e.pool.DialTLS = func(ctx context.Context, key PoolKey) (*tls.Conn, error) {
+	e.pool.TLSConfig = func(PoolKey) (*tls.Config, error) { return clTLS, nil }
+	e.pool.Dial = func(ctx context.Context, key PoolKey) (net.Conn, error) {
 		var d net.Dialer
-		c, err := d.DialContext(ctx, "tcp", key.Dst.String())
-		if err != nil {
-			return nil, err
-		}
-		return tls.Client(c, clTLS), nil
+		return d.DialContext(ctx, "tcp", key.Dst.String())
 	}
 	go func() { e.served <- e.srv.Serve(e.ln) }()
 	t.Cleanup(func() {

@@ -30,9 +30,12 @@ var ErrPoolClosed = errors.New("hbone: pool closed")
 
 // Pool opens HBONE tunnels over pooled HTTP/2 connections.
 type Pool struct {
-	// DialTLS opens one connection for key and completes (or at least starts) its TLS handshake:
-	// TLS 1.3, ALPN h2, the client certificate of key.SrcID, the server checked against key.DstID.
-	DialTLS     func(ctx context.Context, key PoolKey) (*tls.Conn, error)
+	// Dial opens the TCP connection of key (from the right namespace, with the right mark).
+	Dial func(ctx context.Context, key PoolKey) (net.Conn, error)
+	// TLSConfig is the client configuration for key: the certificate of key.SrcID, the
+	// server checked against key.DstID. The pool enforces TLS 1.3 and ALPN h2.
+	TLSConfig func(key PoolKey) (*tls.Config, error)
+
 	MaxStreams  int           // tunnels in flight per connection before another is opened; 0: 100
 	IdleTimeout time.Duration // a connection without tunnels is closed after this; 0: 5 min
 	Log         *slog.Logger  // nil: slog.Default()
@@ -296,24 +299,10 @@ func (p *Pool) awaitDial(ctx context.Context, c *poolConn, fresh bool) (*poolCon
 func (p *Pool) dial(ctx context.Context, c *poolConn) {
 	defer p.dials.Done()
 	defer c.cancelDial()
-	tc, err := p.DialTLS(ctx, c.key)
-	if err == nil && tc == nil {
-		err = errors.New("DialTLS returned no connection")
-	}
-	if err == nil {
-		err = tc.HandshakeContext(ctx)
-		if err == nil {
-			if proto := tc.ConnectionState().NegotiatedProtocol; proto != "h2" {
-				err = fmt.Errorf("ALPN %q, want h2", proto)
-			}
-		}
-		if err != nil {
-			tc.Close()
-		}
-	}
+	tc, conn, err := p.dialTLS(ctx, c.key)
 	var cc *http2.ClientConn
 	if err == nil {
-		cc, err = p.t2.NewClientConn(tc)
+		cc, err = p.t2.NewClientConn(conn)
 		if err != nil {
 			tc.Close()
 		}
@@ -328,7 +317,7 @@ func (p *Pool) dial(ctx context.Context, c *poolConn) {
 		}
 	}
 	if err != nil {
-		err = fmt.Errorf("hbone: connecting to %v: %w", c.key.Dst, err)
+		err = fmt.Errorf("hbone: connecting to %v (%s): %w", c.key.Dst, c.key.DstID, err)
 		p.logger().Debug("hbone: dial failed", "dst", c.key.Dst.String(), "err", err)
 	}
 	p.mu.Lock()
@@ -349,11 +338,43 @@ func (p *Pool) dial(ctx context.Context, c *poolConn) {
 	}
 }
 
+// dialTLS opens and handshakes one connection for key. conn is what the HTTP/2 transport
+// uses: tc over a buffered, corked socket.
+func (p *Pool) dialTLS(ctx context.Context, key PoolKey) (tc *tls.Conn, conn net.Conn, err error) {
+	if p.Dial == nil || p.TLSConfig == nil {
+		return nil, nil, errors.New("Pool.Dial or Pool.TLSConfig is nil")
+	}
+	conf, err := p.TLSConfig(key)
+	if err != nil {
+		return nil, nil, err
+	}
+	conf = conf.Clone()
+	conf.MinVersion, conf.MaxVersion = tls.VersionTLS13, tls.VersionTLS13
+	conf.NextProtos = []string{"h2"}
+	// Small first records help a browser render early; a tunnel wants few, full ones.
+	conf.DynamicRecordSizingDisabled = true
+	raw, err := p.Dial(ctx, key)
+	if err != nil {
+		return nil, nil, err
+	}
+	bc := newBufConn(raw)
+	tc = tls.Client(bc, conf)
+	if err := tc.HandshakeContext(ctx); err != nil {
+		raw.Close()
+		return nil, nil, fmt.Errorf("TLS handshake: %w", err)
+	}
+	if proto := tc.ConnectionState().NegotiatedProtocol; proto != "h2" {
+		raw.Close()
+		return nil, nil, fmt.Errorf("ALPN %q, want h2", proto)
+	}
+	return tc, corkedTLS{Conn: tc, bc: bc}, nil
+}
+
 // roundTrip sends the CONNECT on pc and waits for the response headers.
 func (p *Pool) roundTrip(ctx context.Context, pc *poolConn, authority netip.AddrPort, h http.Header) (net.Conn, error) {
 	a := authority.String()
 	pr, pw := io.Pipe()
-	body := &reqBody{pr: pr, closed: make(chan struct{})}
+	body := &reqBody{pr: pr, srcc: make(chan io.Reader, 1), closed: make(chan struct{})}
 	// x/net ties the whole stream to the request's context; the tunnel outlives ctx, so the
 	// stream gets its own, cancelled through ctx only until the response arrives.
 	sctx, cancel := context.WithCancel(context.Background())

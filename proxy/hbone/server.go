@@ -90,6 +90,7 @@ func (s *Server) tlsConfig() (*tls.Config, error) {
 		c.MinVersion = tls.VersionTLS13
 	}
 	c.NextProtos = []string{"h2"}
+	c.DynamicRecordSizingDisabled = true // a tunnel wants few, full records
 	return c, nil
 }
 
@@ -164,7 +165,7 @@ func (s *Server) track(c net.Conn) bool {
 
 func (s *Server) handshake(c net.Conn, conf *tls.Config) {
 	log := s.logger().With("peer", c.RemoteAddr().String())
-	cc := &corkConn{Conn: c}
+	cc := newBufConn(c)
 	tc := tls.Server(cc, conf)
 	timeout := orDefault(s.HandshakeTimeout, 10*time.Second)
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)

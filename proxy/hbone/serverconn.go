@@ -25,21 +25,25 @@ import (
 // The HTTP/2 server side of HBONE. It speaks just enough HTTP/2 for CONNECT tunnels, on
 // x/net's Framer and HPACK. Design:
 //   - One read loop per connection parses frames and never blocks on the network write side:
-//     every frame it wants sent goes to a queue.
-//   - One writer goroutine per connection drains the queues (connection control frames first,
-//     then stream frames in order) and flushes once per batch.
+//     every frame it wants sent goes to a queue, and the writer goroutine sends it. DATA for
+//     a tunnel whose upstream can take it goes straight to the upstream socket with a
+//     non-blocking write; what it cannot take waits for the tunnel's goroutine.
+//   - Frames are written in batches (connection control frames first, then stream frames in
+//     order), one flush per batch, by one writer at a time: a tunnel goroutine that queued
+//     frames writes the batch itself when no one else is writing, so the common path has no
+//     hand-off between goroutines; the writer goroutine takes the read loop's frames and
+//     whatever a writer left behind.
 //   - Each tunnel runs in two goroutines (one per direction); they wait on per-stream
 //     channels, so a slow upstream only stalls its own stream, within its flow-control window.
 //   - sc.mu guards all connection and stream state.
 
 var (
-	errConnClosed   = errors.New("hbone: HTTP/2 connection closed")
-	errStreamEnded  = errors.New("hbone: stream already ended")
-	errRefused      = errors.New("hbone: CONNECT refused")
-	pingPayload     = [8]byte{'h', 'b', 'o', 'n', 'e', 'p', 'n', 'g'}
-	maxQueuedCtrl   = 10000 // queued control frames: beyond this the peer floods (PING, SETTINGS)
-	writeTimeout    = 30 * time.Second
-	minWindowUpdate = int32(4 << 10) // as x/net: no WINDOW_UPDATE for less, unless it doubles the window
+	errConnClosed  = errors.New("hbone: HTTP/2 connection closed")
+	errStreamEnded = errors.New("hbone: stream already ended")
+	errRefused     = errors.New("hbone: CONNECT refused")
+	pingPayload    = [8]byte{'h', 'b', 'o', 'n', 'e', 'p', 'n', 'g'}
+	maxQueuedCtrl  = 10000 // queued control frames: beyond this the peer floods (PING, SETTINGS)
+	writeTimeout   = 30 * time.Second
 )
 
 const maxWindow = 1<<31 - 1
@@ -74,7 +78,7 @@ type serverConn struct {
 	srv         *Server
 	conn        *tls.Conn
 	raw         net.Conn // under conn: closing it never blocks
-	cork        *corkConn
+	cork        *bufConn
 	tls         tls.ConnectionState
 	log         *slog.Logger
 	fr          *http2.Framer
@@ -89,9 +93,12 @@ type serverConn struct {
 	writerDone  chan struct{}
 
 	mu         sync.Mutex
-	wcond      *sync.Cond // the writer waits here for frames
+	wcond      *sync.Cond // the writer goroutine waits here for frames
 	ctrl, ord  []wframe
-	wstop      bool // the writer must exit; enqueue drops frames
+	spareCtrl  []wframe // the queues' other halves, reused batch after batch
+	spareOrd   []wframe
+	writing    bool // a goroutine is writing a batch: it owns fr's writer, bw and the cork
+	wstop      bool // writing must end; enqueue drops frames
 	closed     bool // torn down
 	finishing  bool // fkClose queued
 	streams    map[uint32]*stream
@@ -110,7 +117,7 @@ type serverConn struct {
 	health     *time.Timer
 }
 
-func newServerConn(s *Server, tc *tls.Conn, cork *corkConn, log *slog.Logger) *serverConn {
+func newServerConn(s *Server, tc *tls.Conn, cork *bufConn, log *slog.Logger) *serverConn {
 	sc := &serverConn{
 		srv:         s,
 		conn:        tc,
@@ -154,6 +161,7 @@ func (sc *serverConn) readLoop(prefaceTimeout time.Duration) error {
 	sc.enqueueCtrlLocked(wframe{kind: fkSettings})
 	sc.enqueueCtrlLocked(wframe{kind: fkWindowUpdate, n: connWindow - initialWindow})
 	sc.recvAvail = connWindow
+	sc.wakeLocked()
 	sc.mu.Unlock()
 
 	sc.conn.SetReadDeadline(time.Now().Add(prefaceTimeout))
@@ -166,6 +174,7 @@ func (sc *serverConn) readLoop(prefaceTimeout time.Duration) error {
 	}
 	first := true
 	for {
+		sc.kick()
 		f, err := sc.fr.ReadFrame()
 		if err != nil {
 			var se http2.StreamError
@@ -354,6 +363,27 @@ func (sc *serverConn) onData(f *http2.DataFrame) error {
 		sc.returnConnLocked(pad)
 		sc.returnStreamLocked(st, pad)
 	}
+	if len(data) > 0 && st.err == nil && len(st.rq) == 0 && !st.delivering && st.tryWrite != nil {
+		// Nothing queued and the tunnel's goroutine not writing: the upstream socket takes
+		// what it can now, without waking that goroutine. Its errors are left to that
+		// goroutine, which meets them on its own write of the rest.
+		st.delivering = true
+		sc.mu.Unlock()
+		k, _ := st.tryWrite(data)
+		sc.mu.Lock()
+		st.delivering = false
+		if k > 0 {
+			data = data[k:]
+			st.delivered.Add(int64(k))
+			sc.returnConnLocked(int32(k))
+			sc.returnStreamLocked(st, int32(k))
+		}
+		if st.err != nil {
+			// Aborted meanwhile: the rest is dropped like any undelivered data.
+			sc.returnConnLocked(int32(len(data)))
+			data = nil
+		}
+	}
 	if len(data) > 0 && st.err == nil {
 		c := getChunk(len(data))
 		copy(c, data)
@@ -518,9 +548,12 @@ func (sc *serverConn) resetIDLocked(id uint32, code http2.ErrCode) {
 	sc.enqueueOrdLocked(wframe{kind: fkRST, id: id, code: code})
 }
 
+// The windows are returned in large steps (a quarter of the window, or as soon as that
+// at least doubles what the peer may send): one WINDOW_UPDATE per megabyte or so, not one
+// per DATA frame.
 func (sc *serverConn) returnConnLocked(n int32) {
 	sc.recvUnsent += n
-	if sc.recvUnsent < minWindowUpdate && sc.recvUnsent < sc.recvAvail {
+	if sc.recvUnsent < connWindow/4 && sc.recvUnsent < sc.recvAvail {
 		return
 	}
 	sc.enqueueCtrlLocked(wframe{kind: fkWindowUpdate, n: uint32(sc.recvUnsent)})
@@ -533,7 +566,7 @@ func (sc *serverConn) returnStreamLocked(st *stream, n int32) {
 		return // the peer sends no more: nothing to open
 	}
 	st.recvUnsent += n
-	if st.recvUnsent < minWindowUpdate && st.recvUnsent < st.recvAvail {
+	if st.recvUnsent < streamWindow/4 && st.recvUnsent < st.recvAvail {
 		return
 	}
 	sc.enqueueCtrlLocked(wframe{kind: fkWindowUpdate, id: st.id, n: uint32(st.recvUnsent)})
@@ -559,6 +592,7 @@ func (sc *serverConn) shutdown() {
 	sc.goingAway = true
 	sc.enqueueOrdLocked(wframe{kind: fkGoAway, id: sc.maxID, code: http2.ErrCodeNo})
 	sc.maybeFinishLocked()
+	sc.wakeLocked()
 }
 
 func (sc *serverConn) healthCheck() {
@@ -585,6 +619,7 @@ func (sc *serverConn) healthCheck() {
 	}
 	sc.pingOut, sc.pingAt = true, now
 	sc.enqueueCtrlLocked(wframe{kind: fkPing, ping: pingPayload})
+	sc.wakeLocked()
 	sc.health.Reset(sc.pingTimeout)
 }
 
@@ -595,6 +630,7 @@ func (sc *serverConn) teardown(err error) {
 		sc.mu.Lock()
 		sc.enqueueOrdLocked(wframe{kind: fkGoAway, id: sc.maxID, code: http2.ErrCode(ce)})
 		sc.enqueueOrdLocked(wframe{kind: fkClose})
+		sc.wakeLocked()
 		sc.mu.Unlock()
 		select {
 		case <-sc.writerDone:
@@ -632,7 +668,6 @@ func (sc *serverConn) enqueueCtrlLocked(f wframe) {
 		return
 	}
 	sc.ctrl = append(sc.ctrl, f)
-	sc.wcond.Signal()
 }
 
 // enqueueReplyLocked queues a frame answering the peer (SETTINGS ACK, PING ACK); it fails
@@ -653,49 +688,87 @@ func (sc *serverConn) enqueueOrdLocked(f wframe) {
 		return
 	}
 	sc.ord = append(sc.ord, f)
-	sc.wcond.Signal()
+}
+
+// Whoever queues frames then sends them: the read loop (and timers) wake the writer
+// goroutine (kick, wakeLocked); tunnel goroutines write the batch themselves (flush).
+
+// wakeLocked wakes the writer goroutine if frames wait and no one is writing them.
+func (sc *serverConn) wakeLocked() {
+	if !sc.writing && !sc.wstop && len(sc.ctrl)+len(sc.ord) > 0 {
+		sc.wcond.Signal()
+	}
+}
+
+func (sc *serverConn) kick() {
+	sc.mu.Lock()
+	sc.wakeLocked()
+	sc.mu.Unlock()
+}
+
+// flush writes the queued frames from the calling goroutine, unless another writer is at it
+// (it, or the writer goroutine after it, sends them). Frames queued meanwhile go to the
+// writer goroutine: one batch per call keeps a tunnel from writing for everyone for long.
+func (sc *serverConn) flush() {
+	sc.mu.Lock()
+	if !sc.writing && !sc.wstop && len(sc.ctrl)+len(sc.ord) > 0 {
+		sc.writeBatchLocked()
+		sc.wakeLocked()
+	}
+	sc.mu.Unlock()
 }
 
 func (sc *serverConn) writeLoop() {
 	defer close(sc.writerDone)
-	var ctrl, ord []wframe
+	sc.mu.Lock()
+	defer sc.mu.Unlock()
 	for {
-		sc.mu.Lock()
-		for len(sc.ctrl) == 0 && len(sc.ord) == 0 && !sc.wstop {
+		for (sc.writing || len(sc.ctrl)+len(sc.ord) == 0) && !sc.wstop {
 			sc.wcond.Wait()
 		}
 		if sc.wstop {
 			rest := sc.ord
 			sc.ctrl, sc.ord = nil, nil
-			sc.mu.Unlock()
 			failFrames(rest, errConnClosed)
 			return
 		}
-		ctrl, sc.ctrl = sc.ctrl, ctrl[:0]
-		ord, sc.ord = sc.ord, ord[:0]
-		sc.mu.Unlock()
-
-		closeAfter, err := sc.writeBatch(ctrl, ord)
-		clear(ctrl)
-		clear(ord)
-		if err != nil || closeAfter {
-			sc.mu.Lock()
-			sc.wstop = true
-			rest := sc.ord
-			sc.ctrl, sc.ord = nil, nil
-			sc.mu.Unlock()
-			if err == nil {
-				err = errConnClosed
-			}
-			failFrames(rest, err)
-			if closeAfter {
-				sc.conn.Close() // close_notify, then the read loop ends on EOF
-			} else {
-				sc.raw.Close()
-			}
-			return
-		}
+		sc.writeBatchLocked()
 	}
+}
+
+// writeBatchLocked writes what is queued, with sc.mu released meanwhile. A write error, or
+// a batch that ends the connection, stops all writing.
+func (sc *serverConn) writeBatchLocked() {
+	sc.writing = true
+	ctrl, ord := sc.ctrl, sc.ord
+	sc.ctrl, sc.ord = sc.spareCtrl[:0], sc.spareOrd[:0]
+	sc.mu.Unlock()
+
+	closeAfter, err := sc.writeBatch(ctrl, ord)
+	clear(ctrl)
+	clear(ord)
+
+	sc.mu.Lock()
+	sc.writing = false
+	sc.spareCtrl, sc.spareOrd = ctrl[:0], ord[:0]
+	if err == nil && !closeAfter {
+		return
+	}
+	sc.wstop = true
+	rest := sc.ord
+	sc.ctrl, sc.ord = nil, nil
+	sc.wcond.Broadcast()
+	sc.mu.Unlock()
+	if err == nil {
+		err = errConnClosed
+	}
+	failFrames(rest, err)
+	if closeAfter {
+		sc.conn.Close() // close_notify, then the read loop ends on EOF
+	} else {
+		sc.raw.Close()
+	}
+	sc.mu.Lock()
 }
 
 func failFrames(fs []wframe, err error) {

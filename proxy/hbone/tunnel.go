@@ -9,9 +9,12 @@ import (
 	"net/http"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.org/x/net/http2"
+
+	"github.com/nftmesh/nftmesh/internal/rawio"
 )
 
 // stream is one CONNECT on a server connection. Fields after sc and id are guarded by sc.mu.
@@ -29,6 +32,9 @@ type stream struct {
 	recvUnsent int32
 	sendWindow int64 // stream window the peer granted us
 	cancel     context.CancelFunc
+	delivering bool                      // someone is writing received data to the upstream
+	tryWrite   func([]byte) (int, error) // the upstream's non-blocking write, once accepted
+	delivered  atomic.Int64              // bytes the read loop wrote to the upstream itself
 
 	recvReady chan struct{} // cap 1: rq, remoteDone or err changed
 	sendReady chan struct{} // cap 1: a window grew or err was set
@@ -53,6 +59,7 @@ func (st *stream) recv(dst [][]byte) ([][]byte, error) {
 		dst = append(dst, st.rq...)
 		clear(st.rq)
 		st.rq, st.rqBytes = st.rq[:0], 0
+		st.delivering = true // until consumed: the read loop must not write in between
 		return dst, nil
 	}
 	return dst, io.EOF
@@ -62,9 +69,11 @@ func (st *stream) recv(dst [][]byte) ([][]byte, error) {
 func (st *stream) consumed(n int) {
 	sc := st.sc
 	sc.mu.Lock()
+	st.delivering = false
 	sc.returnConnLocked(int32(n))
 	sc.returnStreamLocked(st, int32(n))
 	sc.mu.Unlock()
+	sc.flush()
 }
 
 // queueData queues p as DATA frames within the peer's windows, waiting for window as
@@ -101,6 +110,7 @@ func (st *stream) queueData(p []byte) error {
 		}
 		sc.enqueueOrdLocked(f)
 		sc.mu.Unlock()
+		sc.flush()
 	}
 	return nil
 }
@@ -108,6 +118,7 @@ func (st *stream) queueData(p []byte) error {
 // sendEnd ends the response (END_STREAM): the upstream sent FIN.
 func (st *stream) sendEnd() {
 	sc := st.sc
+	defer sc.flush()
 	sc.mu.Lock()
 	defer sc.mu.Unlock()
 	if st.err != nil || st.localDone {
@@ -126,6 +137,7 @@ func (st *stream) reset(code http2.ErrCode, cause error) {
 	sc.mu.Lock()
 	sc.abortLocked(st, resetError(cause), true, code)
 	sc.mu.Unlock()
+	sc.flush()
 }
 
 // respond refuses the CONNECT with status.
@@ -133,18 +145,46 @@ func (st *stream) respond(status int) {
 	st.sc.mu.Lock()
 	st.sc.respondLocked(st, status)
 	st.sc.mu.Unlock()
+	st.sc.flush()
 }
 
 // accept sends the 200; false when the stream was reset while the Dialer ran.
-func (st *stream) accept() bool {
+// From then on the read loop may write received data to up itself, when up can do it
+// without blocking (a TryWriter, or a socket).
+func (st *stream) accept(up net.Conn) bool {
 	sc := st.sc
+	tw := tryWriterOf(up)
 	sc.mu.Lock()
-	defer sc.mu.Unlock()
 	if st.err != nil {
+		sc.mu.Unlock()
 		return false
 	}
+	st.tryWrite = tw
 	sc.enqueueOrdLocked(wframe{kind: fkHeaders, id: st.id, status: http.StatusOK})
+	sc.mu.Unlock()
+	sc.flush()
 	return true
+}
+
+// TryWriter is an upstream connection that can write without blocking: TryWrite writes what
+// the socket takes at once and returns. A Dialer's wrapper that hides the socket should
+// provide it (rawio.TryWrite does the work).
+type TryWriter interface {
+	TryWrite(p []byte) (int, error)
+}
+
+func tryWriterOf(c net.Conn) func([]byte) (int, error) {
+	switch u := c.(type) {
+	case TryWriter:
+		return u.TryWrite
+	case syscall.Conn:
+		rc, err := u.SyscallConn()
+		if err != nil {
+			return nil
+		}
+		return func(p []byte) (int, error) { return rawio.TryWrite(rc, p) }
+	}
+	return nil
 }
 
 type closeWriter interface{ CloseWrite() error }
@@ -180,6 +220,7 @@ func (sc *serverConn) runTunnel(ctx context.Context, st *stream, req Request) {
 		sc.handlers--
 		sc.maybeFinishLocked()
 		sc.mu.Unlock()
+		sc.flush()
 		sc.srv.handlers.Add(-1)
 	}()
 
@@ -196,7 +237,7 @@ func (sc *serverConn) runTunnel(ctx context.Context, st *stream, req Request) {
 		return
 	}
 	t := &tunnel{st: st, up: up}
-	if !st.accept() {
+	if !st.accept(up) {
 		t.abort()
 		log.Debug("hbone: stream reset while dialing")
 		return
@@ -214,7 +255,7 @@ func (sc *serverConn) runTunnel(ctx context.Context, st *stream, req Request) {
 	sc.mu.Lock()
 	err = st.err
 	sc.mu.Unlock()
-	log.Debug("hbone: tunnel closed", "to_upstream", t.toUp.Load(), "from_upstream", t.fromUp.Load(),
+	log.Debug("hbone: tunnel closed", "to_upstream", t.toUp.Load()+st.delivered.Load(), "from_upstream", t.fromUp.Load(),
 		"duration", time.Since(start), "err", err)
 }
 

@@ -1,0 +1,104 @@
+package hbone
+
+import (
+	"bufio"
+	"crypto/tls"
+	"io"
+	"net"
+	"sync"
+
+	"github.com/nftmesh/nftmesh/internal/rawio"
+)
+
+// bufConn sits under the tls.Conn of both ends of an HBONE connection.
+//
+// Writes: crypto/tls writes every record (at most 16 KiB) with its own write(2). While corked
+// (the server's writer flushing a batch, the client's transport flushing a write) the records
+// gather and go out in large writes instead.
+//
+// Reads: crypto/tls reads about one record per read(2); the buffer below it takes whatever the
+// socket holds in one call.
+type bufConn struct {
+	net.Conn
+	rw io.ReadWriter // the socket's raw calls when it is TCP (see rawio), else Conn
+	r  *bufio.Reader
+
+	mu     sync.Mutex // crypto/tls may write alerts and key updates from the reading goroutine
+	corked bool
+	buf    []byte
+}
+
+const (
+	corkMax     = 256 << 10
+	readBufSize = 64 << 10
+)
+
+func newBufConn(c net.Conn) *bufConn {
+	var rw io.ReadWriter = c
+	if tc, ok := c.(*net.TCPConn); ok {
+		if rc, err := rawio.NewConn(tc); err == nil {
+			rw = rc
+		}
+	}
+	return &bufConn{Conn: c, rw: rw, r: bufio.NewReaderSize(rw, readBufSize)}
+}
+
+func (c *bufConn) Read(p []byte) (int, error) { return c.r.Read(p) }
+
+func (c *bufConn) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.corked {
+		return c.rw.Write(p)
+	}
+	c.buf = append(c.buf, p...)
+	if len(c.buf) >= corkMax {
+		if err := c.flushLocked(); err != nil {
+			return 0, err
+		}
+	}
+	return len(p), nil
+}
+
+func (c *bufConn) cork() {
+	c.mu.Lock()
+	c.corked = true
+	c.mu.Unlock()
+}
+
+// uncork sends what was gathered and goes back to writing through.
+func (c *bufConn) uncork() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.corked = false
+	return c.flushLocked()
+}
+
+func (c *bufConn) flushLocked() error {
+	if len(c.buf) == 0 {
+		return nil
+	}
+	_, err := c.rw.Write(c.buf)
+	if cap(c.buf) > 2*corkMax {
+		c.buf = nil // a burst grew it; do not keep it for an idle connection
+	} else {
+		c.buf = c.buf[:0]
+	}
+	return err
+}
+
+// corkedTLS is the connection x/net's client transport writes to: every write it makes (a
+// flush of its frame buffer, up to 512 KiB of DATA) leaves in as few write(2) as it can.
+type corkedTLS struct {
+	*tls.Conn
+	bc *bufConn
+}
+
+func (c corkedTLS) Write(p []byte) (int, error) {
+	c.bc.cork()
+	n, err := c.Conn.Write(p)
+	if uerr := c.bc.uncork(); err == nil {
+		err = uerr
+	}
+	return n, err
+}

@@ -394,11 +394,16 @@ func (m *Mesh) startNode(n *Node) {
 
 // ProxyArgs are the `nftmesh proxy` flags for a node whose agent listens on sock.
 func (m *Mesh) ProxyArgs(sock string) []string {
-	return []string{
+	args := []string{
 		"--zds-socket", sock, "--ca-cert", m.CAFile, "--ca-key", m.CAKeyFile,
 		"--workloads", m.WorkloadsFile, "--policies", m.PoliciesFile,
 		"--log-format", "json", "--shutdown-deadline", shutdownDeadline.String(),
 	}
+	// NFTMESH_E2E_WORKERS sets the proxies' --workers (benchmarks: BENCHMARKS.md).
+	if w := os.Getenv("NFTMESH_E2E_WORKERS"); w != "" {
+		args = append(args, "--workers", w)
+	}
+	return args
 }
 
 // Enroll hands a pod's netns to the proxy behind agent (ZDS AddWorkload) and waits for its

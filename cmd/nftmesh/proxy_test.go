@@ -32,6 +32,7 @@ func TestProxyStartErrors(t *testing.T) {
 		{append(base, "--workloads", bad), "namespace are required"},
 		{append(base, "--workloads", good, "--policies", badPolicy), "principal"},
 		{[]string{"proxy", "--ca-cert", good, "--ca-key", key, "--workloads", good}, "workloads.yaml"},
+		{append(base, "--workloads", good, "--workers", "-1"), "--workers: -1 is negative"},
 	}
 	for _, tc := range cases {
 		_, errOut, code := runCLI(tc.args...)
@@ -40,7 +41,7 @@ func TestProxyStartErrors(t *testing.T) {
 		}
 	}
 	out, _, code := runCLI("proxy", "--help")
-	for _, flag := range []string{"--zds-socket PATH", "--ca-cert FILE", "--workloads FILE", "--policies FILE", "--log-format FORMAT", "SIGHUP", "Exit codes"} {
+	for _, flag := range []string{"--zds-socket PATH", "--ca-cert FILE", "--workloads FILE", "--policies FILE", "--log-format FORMAT", "--workers N", "SIGHUP", "Exit codes"} {
 		if code != exitOK || !strings.Contains(out, flag) {
 			t.Errorf("proxy --help lacks %q", flag)
 		}

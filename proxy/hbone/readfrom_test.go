@@ -2,14 +2,18 @@ package hbone
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"errors"
 	"io"
 	"math/rand/v2"
 	"net"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/nftmesh/nftmesh/internal/rawio"
 )
 
 // tcpPair is a connected loopback pair: app is what a proxy accepted, client the pod's end.
@@ -80,11 +84,12 @@ func TestReadFrom(t *testing.T) {
 		name     string
 		readSize int
 		pause    time.Duration
+		chunk    int
 	}{
-		{"fast upstream", 256 << 10, 0},
-		// A slow upstream takes part of each frame from the read loop and leaves the rest
+		{"fast upstream", 256 << 10, 0, 1 << 20},
+		// A slow upstream takes part of some frames from the read loop and leaves the rest
 		// to the tunnel's goroutine: the two must not reorder bytes.
-		{"slow upstream", 1500, time.Millisecond},
+		{"pausing upstream", 64 << 10, 20 * time.Millisecond, 4 << 10},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			up, res := hashUpstream(t, tc.readSize, tc.pause)
@@ -98,7 +103,13 @@ func TestReadFrom(t *testing.T) {
 			app, client := tcpPair(t)
 			data := randomBytes(8 << 20)
 			go func() {
-				client.Write(data)
+				// In pieces, so that frames come small (the read loop writes those to the
+				// upstream itself) as well as large.
+				for p := data; len(p) > 0; {
+					k := min(len(p), tc.chunk)
+					client.Write(p[:k])
+					p = p[k:]
+				}
 				client.CloseWrite()
 			}()
 			n, err := c.(io.ReaderFrom).ReadFrom(app)
@@ -236,4 +247,73 @@ func TestWriteDuringReadFrom(t *testing.T) {
 	if b, err := io.ReadAll(c); err != nil || len(b) != 0 {
 		t.Fatalf("after the echo's FIN: %q, %v", b, err)
 	}
+}
+
+// stingyConn takes at most half of what the read loop offers it, and nothing every third
+// time: the rest waits for the tunnel's goroutine, and later frames must queue behind it.
+type stingyConn struct {
+	*net.TCPConn
+	calls, partial atomic.Int64
+}
+
+func (s *stingyConn) TryWrite(p []byte) (int, error) {
+	if s.calls.Add(1)%3 == 0 {
+		return 0, nil
+	}
+	rc, err := s.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	n, err := rawio.TryWrite(rc, p[:len(p)/2])
+	if n < len(p) {
+		s.partial.Add(1)
+	}
+	return n, err
+}
+
+// TestDirectDeliveryKeepsOrder: small frames the read loop writes partly itself, the rest
+// through the tunnel's goroutine, arrive whole and in order.
+func TestDirectDeliveryKeepsOrder(t *testing.T) {
+	up, res := hashUpstream(t, 32<<10, 0)
+	var stingy atomic.Pointer[stingyConn]
+	dial := func(ctx context.Context, req Request) (net.Conn, int, error) {
+		c, status, err := dialTCP(ctx, req)
+		if err != nil {
+			return nil, status, err
+		}
+		s := &stingyConn{TCPConn: c.(*net.TCPConn)}
+		stingy.Store(s)
+		return s, status, nil
+	}
+	e := newEnv(t, withEcho(up), withDial(dial))
+	c, err := e.connect(testCtx(t, 10*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	watchdog(t, 60*time.Second, c)
+	defer c.Close()
+	data := randomBytes(2 << 20)
+	for p := data; len(p) > 0; {
+		k := min(len(p), 1000)
+		if _, err := c.Write(p[:k]); err != nil {
+			t.Fatal(err)
+		}
+		p = p[k:]
+	}
+	c.(halfCloser).CloseWrite()
+	select {
+	case r := <-res:
+		want := sha256.Sum256(data)
+		if r.err != nil || r.n != int64(len(data)) || !bytes.Equal(r.sum, want[:]) {
+			t.Fatalf("upstream read %d bytes (%v), not the %d sent in order", r.n, r.err, len(data))
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("upstream never saw EOF")
+	}
+	s := stingy.Load()
+	if s.calls.Load() == 0 || s.partial.Load() == 0 {
+		t.Fatalf("the read loop offered the upstream %d writes, %d partly taken: the direct path was not exercised",
+			s.calls.Load(), s.partial.Load())
+	}
+	t.Logf("%d direct writes offered, %d partly taken", s.calls.Load(), s.partial.Load())
 }

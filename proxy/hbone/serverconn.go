@@ -363,9 +363,9 @@ func (sc *serverConn) onData(f *http2.DataFrame) error {
 		sc.returnConnLocked(pad)
 		sc.returnStreamLocked(st, pad)
 	}
-	if len(data) > 0 && st.err == nil && len(st.rq) == 0 && !st.delivering && st.tryWrite != nil {
-		// Nothing queued and the tunnel's goroutine not writing: the upstream socket takes
-		// what it can now, without waking that goroutine. Its errors are left to that
+	if len(data) > 0 && len(data) < bulkSize && st.err == nil && len(st.rq) == 0 && !st.delivering && st.tryWrite != nil {
+		// Small, nothing queued and the tunnel's goroutine not writing: the upstream socket
+		// takes what it can now, without waking that goroutine. Its errors are left to that
 		// goroutine, which meets them on its own write of the rest.
 		st.delivering = true
 		sc.mu.Unlock()

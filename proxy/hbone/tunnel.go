@@ -76,10 +76,18 @@ func (st *stream) consumed(n int) {
 	sc.flush()
 }
 
+// bulkSize splits the two ways of moving data. Below it a tunnel's goroutine writes its
+// frames itself and the read loop writes to the upstream itself: no hand-off, the least
+// latency. From it up, the writer goroutine and the tunnel's goroutine take the work, so
+// that reading, encryption and writing overlap on different cores.
+const bulkSize = 64 << 10
+
 // queueData queues p as DATA frames within the peer's windows, waiting for window as
-// needed. The last frame signals st.wdone once written; until then p stays referenced. On
-// error, frames already queued may still reference p: the caller must not reuse it.
+// needed, and writes them itself when p is small. The last frame signals st.wdone once
+// written; until then p stays referenced. On error, frames already queued may still
+// reference p: the caller must not reuse it.
 func (st *stream) queueData(p []byte) error {
+	direct := len(p) < bulkSize
 	sc := st.sc
 	for len(p) > 0 {
 		sc.mu.Lock()
@@ -109,8 +117,13 @@ func (st *stream) queueData(p []byte) error {
 			f.done = st.wdone
 		}
 		sc.enqueueOrdLocked(f)
-		sc.mu.Unlock()
-		sc.flush()
+		if direct {
+			sc.mu.Unlock()
+			sc.flush()
+		} else {
+			sc.wakeLocked()
+			sc.mu.Unlock()
+		}
 	}
 	return nil
 }

@@ -50,33 +50,12 @@ func Read(rc syscall.RawConn, p []byte) (int, error) {
 }
 
 // Write writes all of p, waiting (in the netpoller) while the socket is full.
-func Write(rc syscall.RawConn, p []byte) (int, error) {
-	var n int
-	var errno syscall.Errno
-	err := rc.Write(func(fd uintptr) bool {
-		for n < len(p) {
-			r, _, e := syscall.RawSyscall(syscall.SYS_WRITE, fd, uintptr(unsafe.Pointer(&p[n])), uintptr(len(p)-n))
-			switch e {
-			case 0:
-				n += int(r)
-			case syscall.EINTR:
-			case syscall.EAGAIN:
-				return false
-			default:
-				errno = e
-				return true
-			}
-		}
-		return true
-	})
-	if err == nil && errno != 0 {
-		err = os.NewSyscallError("write", errno)
-	}
-	return n, err
-}
+func Write(rc syscall.RawConn, p []byte) (int, error) { return write(rc, p, true) }
 
 // TryWrite writes as much of p as the socket takes now, without waiting.
-func TryWrite(rc syscall.RawConn, p []byte) (int, error) {
+func TryWrite(rc syscall.RawConn, p []byte) (int, error) { return write(rc, p, false) }
+
+func write(rc syscall.RawConn, p []byte, wait bool) (int, error) {
 	var n int
 	var errno syscall.Errno
 	err := rc.Write(func(fd uintptr) bool {
@@ -87,7 +66,7 @@ func TryWrite(rc syscall.RawConn, p []byte) (int, error) {
 				n += int(r)
 			case syscall.EINTR:
 			case syscall.EAGAIN:
-				return true
+				return !wait // false: the poller waits until the socket is writable
 			default:
 				errno = e
 				return true

@@ -70,6 +70,33 @@ func hashUpstream(t *testing.T, readSize int, pause time.Duration) (*upstream, c
 	return u, res
 }
 
+// openTunnel opens one tunnel to up through a fresh env; it is closed when the test ends.
+func openTunnel(t *testing.T, up *upstream, opts ...envOpt) net.Conn {
+	t.Helper()
+	e := newEnv(t, append([]envOpt{withEcho(up)}, opts...)...)
+	c, err := e.connect(testCtx(t, 10*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	watchdog(t, 60*time.Second, c)
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// wantHash waits for the upstream's result and checks it read exactly data.
+func wantHash(t *testing.T, res chan hashResult, data []byte) {
+	t.Helper()
+	select {
+	case r := <-res:
+		want := sha256.Sum256(data)
+		if r.err != nil || r.n != int64(len(data)) || !bytes.Equal(r.sum, want[:]) {
+			t.Fatalf("upstream read %d bytes (%v), not the %d sent, in order", r.n, r.err, len(data))
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("upstream never saw EOF")
+	}
+}
+
 func randomBytes(n int) []byte {
 	b := make([]byte, n)
 	rand.NewChaCha8([32]byte{1}).Read(b)
@@ -93,13 +120,7 @@ func TestReadFrom(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			up, res := hashUpstream(t, tc.readSize, tc.pause)
-			e := newEnv(t, withEcho(up))
-			c, err := e.connect(testCtx(t, 10*time.Second))
-			if err != nil {
-				t.Fatal(err)
-			}
-			watchdog(t, 60*time.Second, c)
-			defer c.Close()
+			c := openTunnel(t, up)
 			app, client := tcpPair(t)
 			data := randomBytes(8 << 20)
 			go func() {
@@ -116,15 +137,7 @@ func TestReadFrom(t *testing.T) {
 			if err != nil || n != int64(len(data)) {
 				t.Fatalf("ReadFrom: %d, %v; want %d, nil", n, err, len(data))
 			}
-			select {
-			case r := <-res:
-				want := sha256.Sum256(data)
-				if r.err != nil || r.n != int64(len(data)) || !bytes.Equal(r.sum, want[:]) {
-					t.Fatalf("upstream read %d bytes (%v), not the %d sent", r.n, r.err, len(data))
-				}
-			case <-time.After(30 * time.Second):
-				t.Fatal("upstream never saw EOF")
-			}
+			wantHash(t, res, data)
 			// The request body has ended: CloseWrite is a no-op, Write an error.
 			if err := c.(halfCloser).CloseWrite(); err != nil {
 				t.Errorf("CloseWrite after ReadFrom: %v", err)
@@ -142,13 +155,7 @@ type halfCloser interface{ CloseWrite() error }
 // upstream sees a reset, not a FIN.
 func TestReadFromSourceReset(t *testing.T) {
 	up, res := hashUpstream(t, 32<<10, 0)
-	e := newEnv(t, withEcho(up))
-	c, err := e.connect(testCtx(t, 10*time.Second))
-	if err != nil {
-		t.Fatal(err)
-	}
-	watchdog(t, 20*time.Second, c)
-	defer c.Close()
+	c := openTunnel(t, up)
 	app, client := tcpPair(t)
 	go func() {
 		client.Write([]byte("partial"))
@@ -156,7 +163,7 @@ func TestReadFromSourceReset(t *testing.T) {
 		client.SetLinger(0)
 		client.Close()
 	}()
-	_, err = c.(io.ReaderFrom).ReadFrom(app)
+	_, err := c.(io.ReaderFrom).ReadFrom(app)
 	if !errors.Is(err, syscall.ECONNRESET) {
 		t.Fatalf("ReadFrom: %v, want the source's ECONNRESET", err)
 	}
@@ -219,13 +226,7 @@ func TestReadFromTunnelReset(t *testing.T) {
 
 // TestWriteDuringReadFrom: one source at a time.
 func TestWriteDuringReadFrom(t *testing.T) {
-	e := newEnv(t)
-	c, err := e.connect(testCtx(t, 10*time.Second))
-	if err != nil {
-		t.Fatal(err)
-	}
-	watchdog(t, 20*time.Second, c)
-	defer c.Close()
+	c := openTunnel(t, newUpstream(t, "tcp4", echo))
 	app, client := tcpPair(t)
 	done := make(chan error, 1)
 	go func() {
@@ -285,13 +286,7 @@ func TestDirectDeliveryKeepsOrder(t *testing.T) {
 		stingy.Store(s)
 		return s, status, nil
 	}
-	e := newEnv(t, withEcho(up), withDial(dial))
-	c, err := e.connect(testCtx(t, 10*time.Second))
-	if err != nil {
-		t.Fatal(err)
-	}
-	watchdog(t, 60*time.Second, c)
-	defer c.Close()
+	c := openTunnel(t, up, withDial(dial))
 	data := randomBytes(2 << 20)
 	for p := data; len(p) > 0; {
 		k := min(len(p), 1000)
@@ -301,15 +296,7 @@ func TestDirectDeliveryKeepsOrder(t *testing.T) {
 		p = p[k:]
 	}
 	c.(halfCloser).CloseWrite()
-	select {
-	case r := <-res:
-		want := sha256.Sum256(data)
-		if r.err != nil || r.n != int64(len(data)) || !bytes.Equal(r.sum, want[:]) {
-			t.Fatalf("upstream read %d bytes (%v), not the %d sent in order", r.n, r.err, len(data))
-		}
-	case <-time.After(30 * time.Second):
-		t.Fatal("upstream never saw EOF")
-	}
+	wantHash(t, res, data)
 	s := stingy.Load()
 	if s.calls.Load() == 0 || s.partial.Load() == 0 {
 		t.Fatalf("the read loop offered the upstream %d writes, %d partly taken: the direct path was not exercised",

@@ -46,6 +46,7 @@ func Read(rc syscall.RawConn, p []byte) (int, error) {
 	case n == 0:
 		return 0, io.EOF
 	}
+	raceReadDone(p[:n])
 	return n, nil
 }
 
@@ -56,6 +57,7 @@ func Write(rc syscall.RawConn, p []byte) (int, error) { return write(rc, p, true
 func TryWrite(rc syscall.RawConn, p []byte) (int, error) { return write(rc, p, false) }
 
 func write(rc syscall.RawConn, p []byte, wait bool) (int, error) {
+	raceWriteStart()
 	var n int
 	var errno syscall.Errno
 	err := rc.Write(func(fd uintptr) bool {
@@ -77,6 +79,7 @@ func write(rc syscall.RawConn, p []byte, wait bool) (int, error) {
 	if err == nil && errno != 0 {
 		err = os.NewSyscallError("write", errno)
 	}
+	raceWriteDone(p[:n])
 	return n, err
 }
 

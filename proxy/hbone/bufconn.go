@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"time"
 
 	"github.com/nftmesh/nftmesh/internal/rawio"
 )
@@ -92,6 +93,14 @@ func (c *bufConn) flushLocked() error {
 type corkedTLS struct {
 	*tls.Conn
 	bc *bufConn
+}
+
+// Close as x/net closes a *tls.Conn (it cannot see one through corkedTLS): close_notify,
+// but at most 250 ms stuck behind a dead peer before the socket is closed under it.
+func (c corkedTLS) Close() error {
+	t := time.AfterFunc(250*time.Millisecond, func() { c.bc.Conn.Close() })
+	defer t.Stop()
+	return c.Conn.Close()
 }
 
 func (c corkedTLS) Write(p []byte) (int, error) {

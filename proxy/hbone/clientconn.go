@@ -90,6 +90,7 @@ type clientConn struct {
 	pw     *io.PipeWriter
 	body   *reqBody
 	mode   atomic.Int32 // srcNone, srcPipe or srcDirect
+	direct atomic.Pointer[directSrc]
 	cancel context.CancelFunc
 	local  net.Addr
 	remote net.Addr
@@ -185,6 +186,11 @@ func (c *clientConn) ReadFrom(r io.Reader) (int64, error) {
 		return io.Copy(struct{ io.Writer }{c}, struct{ io.Reader }{r})
 	}
 	d := &directSrc{r: r, done: make(chan struct{}), end: func() { c.writeClosed.Store(true) }}
+	c.direct.Store(d)
+	if c.closed.Load() {
+		// Close ran meanwhile and may not have seen this source: do not hand it over.
+		return 0, &net.OpError{Op: "write", Net: "hbone", Source: c.local, Addr: c.remote, Err: net.ErrClosed}
+	}
 	c.body.srcc <- d
 	select {
 	case <-d.done:
@@ -223,7 +229,7 @@ func (c *clientConn) CloseWrite() error {
 func (c *clientConn) Close() error {
 	c.closeOnce.Do(func() {
 		c.closed.Store(true)
-		if c.readEOF.Load() && c.writeClosed.Load() {
+		if c.readEOF.Load() && c.sourceEnded() {
 			t := time.NewTimer(gracefulCloseWait)
 			select {
 			case <-c.body.closed:
@@ -232,9 +238,10 @@ func (c *clientConn) Close() error {
 			t.Stop()
 		}
 		c.pw.CloseWithError(net.ErrClosed)
-		if c.mode.Load() == srcDirect && !c.writeClosed.Load() {
-			// The transport goroutine may be blocked reading the ReadFrom source, which
-			// Body.Close would wait for: cancelling first resets the stream without waiting.
+		if c.mode.Load() == srcDirect && !c.sourceEnded() {
+			// The transport may be blocked reading the ReadFrom source (closing the body
+			// does not stop that read), which Body.Close would wait for: cancelling first
+			// resets the stream without waiting.
 			c.cancel()
 		}
 		c.resp.Body.Close() // resets an unfinished stream; waits for the stream's goroutine
@@ -242,6 +249,24 @@ func (c *clientConn) Close() error {
 		c.pool.release(c.pc)
 	})
 	return nil
+}
+
+// sourceEnded reports whether the request body's source has ended: CloseWrite closed the
+// pipe, or ReadFrom's source reached its end.
+func (c *clientConn) sourceEnded() bool {
+	if c.mode.Load() != srcDirect {
+		return c.writeClosed.Load()
+	}
+	d := c.direct.Load()
+	if d == nil {
+		return false
+	}
+	select {
+	case <-d.done:
+		return true
+	default:
+		return false
+	}
 }
 
 func (c *clientConn) LocalAddr() net.Addr  { return c.local }

@@ -304,3 +304,36 @@ func TestDirectDeliveryKeepsOrder(t *testing.T) {
 	}
 	t.Logf("%d direct writes offered, %d partly taken", s.calls.Load(), s.partial.Load())
 }
+
+// TestCloseDuringReadFrom: Close while ReadFrom waits on an idle source (CloseWrite meanwhile
+// changes nothing) returns at once and ends ReadFrom; it does not wait for the source.
+func TestCloseDuringReadFrom(t *testing.T) {
+	c := openTunnel(t, newUpstream(t, "tcp4", echo))
+	app, _ := tcpPair(t)
+	done := make(chan error, 1)
+	go func() {
+		_, err := c.(io.ReaderFrom).ReadFrom(app)
+		done <- err
+	}()
+	time.Sleep(20 * time.Millisecond) // ReadFrom has handed the source over
+	c.(halfCloser).CloseWrite()
+	closed := make(chan struct{})
+	go func() {
+		c.Close()
+		close(closed)
+	}()
+	select {
+	case <-closed:
+	case <-time.After(2 * time.Second):
+		t.Fatal("Close waits for the idle ReadFrom source")
+	}
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("ReadFrom ended without an error when the tunnel was closed under it")
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("ReadFrom still running after Close")
+	}
+	app.Close()
+}

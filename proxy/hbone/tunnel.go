@@ -9,7 +9,6 @@ import (
 	"net/http"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"golang.org/x/net/http2"
@@ -180,8 +179,9 @@ func (st *stream) accept(up net.Conn) bool {
 }
 
 // TryWriter is an upstream connection that can write without blocking: TryWrite writes what
-// the socket takes at once and returns. A Dialer's wrapper that hides the socket should
-// provide it (rawio.TryWrite does the work).
+// the socket takes at once and returns. A Dialer's wrapper around a socket may provide it
+// (rawio.TryWrite does the work); without it, only a bare *net.TCPConn gets writes from the
+// read loop, since a wrapper's own Write (counting, say) must not be bypassed.
 type TryWriter interface {
 	TryWrite(p []byte) (int, error)
 }
@@ -190,7 +190,7 @@ func tryWriterOf(c net.Conn) func([]byte) (int, error) {
 	switch u := c.(type) {
 	case TryWriter:
 		return u.TryWrite
-	case syscall.Conn:
+	case *net.TCPConn:
 		rc, err := u.SyscallConn()
 		if err != nil {
 			return nil

@@ -97,6 +97,22 @@ func wantHash(t *testing.T, res chan hashResult, data []byte) {
 	}
 }
 
+// closeWithin closes c and fails the test if that takes longer than d (Close must not wait
+// for a ReadFrom source that is idle).
+func closeWithin(t *testing.T, c net.Conn, d time.Duration) {
+	t.Helper()
+	closed := make(chan struct{})
+	go func() {
+		c.Close()
+		close(closed)
+	}()
+	select {
+	case <-closed:
+	case <-time.After(d):
+		t.Fatalf("Close still waiting after %v: it waits for the idle ReadFrom source", d)
+	}
+}
+
 func randomBytes(n int) []byte {
 	b := make([]byte, n)
 	rand.NewChaCha8([32]byte{1}).Read(b)
@@ -208,16 +224,7 @@ func TestReadFromTunnelReset(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("ReadFrom still running after the upstream reset")
 	}
-	closed := make(chan struct{})
-	go func() {
-		c.Close()
-		close(closed)
-	}()
-	select {
-	case <-closed:
-	case <-time.After(5 * time.Second):
-		t.Fatal("Close waits for the transport's read of the idle source")
-	}
+	closeWithin(t, c, 2*time.Second)
 	app.Close()
 	eventually(t, 10*time.Second, "the tunnel's goroutines to end", func() bool {
 		return goroutines() <= goBase+3 // the pooled connection's own, at most
@@ -317,16 +324,7 @@ func TestCloseDuringReadFrom(t *testing.T) {
 	}()
 	time.Sleep(20 * time.Millisecond) // ReadFrom has handed the source over
 	c.(halfCloser).CloseWrite()
-	closed := make(chan struct{})
-	go func() {
-		c.Close()
-		close(closed)
-	}()
-	select {
-	case <-closed:
-	case <-time.After(2 * time.Second):
-		t.Fatal("Close waits for the idle ReadFrom source")
-	}
+	closeWithin(t, c, 2*time.Second)
 	select {
 	case err := <-done:
 		if err == nil {

@@ -274,6 +274,7 @@ func (m *Mesh) wire() {
 // ruleset with the pod IPs of its enrolled pods, through the project's apply code.
 func (m *Mesh) applyRules() {
 	m.mgr = dataplane.NewManager(slog.New(slog.NewTextHandler(io.Discard, nil)), 0)
+	m.tb.Cleanup(func() { m.mgr.Close() }) // its cached sockets in the test's namespaces
 	in := compiler.DefaultIntent()
 	capture := m.Capture
 	in.Spec.InboundCapture = &capture

@@ -26,3 +26,5 @@ func raceWriteDone(p []byte) {
 		runtime.RaceReadRange(unsafe.Pointer(&p[0]), len(p))
 	}
 }
+
+const raceEnabled = true

@@ -14,30 +14,76 @@ import (
 	"io"
 	"net"
 	"os"
+	"sync"
 	"syscall"
 	"unsafe"
 )
 
-// Read reads from the socket into p, waiting (in the netpoller) until it has data.
-func Read(rc syscall.RawConn, p []byte) (int, error) {
+// op is one direction's system call. It is made once per Conn: a closure handed to
+// RawConn.Read or Write escapes, and would cost three allocations per call.
+type op struct {
+	mu    sync.Mutex // RawConn serializes the calls, but p, wait, n and errno are set before
+	p     []byte
+	wait  bool // write: wait until all of p is written
+	n     int
+	errno syscall.Errno
+	fn    func(fd uintptr) bool
+}
+
+func newReadOp() *op {
+	o := &op{}
+	o.fn = o.read
+	return o
+}
+
+func newWriteOp() *op {
+	o := &op{}
+	o.fn = o.write
+	return o
+}
+
+func (o *op) read(fd uintptr) bool {
+	for {
+		r, _, e := syscall.RawSyscall(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(&o.p[0])), uintptr(len(o.p)))
+		switch e {
+		case syscall.EINTR:
+			continue
+		case syscall.EAGAIN:
+			return false // the poller waits until the socket is readable
+		}
+		o.n, o.errno = int(r), e
+		return true
+	}
+}
+
+func (o *op) write(fd uintptr) bool {
+	for o.n < len(o.p) {
+		r, _, e := syscall.RawSyscall(syscall.SYS_WRITE, fd, uintptr(unsafe.Pointer(&o.p[o.n])), uintptr(len(o.p)-o.n))
+		switch e {
+		case 0:
+			o.n += int(r)
+		case syscall.EINTR:
+		case syscall.EAGAIN:
+			return !o.wait // false: the poller waits until the socket is writable
+		default:
+			o.errno = e
+			return true
+		}
+	}
+	return true
+}
+
+// readInto reads from the socket into p, waiting (in the netpoller) until it has data.
+func (o *op) readInto(rc syscall.RawConn, p []byte) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
-	var n int
-	var errno syscall.Errno
-	err := rc.Read(func(fd uintptr) bool {
-		for {
-			r, _, e := syscall.RawSyscall(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)))
-			switch e {
-			case syscall.EINTR:
-				continue
-			case syscall.EAGAIN:
-				return false
-			}
-			n, errno = int(r), e
-			return true
-		}
-	})
+	o.mu.Lock()
+	o.p, o.n, o.errno = p, 0, 0
+	err := rc.Read(o.fn)
+	n, errno := o.n, o.errno
+	o.p = nil
+	o.mu.Unlock()
 	switch {
 	case err != nil:
 		return 0, err
@@ -50,32 +96,16 @@ func Read(rc syscall.RawConn, p []byte) (int, error) {
 	return n, nil
 }
 
-// Write writes all of p, waiting (in the netpoller) while the socket is full.
-func Write(rc syscall.RawConn, p []byte) (int, error) { return write(rc, p, true) }
-
-// TryWrite writes as much of p as the socket takes now, without waiting.
-func TryWrite(rc syscall.RawConn, p []byte) (int, error) { return write(rc, p, false) }
-
-func write(rc syscall.RawConn, p []byte, wait bool) (int, error) {
+// writeFrom writes p: all of it, waiting (in the netpoller) while the socket is full, or
+// (!wait) what the socket takes at once.
+func (o *op) writeFrom(rc syscall.RawConn, p []byte, wait bool) (int, error) {
 	raceWriteStart()
-	var n int
-	var errno syscall.Errno
-	err := rc.Write(func(fd uintptr) bool {
-		for n < len(p) {
-			r, _, e := syscall.RawSyscall(syscall.SYS_WRITE, fd, uintptr(unsafe.Pointer(&p[n])), uintptr(len(p)-n))
-			switch e {
-			case 0:
-				n += int(r)
-			case syscall.EINTR:
-			case syscall.EAGAIN:
-				return !wait // false: the poller waits until the socket is writable
-			default:
-				errno = e
-				return true
-			}
-		}
-		return true
-	})
+	o.mu.Lock()
+	o.p, o.wait, o.n, o.errno = p, wait, 0, 0
+	err := rc.Write(o.fn)
+	n, errno := o.n, o.errno
+	o.p = nil
+	o.mu.Unlock()
 	if err == nil && errno != 0 {
 		err = os.NewSyscallError("write", errno)
 	}
@@ -87,7 +117,8 @@ func write(rc syscall.RawConn, p []byte, wait bool) (int, error) {
 // are *net.OpError, as the TCPConn's own.
 type Conn struct {
 	*net.TCPConn
-	rc syscall.RawConn
+	rc     syscall.RawConn
+	rd, wr *op
 }
 
 // NewConn wraps c.
@@ -96,11 +127,11 @@ func NewConn(c *net.TCPConn) (*Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Conn{TCPConn: c, rc: rc}, nil
+	return &Conn{TCPConn: c, rc: rc, rd: newReadOp(), wr: newWriteOp()}, nil
 }
 
 func (c *Conn) Read(p []byte) (int, error) {
-	n, err := Read(c.rc, p)
+	n, err := c.rd.readInto(c.rc, p)
 	if err != nil && err != io.EOF {
 		err = c.opError("read", err)
 	}
@@ -108,7 +139,7 @@ func (c *Conn) Read(p []byte) (int, error) {
 }
 
 func (c *Conn) Write(p []byte) (int, error) {
-	n, err := Write(c.rc, p)
+	n, err := c.wr.writeFrom(c.rc, p, true)
 	if err != nil {
 		err = c.opError("write", err)
 	}
@@ -117,7 +148,7 @@ func (c *Conn) Write(p []byte) (int, error) {
 
 // TryWrite writes what the socket takes without waiting.
 func (c *Conn) TryWrite(p []byte) (int, error) {
-	n, err := TryWrite(c.rc, p)
+	n, err := c.wr.writeFrom(c.rc, p, false)
 	if err != nil {
 		err = c.opError("write", err)
 	}

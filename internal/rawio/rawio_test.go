@@ -198,3 +198,40 @@ func TestCopyThroughConn(t *testing.T) {
 		t.Fatal("peer read differs")
 	}
 }
+
+// TestNoAllocations: a Conn's Read, Write and TryWrite allocate nothing (the proxy calls
+// them per packet; garbage there is GC work in the latency tail).
+func TestNoAllocations(t *testing.T) {
+	if raceEnabled {
+		t.Skip("the race detector's annotations allocate")
+	}
+	c, peer := pair(t)
+	msg, buf := []byte("0123456789"), make([]byte, 64)
+	for name, fn := range map[string]func() (int, error){
+		"Write":    func() (int, error) { return c.Write(msg) },
+		"TryWrite": func() (int, error) { return c.TryWrite(msg) },
+	} {
+		allocs := testing.AllocsPerRun(100, func() {
+			if n, err := fn(); n != len(msg) || err != nil {
+				t.Fatalf("%s: %d, %v", name, n, err)
+			}
+			if _, err := io.ReadFull(peer, buf[:len(msg)]); err != nil {
+				t.Fatal(err)
+			}
+		})
+		if allocs != 0 {
+			t.Errorf("%s: %v allocations per call, want 0", name, allocs)
+		}
+	}
+	allocs := testing.AllocsPerRun(100, func() {
+		if _, err := peer.Write(msg); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(c, buf[:len(msg)]); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if allocs != 0 {
+		t.Errorf("Read: %v allocations per call, want 0", allocs)
+	}
+}

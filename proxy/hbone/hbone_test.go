@@ -77,6 +77,37 @@ func TestRoundTrip(t *testing.T) {
 	}
 }
 
+// TestTunnelsInTurn: tunnels opened one after another on the pooled connection each carry
+// several exchanges: nothing of an ended stream (its END_STREAM, say) leaks into the next.
+func TestTunnelsInTurn(t *testing.T) {
+	e := newEnv(t)
+	for i := range 3 {
+		c, err := e.connect(testCtx(t, 10*time.Second))
+		if err != nil {
+			t.Fatal(err)
+		}
+		watchdog(t, 10*time.Second, c)
+		for j := range 3 {
+			msg := fmt.Sprintf("tunnel %d message %d", i, j)
+			if _, err := c.Write([]byte(msg)); err != nil {
+				t.Fatalf("%s: %v", msg, err)
+			}
+			buf := make([]byte, len(msg))
+			if _, err := io.ReadFull(c, buf); err != nil || string(buf) != msg {
+				t.Fatalf("%s: echo %q, %v", msg, buf, err)
+			}
+		}
+		c.(interface{ CloseWrite() error }).CloseWrite()
+		if rest, err := io.ReadAll(c); err != nil || len(rest) != 0 {
+			t.Fatalf("tunnel %d after CloseWrite: %q, %v; want EOF", i, rest, err)
+		}
+		c.Close()
+	}
+	if n := e.ln.accepted.Load(); n != 1 {
+		t.Errorf("server accepted %d connections, want 1 (pooled)", n)
+	}
+}
+
 // TestLargeTransfer pushes 64 MiB each way at once through one tunnel and compares hashes:
 // flow control, window updates and frame splitting all have to be right.
 func TestLargeTransfer(t *testing.T) {

@@ -261,6 +261,7 @@ func TestWriteDuringReadFrom(t *testing.T) {
 // time: the rest waits for the tunnel's goroutine, and later frames must queue behind it.
 type stingyConn struct {
 	*net.TCPConn
+	raw            *rawio.Conn
 	calls, partial atomic.Int64
 }
 
@@ -268,11 +269,7 @@ func (s *stingyConn) TryWrite(p []byte) (int, error) {
 	if s.calls.Add(1)%3 == 0 {
 		return 0, nil
 	}
-	rc, err := s.SyscallConn()
-	if err != nil {
-		return 0, err
-	}
-	n, err := rawio.TryWrite(rc, p[:len(p)/2])
+	n, err := s.raw.TryWrite(p[:len(p)/2])
 	if n < len(p) {
 		s.partial.Add(1)
 	}
@@ -289,7 +286,12 @@ func TestDirectDeliveryKeepsOrder(t *testing.T) {
 		if err != nil {
 			return nil, status, err
 		}
-		s := &stingyConn{TCPConn: c.(*net.TCPConn)}
+		raw, err := rawio.NewConn(c.(*net.TCPConn))
+		if err != nil {
+			c.Close()
+			return nil, 503, err
+		}
+		s := &stingyConn{TCPConn: c.(*net.TCPConn), raw: raw}
 		stingy.Store(s)
 		return s, status, nil
 	}

@@ -83,6 +83,7 @@ type serverConn struct {
 	log         *slog.Logger
 	fr          *http2.Framer
 	bw          *bufio.Writer
+	dataHeader  [9]byte // the writer's scratch: a local would escape through bw
 	henc        *hpack.Encoder
 	hbuf        bytes.Buffer
 	maxStreams  uint32
@@ -849,10 +850,11 @@ func (sc *serverConn) writeFrame(f *wframe) error {
 		})
 	case fkData:
 		// By hand: the Framer would copy the payload once more.
-		var h [9]byte
+		h := &sc.dataHeader
 		n := len(f.data)
 		h[0], h[1], h[2] = byte(n>>16), byte(n>>8), byte(n)
 		h[3] = byte(http2.FrameData)
+		h[4] = 0
 		if f.end {
 			h[4] = byte(http2.FlagDataEndStream)
 		}

@@ -180,7 +180,7 @@ func (st *stream) accept(up net.Conn) bool {
 
 // TryWriter is an upstream connection that can write without blocking: TryWrite writes what
 // the socket takes at once and returns. A Dialer's wrapper around a socket may provide it
-// (rawio.TryWrite does the work); without it, only a bare *net.TCPConn gets writes from the
+// (rawio.Conn.TryWrite does the work); without it, only a bare *net.TCPConn gets writes from the
 // read loop, since a wrapper's own Write (counting, say) must not be bypassed.
 type TryWriter interface {
 	TryWrite(p []byte) (int, error)
@@ -191,11 +191,11 @@ func tryWriterOf(c net.Conn) func([]byte) (int, error) {
 	case TryWriter:
 		return u.TryWrite
 	case *net.TCPConn:
-		rc, err := u.SyscallConn()
+		rc, err := rawio.NewConn(u)
 		if err != nil {
 			return nil
 		}
-		return func(p []byte) (int, error) { return rawio.TryWrite(rc, p) }
+		return rc.TryWrite
 	}
 	return nil
 }

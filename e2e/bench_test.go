@@ -44,12 +44,27 @@ const (
 	rrSize    = 1024
 )
 
-var legs = []struct {
-	name string
-	mesh bool
-}{{"direct", false}, {"mesh", true}}
+// leg is one way from notsleep's client to httpbin's app.
+type leg struct {
+	name  string
+	mesh  bool   // the pods' rules on: through both nftmesh proxies
+	relay string // a floor leg (floor_test.go): through two relays of this kind, rules off
+}
 
-func newBenchMesh(b *testing.B) *Mesh {
+var (
+	legs      = []leg{{name: "direct"}, {name: "mesh", mesh: true}}
+	floorLegs = []leg{{name: "floor-tcp", relay: "tcp"}, {name: "floor-tls", relay: "tls"}}
+)
+
+// target is where notsleep's client dials app port on leg l.
+func (m *Mesh) target(l leg, port int) netip.AddrPort {
+	if l.relay != "" {
+		return m.relayAddr(l.relay, port)
+	}
+	return netip.AddrPortFrom(m.Httpbin.V4, uint16(port))
+}
+
+func newBenchMesh(b testing.TB) *Mesh {
 	m := NewMesh(b, compiler.CaptureTProxy)
 	m.Serve(m.Httpbin, sinkPort, func(c net.Conn) {
 		buf := make([]byte, 256<<10)
@@ -75,6 +90,9 @@ func newBenchMesh(b *testing.B) *Mesh {
 		}
 	})
 	m.Serve(m.Httpbin, closePort, func(c net.Conn) { io.WriteString(c, "bye\n") })
+	for _, l := range floorLegs {
+		m.startRelays(b, l.relay, sinkPort, rrPort)
+	}
 	return m
 }
 
@@ -137,11 +155,10 @@ func (d *nsDialer) dial(dst netip.AddrPort) (net.Conn, error) {
 // BenchmarkStream: one long TCP stream, notsleep to httpbin, 256 KiB writes; MB/s.
 func BenchmarkStream(b *testing.B) {
 	m := newBenchMesh(b)
-	dst := netip.AddrPortFrom(m.Httpbin.V4, sinkPort)
-	for _, leg := range legs {
+	for _, leg := range slices.Concat(legs, floorLegs) {
 		b.Run(leg.name, func(b *testing.B) {
 			m.setLeg(leg.mesh)
-			c, err := Dial(m.Notsleep.NS, "tcp4", dst)
+			c, err := Dial(m.Notsleep.NS, "tcp4", m.target(leg, sinkPort))
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -177,11 +194,10 @@ func BenchmarkStream(b *testing.B) {
 // httpbin; p50 and p99 round trip in µs. The latency the proxies add is mesh minus direct.
 func BenchmarkLatency1K(b *testing.B) {
 	m := newBenchMesh(b)
-	dst := netip.AddrPortFrom(m.Httpbin.V4, rrPort)
-	for _, leg := range legs {
+	for _, leg := range slices.Concat(legs, floorLegs) {
 		b.Run(leg.name, func(b *testing.B) {
 			m.setLeg(leg.mesh)
-			c, err := Dial(m.Notsleep.NS, "tcp4", dst)
+			c, err := Dial(m.Notsleep.NS, "tcp4", m.target(leg, rrPort))
 			if err != nil {
 				b.Fatal(err)
 			}

@@ -15,6 +15,9 @@ import (
 var nftmeshBin string
 
 func TestMain(m *testing.M) {
+	if cfg := os.Getenv(relayEnv); cfg != "" { // re-executed as a floor relay
+		os.Exit(relayMain(cfg))
+	}
 	os.Exit(run(m))
 }
 

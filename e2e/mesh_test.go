@@ -523,7 +523,7 @@ func (m *Mesh) Connect(from *Pod, f family) (*Session, error) {
 	return s, nil
 }
 
-// Proc is an `nftmesh proxy` process running in a node namespace.
+// Proc is a process the test started in a namespace: an `nftmesh proxy` or a relay.
 type Proc struct {
 	Name string
 	cmd  *exec.Cmd
@@ -537,18 +537,26 @@ type Proc struct {
 // place, so the process is the proxy itself) and stops it when the test ends.
 func StartProxy(tb testing.TB, name string, ns *nettest.Netns, args ...string) *Proc {
 	tb.Helper()
-	p := &Proc{Name: name, Log: &nettest.SyncBuffer{}, done: make(chan struct{})}
-	p.cmd = exec.Command("ip", append([]string{"netns", "exec", ns.Name, nftmeshBin, "proxy"}, args...)...)
-	p.cmd.Stdout, p.cmd.Stderr = p.Log, p.Log
+	cmd := exec.Command("ip", append([]string{"netns", "exec", ns.Name, nftmeshBin, "proxy"}, args...)...)
 	// NFTMESH_E2E_PROXY_ENV adds environment variables (space separated) for the proxies
 	// only, for experiments: NFTMESH_E2E_PROXY_ENV="GOMAXPROCS=1 GODEBUG=...".
 	if extra := strings.Fields(os.Getenv("NFTMESH_E2E_PROXY_ENV")); len(extra) > 0 {
-		p.cmd.Env = append(os.Environ(), extra...)
+		cmd.Env = append(os.Environ(), extra...)
 	}
-	// Should the test binary die, the proxy dies with it. The kernel sends the signal
+	p := startProc(tb, name, cmd)
+	tb.Cleanup(func() { p.Stop(tb) })
+	return p
+}
+
+// startProc starts cmd with its output in the Proc's Log.
+func startProc(tb testing.TB, name string, cmd *exec.Cmd) *Proc {
+	tb.Helper()
+	p := &Proc{Name: name, Log: &nettest.SyncBuffer{}, done: make(chan struct{}), cmd: cmd}
+	p.cmd.Stdout, p.cmd.Stderr = p.Log, p.Log
+	// Should the test binary die, the process dies with it. The kernel sends the signal
 	// when the thread that forked ends, not the process; Go ends threads whose goroutine
 	// exits locked (Netns.Do's), and any thread may have run that goroutine before. So
-	// the fork happens on a thread locked for the proxy's lifetime.
+	// the fork happens on a thread locked for the process's lifetime.
 	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	started := make(chan error, 1)
 	go func() {
@@ -562,9 +570,8 @@ func StartProxy(tb testing.TB, name string, ns *nettest.Netns, args ...string) *
 		close(p.done)
 	}()
 	if err := <-started; err != nil {
-		tb.Fatalf("start proxy %s: %v", name, err)
+		tb.Fatalf("start %s: %v", name, err)
 	}
-	tb.Cleanup(func() { p.Stop(tb) })
 	return p
 }
 

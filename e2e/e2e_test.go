@@ -179,6 +179,8 @@ func testOtherTrustDomain(t *testing.T, m *Mesh) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	refusedLabels := map[string]string{"destination_workload": "httpbin", "destination_workload_namespace": meshNamespace}
+	refused0 := MetricSum(m.Node1.Metrics(t), "nftmesh_hbone_handshake_failures_total", refusedLabels)
 	for _, f := range families {
 		res := hboneConnect(m, m.Outside, f, good)
 		if res.err != nil || res.status != http.StatusOK || res.greeting.Addr() != m.Outside.Addr(f) {
@@ -196,7 +198,20 @@ func testOtherTrustDomain(t *testing.T, m *Mesh) {
 			t.Logf("%s: client certificate from %s: refused: %v", f.name, name, res.err)
 		}
 	}
-	text := m.Node1.Metrics(t)
+	// Each refusal counted once, for httpbin (the hook may lag the client's alert a little).
+	want := refused0 + float64(2*len(families))
+	var text string
+	for deadline := time.Now().Add(logWait); ; time.Sleep(10 * time.Millisecond) {
+		text = m.Node1.Metrics(t)
+		n := MetricSum(text, "nftmesh_hbone_handshake_failures_total", refusedLabels)
+		if n == want {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("node1 nftmesh_hbone_handshake_failures_total%v = %v, want %v\n%s", refusedLabels, n, want, grep(text, "nftmesh_hbone"))
+			break
+		}
+	}
 	for _, bad := range []string{"evil.local", "other.domain"} {
 		if strings.Contains(text, bad) {
 			t.Errorf("node1 counted a connection from %s:\n%s", bad, grep(text, bad))

@@ -76,7 +76,10 @@ func (p *Proxy) startInstance(uid string, info zds.WorkloadInfo, netns *os.File)
 		families = append(families, netip.IPv6Unspecified())
 	}
 	opts := SockOpts{Mark: p.cfg.Mark, Transparent: true, ReusePort: true}
-	inst.hbone = &hbone.Server{TLS: identity.ServerTLSConfig(p.issuer, inst.id), Dial: inst.dialInbound, Log: p.log}
+	inst.hbone = &hbone.Server{
+		TLS: identity.ServerTLSConfig(p.issuer, inst.id), Dial: inst.dialInbound, Log: p.log,
+		OnHandshakeError: func(error) { p.metrics.handshakeFailed(info.Name, info.Namespace) },
+	}
 	for _, any := range families {
 		for _, port := range []uint16{p.cfg.OutboundPort, p.cfg.InboundPort, p.cfg.HBONEPort} {
 			l, err := ListenIn(inst.fd(), netip.AddrPortFrom(any, port), opts)

@@ -12,6 +12,7 @@ import (
 // for ztunnel work unchanged.
 type Metrics struct {
 	opened, closed, sent, received *prometheus.CounterVec
+	handshakeFailures              *prometheus.CounterVec
 }
 
 var metricLabels = []string{
@@ -23,8 +24,11 @@ var metricLabels = []string{
 
 // NewMetrics registers the counters with reg.
 func NewMetrics(reg prometheus.Registerer) *Metrics {
-	counter := func(name, help string) *prometheus.CounterVec {
-		c := prometheus.NewCounterVec(prometheus.CounterOpts{Name: name, Help: help}, metricLabels)
+	counter := func(name, help string, labels ...string) *prometheus.CounterVec {
+		if len(labels) == 0 {
+			labels = metricLabels
+		}
+		c := prometheus.NewCounterVec(prometheus.CounterOpts{Name: name, Help: help}, labels)
 		reg.MustRegister(c)
 		return c
 	}
@@ -33,6 +37,17 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		closed:   counter("istio_tcp_connections_closed_total", "TCP connections closed through the proxy."),
 		sent:     counter("istio_tcp_sent_bytes_total", "Bytes sent towards the destination."),
 		received: counter("istio_tcp_received_bytes_total", "Bytes received from the destination."),
+		handshakeFailures: counter("nftmesh_hbone_handshake_failures_total",
+			"Inbound HBONE connections refused in the TLS handshake: no, untrusted or foreign-domain client certificate, TLS version, ALPN, timeout.",
+			"destination_workload", "destination_workload_namespace"),
+	}
+}
+
+// handshakeFailed counts an inbound HBONE connection to workload name/namespace refused in
+// the TLS handshake (no connection opens, so the Istio counters do not see it).
+func (m *Metrics) handshakeFailed(name, namespace string) {
+	if m != nil {
+		m.handshakeFailures.WithLabelValues(orUnknown(name), orUnknown(namespace)).Inc()
 	}
 }
 

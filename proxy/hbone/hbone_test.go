@@ -875,11 +875,11 @@ func TestTLSRequiresClientCertificate(t *testing.T) {
 	pki := sharedPKI(t)
 	noCert := pki.clientTLS(t)
 	noCert.Certificates = nil
-	var dials atomic.Int64
+	var dials, refused atomic.Int64
 	e := newEnv(t, withClientTLS(noCert), withDial(func(ctx context.Context, req Request) (net.Conn, int, error) {
 		dials.Add(1)
 		return dialTCP(ctx, req)
-	}))
+	}), withServer(func(s *Server) { s.OnHandshakeError = func(error) { refused.Add(1) } }))
 	if _, err := e.connect(testCtx(t, 10*time.Second)); err == nil {
 		t.Fatal("Connect succeeded without a client certificate")
 	}
@@ -900,6 +900,14 @@ func TestTLSRequiresClientCertificate(t *testing.T) {
 	}
 	if e.srv.numConns() != 0 {
 		t.Error("server kept an HTTP/2 connection without a client certificate")
+	}
+	// Both the pool's attempt and tls.Dial's, each heard once (the hook runs just after
+	// the alert goes out, so it may lag the client's read).
+	for deadline := time.Now().Add(5 * time.Second); refused.Load() < 2 && time.Now().Before(deadline); {
+		time.Sleep(time.Millisecond)
+	}
+	if n := refused.Load(); n != 2 {
+		t.Errorf("OnHandshakeError ran %d times, want 2", n)
 	}
 }
 

@@ -44,6 +44,11 @@ type Server struct {
 	PingTimeout          time.Duration // close when the PING is not answered in time; 0: 20 s
 	HandshakeTimeout     time.Duration // TLS handshake plus HTTP/2 preface; 0: 10 s
 
+	// OnHandshakeError, when set, hears of every connection refused in the TLS handshake
+	// (no, untrusted or foreign client certificate, TLS version, ALPN, timeout): a
+	// counter's hook, since the log says it at Debug only (anyone can make them).
+	OnHandshakeError func(err error)
+
 	mu        sync.Mutex
 	listeners map[net.Listener]struct{}
 	conns     map[*serverConn]struct{}
@@ -187,6 +192,9 @@ func (s *Server) handshake(c net.Conn, conf *tls.Config) {
 	if sc == nil {
 		if err != nil {
 			log.Debug("hbone: TLS handshake failed", "err", err)
+			if s.OnHandshakeError != nil {
+				s.OnHandshakeError(err)
+			}
 		}
 		tc.Close()
 		return

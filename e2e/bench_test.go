@@ -91,7 +91,7 @@ func newBenchMesh(b testing.TB) *Mesh {
 	})
 	m.Serve(m.Httpbin, closePort, func(c net.Conn) { io.WriteString(c, "bye\n") })
 	for _, l := range floorLegs {
-		m.startRelays(b, l.relay, sinkPort, rrPort)
+		m.startRelays(b, l.relay, sinkPort, rrPort, closePort)
 	}
 	return m
 }
@@ -165,7 +165,7 @@ func BenchmarkStream(b *testing.B) {
 			defer c.Close()
 			buf := make([]byte, 256<<10)
 			b.SetBytes(int64(len(buf)))
-			cpu0 := m.proxyCPU(b)
+			cpu0 := m.proxyCPU(b, leg)
 			b.ResetTimer()
 			for range b.N {
 				if _, err := c.Write(buf); err != nil {
@@ -182,9 +182,9 @@ func BenchmarkStream(b *testing.B) {
 			if want := int64(b.N) * int64(len(buf)); n != want {
 				b.Fatalf("the app read %d bytes, want %d", n, want)
 			}
-			if leg.mesh {
-				// CPU both proxies spent per MB moved (10 ms resolution).
-				b.ReportMetric((m.proxyCPU(b)-cpu0).Seconds()*1e3/(float64(n)/1e6), "proxy-cpu-ms/MB")
+			if leg.mesh || leg.relay != "" {
+				// CPU both proxies (or relays) spent per MB moved (10 ms resolution).
+				b.ReportMetric((m.proxyCPU(b, leg)-cpu0).Seconds()*1e3/(float64(n)/1e6), "proxy-cpu-ms/MB")
 			}
 		})
 	}
@@ -215,7 +215,7 @@ func BenchmarkLatency1K(b *testing.B) {
 				rt()
 			}
 			lat := make([]time.Duration, 0, b.N)
-			cpu0 := m.proxyCPU(b)
+			cpu0 := m.proxyCPU(b, leg)
 			b.ResetTimer()
 			for range b.N {
 				t0 := time.Now()
@@ -228,8 +228,8 @@ func BenchmarkLatency1K(b *testing.B) {
 			b.ReportMetric(q(0.50), "p50-µs")
 			b.ReportMetric(q(0.99), "p99-µs")
 			b.ReportMetric(q(0.999), "p99.9-µs")
-			if leg.mesh {
-				b.ReportMetric(float64((m.proxyCPU(b)-cpu0).Microseconds())/float64(b.N), "proxy-cpu-µs/op")
+			if leg.mesh || leg.relay != "" {
+				b.ReportMetric(float64((m.proxyCPU(b, leg)-cpu0).Microseconds())/float64(b.N), "proxy-cpu-µs/op")
 			}
 		})
 	}
@@ -241,13 +241,12 @@ func BenchmarkLatency1K(b *testing.B) {
 // at a time; par8: eight clients at once.
 func BenchmarkConnRate(b *testing.B) {
 	m := newBenchMesh(b)
-	dst := netip.AddrPortFrom(m.Httpbin.V4, closePort)
 	const par = 8
 	dialers := make([]*nsDialer, par)
 	for i := range dialers {
 		dialers[i] = newNSDialer(b, m.Notsleep.NS)
 	}
-	one := func(d *nsDialer) error {
+	one := func(d *nsDialer, dst netip.AddrPort) error {
 		c, err := d.dial(dst)
 		if err != nil {
 			return err
@@ -260,7 +259,9 @@ func BenchmarkConnRate(b *testing.B) {
 		}
 		return nil
 	}
-	for _, leg := range legs {
+	// floor-tls would pay a TLS handshake per connection, which pooled HBONE does not.
+	for _, leg := range slices.Concat(legs, floorLegs[:1]) {
+		dst := m.target(leg, closePort)
 		for _, conc := range []int{1, par} {
 			name := leg.name + "/seq"
 			if conc > 1 {
@@ -268,10 +269,10 @@ func BenchmarkConnRate(b *testing.B) {
 			}
 			b.Run(name, func(b *testing.B) {
 				m.setLeg(leg.mesh)
-				if err := one(dialers[0]); err != nil { // warm: the pooled connection
+				if err := one(dialers[0], dst); err != nil { // warm: the pooled connection
 					b.Fatal(err)
 				}
-				cpu0 := m.proxyCPU(b)
+				cpu0 := m.proxyCPU(b, leg)
 				lat := make([][]time.Duration, conc)
 				b.ResetTimer()
 				var wg sync.WaitGroup
@@ -284,7 +285,7 @@ func BenchmarkConnRate(b *testing.B) {
 					wg.Go(func() {
 						for range n {
 							t0 := time.Now()
-							if err := one(dialers[w]); err != nil {
+							if err := one(dialers[w], dst); err != nil {
 								errs <- err
 								return
 							}
@@ -304,8 +305,10 @@ func BenchmarkConnRate(b *testing.B) {
 				b.ReportMetric(float64(all[len(all)/2])/1e3, "p50-µs")
 				b.ReportMetric(float64(all[len(all)*99/100])/1e3, "p99-µs")
 				b.ReportMetric(float64(all[len(all)-1])/1e3, "max-µs")
+				if leg.mesh || leg.relay != "" {
+					b.ReportMetric(float64((m.proxyCPU(b, leg)-cpu0).Microseconds())/float64(b.N), "proxy-cpu-µs/op")
+				}
 				if leg.mesh {
-					b.ReportMetric(float64((m.proxyCPU(b)-cpu0).Microseconds())/float64(b.N), "proxy-cpu-µs/op")
 					if n := hboneConns(b, m.Notsleep.NS); n != 1 {
 						b.Errorf("notsleep has %d HBONE connections to httpbin, want 1 (pooled)", n)
 					}
@@ -396,11 +399,16 @@ func BenchmarkProxyMemory(b *testing.B) {
 	b.ReportMetric(float64(enroll.Microseconds())/pods, "µs/enroll")
 }
 
-// proxyCPU is the CPU time (user and system) both proxies of the mesh have used so far.
-func (m *Mesh) proxyCPU(tb testing.TB) time.Duration {
+// proxyCPU is the CPU time (user and system) the two processes in the middle of leg l
+// (both proxies, or both relays) have used so far; none on the direct leg.
+func (m *Mesh) proxyCPU(tb testing.TB, l leg) time.Duration {
+	procs := m.relays[l.relay]
+	if l.mesh {
+		procs = []*Proc{m.Node1.Proxy, m.Node2.Proxy}
+	}
 	var d time.Duration
-	for _, n := range []*Node{m.Node1, m.Node2} {
-		data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", n.Proxy.Pid()))
+	for _, p := range procs {
+		data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p.Pid()))
 		if err != nil {
 			tb.Fatal(err)
 		}

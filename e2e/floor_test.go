@@ -282,8 +282,13 @@ func (m *Mesh) startRelays(tb testing.TB, kind string, ports ...int) {
 	for _, p := range ports {
 		out.Listen = append(out.Listen, m.relayAddr(kind, p).String())
 	}
-	startRelay(tb, "relay-in-"+kind, m.Httpbin.NS, in)
-	startRelay(tb, "relay-out-"+kind, m.Notsleep.NS, out)
+	if m.relays == nil {
+		m.relays = map[string][]*Proc{}
+	}
+	m.relays[kind] = []*Proc{
+		startRelay(tb, "relay-in-"+kind, m.Httpbin.NS, in),
+		startRelay(tb, "relay-out-"+kind, m.Notsleep.NS, out),
+	}
 }
 
 // relayAddr is where a client in notsleep dials the outbound relay of kind for app port.

@@ -118,6 +118,7 @@ type Mesh struct {
 	mgr                     *dataplane.Manager
 	podDesired, hostDesired dataplane.Desired
 	rulesOn                 map[*Pod]bool
+	relays                  map[string][]*Proc // the benchmarks' floor relays by kind
 	nextIndex               int
 	agentLogs               *nettest.SyncBuffer
 }

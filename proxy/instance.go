@@ -37,6 +37,7 @@ type instance struct {
 
 	nsMu     sync.RWMutex // held (read) while the namespace fd is in use
 	nsClosed bool
+	spares   spareSockets
 
 	mu      sync.Mutex
 	live    map[*liveConn]struct{} // inbound connections, for policy re-checks
@@ -130,6 +131,7 @@ func (i *instance) stop(ctx context.Context, deadline time.Duration) {
 	i.stopCtx()
 	i.nsMu.Lock()
 	i.nsClosed = true
+	i.spares.close()
 	i.netns.Close()
 	i.nsMu.Unlock()
 }
@@ -274,15 +276,22 @@ func (i *instance) deliver(ctx context.Context, srcIP netip.Addr, dst netip.Addr
 
 var errStopped = errors.New("workload stopped")
 
-// dialIn connects from the pod's namespace. The namespace file stays open while its fd
-// is in use: stop waits, so the fd number can never meanwhile belong to another pod.
+// dialIn connects from the pod's namespace. The namespace file stays open while its fd is
+// in use (making sockets): stop waits, so the fd number can never meanwhile belong to
+// another pod. The connect itself needs only the socket.
 func (i *instance) dialIn(ctx context.Context, local, remote netip.AddrPort, o SockOpts) (*net.TCPConn, error) {
+	v6 := isV6(remote)
 	i.nsMu.RLock()
-	defer i.nsMu.RUnlock()
 	if i.nsClosed {
+		i.nsMu.RUnlock()
 		return nil, errStopped
 	}
-	return DialIn(ctx, i.fd(), local, remote, o)
+	fd, err := i.spares.take(i.fd(), v6, o)
+	i.nsMu.RUnlock()
+	if err != nil {
+		return nil, fmt.Errorf("dial %s: %w", remote, err)
+	}
+	return connectSocket(ctx, fd, v6, local, remote)
 }
 
 func (i *instance) policyWorkload() policy.Workload {

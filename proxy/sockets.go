@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"sync"
 	"syscall"
 	"time"
 
@@ -18,8 +19,9 @@ import (
 
 // Every socket the proxy opens for a pod lives in the pod's network namespace and carries
 // the proxy mark, so the pod's rules never capture it. Sockets are made on a netnsexec
-// worker (a visit of microseconds); connecting and all I/O then happen on ordinary
-// goroutines, through the runtime poller.
+// worker (a visit of microseconds; dials from a pod take spares made eight at a time);
+// binding, connecting and all I/O then happen on ordinary goroutines, through the
+// runtime poller.
 
 // SockOpts are the options of a proxy socket.
 type SockOpts struct {
@@ -95,35 +97,60 @@ func ListenIn(nsFD int, addr netip.AddrPort, o SockOpts) (*net.TCPListener, erro
 // DialIn connects to remote from a socket in the namespace of nsFD, bound to local when
 // local is valid (with Transparent, any address: the proxy speaks for the client).
 func DialIn(ctx context.Context, nsFD int, local, remote netip.AddrPort, o SockOpts) (*net.TCPConn, error) {
-	v6 := remote.Addr().Is6() && !remote.Addr().Is4In6()
+	v6 := isV6(remote)
+	fds, err := socketsIn(nsFD, v6, o, 1)
+	if err != nil {
+		return nil, fmt.Errorf("dial %s: %w", remote, err)
+	}
+	return connectSocket(ctx, fds[0], v6, local, remote)
+}
+
+func isV6(ap netip.AddrPort) bool { return ap.Addr().Is6() && !ap.Addr().Is4In6() }
+
+// socketsIn makes n TCP sockets with options o in the namespace of nsFD, in one visit.
+func socketsIn(nsFD int, v6 bool, o SockOpts, n int) ([]int, error) {
 	domain := unix.AF_INET
 	if v6 {
 		domain = unix.AF_INET6
 	}
-	fd := -1
+	fds := make([]int, 0, n)
 	err := netnsexec.Do(nsFD, func() error {
-		var err error
-		fd, err = unix.Socket(domain, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
-		if err != nil {
-			return err
-		}
-		if err := o.apply(fd, v6); err != nil {
-			unix.Close(fd)
-			return err
-		}
-		if local.IsValid() {
-			if err := unix.Bind(fd, sockaddr(local, v6)); err != nil {
-				unix.Close(fd)
-				return fmt.Errorf("bind %s: %w", local, err)
+		for range n {
+			fd, err := unix.Socket(domain, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
+			if err != nil {
+				return err
+			}
+			fds = append(fds, fd)
+			if err := o.apply(fd, v6); err != nil {
+				return err
 			}
 		}
 		return nil
 	})
 	if err != nil {
-		return nil, fmt.Errorf("dial %s: %w", remote, err)
+		closeAll(fds)
+		return nil, err
 	}
+	return fds, nil
+}
+
+func closeAll(fds []int) {
+	for _, fd := range fds {
+		unix.Close(fd)
+	}
+}
+
+// connectSocket binds socket fd (made by socketsIn; connectSocket owns it) to local when local is
+// valid and connects it to remote. A socket keeps the namespace it was made in, so this
+// runs on any thread.
+func connectSocket(ctx context.Context, fd int, v6 bool, local, remote netip.AddrPort) (*net.TCPConn, error) {
 	f := os.NewFile(uintptr(fd), "proxy-upstream")
 	defer f.Close() // net.FileConn dups it
+	if local.IsValid() {
+		if err := unix.Bind(fd, sockaddr(local, v6)); err != nil {
+			return nil, fmt.Errorf("dial %s: bind %s: %w", remote, local, err)
+		}
+	}
 	if err := connect(ctx, f, fd, sockaddr(remote, v6)); err != nil {
 		return nil, fmt.Errorf("dial %s: %w", remote, err)
 	}
@@ -132,6 +159,67 @@ func DialIn(ctx context.Context, nsFD int, local, remote netip.AddrPort, o SockO
 		return nil, fmt.Errorf("dial %s: %w", remote, err)
 	}
 	return c.(*net.TCPConn), nil
+}
+
+// spareSockets keeps sockets made ahead of need in one pod's namespace. Making sockets
+// there takes a visit to a netnsexec thread: a hand-off to a locked thread and back,
+// which costs more than the sockets. A visit makes spareBatch sockets, so seven dials in
+// eight make none. Spares hold the namespace alive: close them with the pod.
+type spareSockets struct {
+	mu     sync.Mutex
+	free   map[spareKey][]int
+	closed bool
+}
+
+type spareKey struct {
+	v6   bool
+	opts SockOpts
+}
+
+const spareBatch = 8
+
+// take returns a spare socket for family v6 and options o, made in nsFD's namespace now
+// (with the next spares) if there is none. The caller owns it.
+func (s *spareSockets) take(nsFD int, v6 bool, o SockOpts) (int, error) {
+	k := spareKey{v6, o}
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return -1, errStopped
+	}
+	if fds := s.free[k]; len(fds) > 0 {
+		fd := fds[len(fds)-1]
+		s.free[k] = fds[:len(fds)-1]
+		s.mu.Unlock()
+		return fd, nil
+	}
+	s.mu.Unlock()
+	fds, err := socketsIn(nsFD, v6, o, spareBatch)
+	if err != nil {
+		return -1, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		closeAll(fds)
+		return -1, errStopped
+	}
+	if s.free == nil {
+		s.free = map[spareKey][]int{}
+	}
+	s.free[k] = append(s.free[k], fds[1:]...)
+	return fds[0], nil
+}
+
+// close closes the spares; later dials fail with errStopped.
+func (s *spareSockets) close() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.closed = true
+	for _, fds := range s.free {
+		closeAll(fds)
+	}
+	s.free = nil
 }
 
 // connect does a non-blocking connect and waits for it through the runtime poller,

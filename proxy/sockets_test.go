@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net/netip"
 	"os"
+	"slices"
 	"testing"
 	"time"
 
@@ -107,4 +108,63 @@ func TestTransparentBindAndTimeout(t *testing.T) {
 
 func itoa(p uint16) string {
 	return netip.AddrPortFrom(netip.IPv4Unspecified(), p).String()[len("0.0.0.0:"):]
+}
+
+// TestSpareSockets: a visit to the namespace makes spareBatch sockets, later takes use
+// them; each is in the pod's namespace with its options; close closes the spares and
+// refuses later takes.
+func TestSpareSockets(t *testing.T) {
+	_, nsFD := sockNS(t)
+	l, err := ListenIn(nsFD, netip.MustParseAddrPort("10.99.0.1:0"), SockOpts{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	var s spareSockets
+	marked := SockOpts{Mark: 0x539}
+	stock := func(o SockOpts) int {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return len(s.free[spareKey{false, o}])
+	}
+	for i := range spareBatch + 1 {
+		fd, err := s.take(nsFD, false, marked)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := (2*spareBatch - 1 - i) % spareBatch; stock(marked) != want {
+			t.Fatalf("take %d: %d spares, want %d", i, stock(marked), want)
+		}
+		if mark, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK); err != nil || mark != 0x539 {
+			t.Errorf("take %d: SO_MARK %#x, %v", i, mark, err)
+		}
+		// 10.99.0.1 exists only in the pod's namespace.
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		c, err := connectSocket(ctx, fd, false, netip.AddrPort{}, AddrPortOf(l.Addr()))
+		cancel()
+		if err != nil {
+			t.Fatalf("take %d: %v", i, err)
+		}
+		c.Close()
+		a, err := l.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		a.Close()
+	}
+	if stock(SockOpts{}) != 0 {
+		t.Error("sockets with other options drawn from the same stock")
+	}
+	s.mu.Lock()
+	spares := slices.Clone(s.free[spareKey{false, marked}])
+	s.mu.Unlock()
+	s.close()
+	for _, fd := range spares {
+		if _, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); !errors.Is(err, unix.EBADF) {
+			t.Errorf("spare %d still open after close: %v", fd, err)
+		}
+	}
+	if _, err := s.take(nsFD, false, marked); !errors.Is(err, errStopped) {
+		t.Errorf("take after close: %v, want errStopped", err)
+	}
 }

@@ -312,6 +312,9 @@ func startRelay(tb testing.TB, name string, ns *nettest.Netns, cfg relayConfig) 
 	}
 	cmd := exec.Command("ip", "netns", "exec", ns.Name, self)
 	cmd.Env = append(os.Environ(), relayEnv+"="+string(cfgJSON))
+	if w := os.Getenv("NFTMESH_E2E_WORKERS"); w != "" { // as many threads as the proxies get
+		cmd.Env = append(cmd.Env, "GOMAXPROCS="+w)
+	}
 	p := startProc(tb, name, cmd)
 	tb.Cleanup(func() {
 		p.cmd.Process.Signal(syscall.SIGKILL)

@@ -31,11 +31,13 @@ import (
 // (node1): through the mesh, notsleep's outbound capture, node2's proxy, HBONE, node1's
 // proxy, httpbin's app; and the baseline, in the same run, over the same veths and
 // namespaces with the two pods' rules removed ("direct": plain TCP, forwarded by both
-// nodes). Each benchmark has a "direct" and a "mesh" sub-benchmark.
+// nodes). Each benchmark has a "direct" and a "mesh" sub-benchmark; stream, latency and
+// connection rate also have floor legs, through two bare relays (floor_test.go).
 //
 //	go test -run '^$' -bench . -benchtime 2s -count 5 ./e2e/
 //
-// All processes (the test's clients and apps, both proxies) share the machine's cores.
+// All processes (the test's clients and apps, both proxies or relays) share the machine's
+// cores.
 
 const (
 	sinkPort  = 9000 // reads everything, then answers the byte count (8 bytes, big endian)

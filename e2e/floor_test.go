@@ -217,12 +217,14 @@ func tlsPair(plain *net.TCPConn, t *tls.Conn, tc *corked) {
 			n, err := plain.Read(buf)
 			if n > 0 {
 				if _, werr := t.Write(buf[:n]); werr != nil || tc.flush() != nil {
+					tc.c.Close() // ends the other direction's copy too
 					return
 				}
 			}
 			if err != nil {
-				t.CloseWrite() // close_notify
 				tc.flush()
+				tc.cork = false // CloseWrite's close_notify goes straight out
+				t.CloseWrite()
 				tc.c.CloseWrite()
 				return
 			}

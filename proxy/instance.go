@@ -57,6 +57,8 @@ type liveConn struct {
 
 func (i *instance) fd() int { return int(i.netns.Fd()) }
 
+// startInstance opens the pod's listeners in netns and serves them. The instance owns
+// netns; on error it has closed it.
 func (p *Proxy) startInstance(uid string, info zds.WorkloadInfo, netns *os.File) (*instance, error) {
 	sa := info.ServiceAccount
 	if sa == "" {
@@ -85,7 +87,9 @@ func (p *Proxy) startInstance(uid string, info zds.WorkloadInfo, netns *os.File)
 		for _, port := range []uint16{p.cfg.OutboundPort, p.cfg.InboundPort, p.cfg.HBONEPort} {
 			l, err := ListenIn(inst.fd(), netip.AddrPortFrom(any, port), opts)
 			if err != nil {
-				inst.closeListeners()
+				// The listeners up so far may have accepted: end their connections and
+				// spares before the namespace goes.
+				inst.stop(context.Background(), 0)
 				return nil, err
 			}
 			inst.listeners = append(inst.listeners, l)

@@ -151,8 +151,7 @@ func (p *Proxy) AddWorkload(ctx context.Context, uid string, info zds.WorkloadIn
 		}
 	}
 	p.mu.Unlock()
-	if err != nil {
-		netns.Close()
+	if err != nil { // startInstance closed netns
 		return fmt.Errorf("pod %s/%s (%s): %w", info.Namespace, info.Name, uid, err)
 	}
 	if !stillWanted {

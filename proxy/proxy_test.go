@@ -3,6 +3,7 @@ package proxy
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -11,6 +12,7 @@ import (
 	"os"
 	"runtime"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -326,5 +328,40 @@ func TestNoLeakPerConnection(t *testing.T) {
 		if afterFD[round] > baseFD+8 { // slack: sockets still closing
 			t.Errorf("file descriptors: %d before, %v after each round of 60 connections", baseFD, afterFD)
 		}
+	}
+}
+
+// TestAddWorkloadFailsWhole: when a pod's listeners cannot all open (here 15008 is taken
+// by a socket without SO_REUSEPORT), AddWorkload fails and leaves nothing behind: no
+// listener, no descriptor (the namespace's included), no goroutine.
+func TestAddWorkloadFailsWhole(t *testing.T) {
+	f := newMesh(t, compiler.CaptureTProxy)
+	ns := nettest.New(t)
+	ns.MustRun(t, "ip", "link", "set", "lo", "up")
+	var squatter net.Listener
+	if err := ns.Do(func() (err error) {
+		squatter, err = net.Listen("tcp4", "0.0.0.0:15008")
+		return
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer squatter.Close()
+	time.Sleep(100 * time.Millisecond)
+	baseG, baseFD := runtime.NumGoroutine(), fdCount(t)
+	file, err := os.Open(ns.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = f.proxy.AddWorkload(context.Background(), "u-squat", zds.WorkloadInfo{Name: "squat", Namespace: "demo"}, file)
+	if err == nil || !errors.Is(err, syscall.EADDRINUSE) {
+		t.Fatalf("AddWorkload: %v, want address in use", err)
+	}
+	if g, fds := settle(baseG, runtime.NumGoroutine), settle(baseFD, func() int { return fdCount(t) }); g > baseG || fds > baseFD {
+		t.Errorf("after the failed add: goroutines %d -> %d, descriptors %d -> %d", baseG, g, baseFD, fds)
+	}
+	// 15001 opened before 15008 failed: it must be closed again.
+	if c, err := dialFrom(t, ns, "tcp4", netip.MustParseAddrPort("127.0.0.1:15001")); err == nil {
+		c.Close()
+		t.Error("the outbound listener is still open after the failed add")
 	}
 }

@@ -107,7 +107,8 @@ func DialIn(ctx context.Context, nsFD int, local, remote netip.AddrPort, o SockO
 
 func isV6(ap netip.AddrPort) bool { return ap.Addr().Is6() && !ap.Addr().Is4In6() }
 
-// socketsIn makes n TCP sockets with options o in the namespace of nsFD, in one visit.
+// socketsIn makes up to n TCP sockets with options o in the namespace of nsFD, in one
+// visit: fewer when it runs out of descriptors part way, an error when it makes none.
 func socketsIn(nsFD int, v6 bool, o SockOpts, n int) ([]int, error) {
 	domain := unix.AF_INET
 	if v6 {
@@ -120,15 +121,15 @@ func socketsIn(nsFD int, v6 bool, o SockOpts, n int) ([]int, error) {
 			if err != nil {
 				return err
 			}
-			fds = append(fds, fd)
 			if err := o.apply(fd, v6); err != nil {
+				unix.Close(fd)
 				return err
 			}
+			fds = append(fds, fd)
 		}
 		return nil
 	})
-	if err != nil {
-		closeAll(fds)
+	if len(fds) == 0 {
 		return nil, err
 	}
 	return fds, nil
@@ -164,7 +165,9 @@ func connectSocket(ctx context.Context, fd int, v6 bool, local, remote netip.Add
 // spareSockets keeps sockets made ahead of need in one pod's namespace. Making sockets
 // there takes a visit to a netnsexec thread: a hand-off to a locked thread and back,
 // which costs more than the sockets. A visit makes spareBatch sockets, so seven dials in
-// eight make none. Spares hold the namespace alive: close them with the pod.
+// eight make none. At most spareBatch-1 wait per kind (a burst of dials that all find the
+// stock empty must not leave hundreds behind). Spares hold the namespace alive: close
+// them with the pod.
 type spareSockets struct {
 	mu     sync.Mutex
 	free   map[spareKey][]int
@@ -207,7 +210,9 @@ func (s *spareSockets) take(nsFD int, v6 bool, o SockOpts) (int, error) {
 	if s.free == nil {
 		s.free = map[spareKey][]int{}
 	}
-	s.free[k] = append(s.free[k], fds[1:]...)
+	keep := min(len(fds)-1, spareBatch-1-len(s.free[k]))
+	s.free[k] = append(s.free[k], fds[1:1+keep]...)
+	closeAll(fds[1+keep:])
 	return fds[0], nil
 }
 

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -166,5 +167,37 @@ func TestSpareSockets(t *testing.T) {
 	}
 	if _, err := s.take(nsFD, false, marked); !errors.Is(err, errStopped) {
 		t.Errorf("take after close: %v, want errStopped", err)
+	}
+}
+
+// TestSpareSocketsBounded: a burst of dials that all find the stock empty (each visiting
+// the namespace) leaves at most spareBatch-1 spares behind.
+func TestSpareSocketsBounded(t *testing.T) {
+	_, nsFD := sockNS(t)
+	var s spareSockets
+	defer s.close()
+	const burst = 32
+	fds := make(chan int, burst)
+	var wg sync.WaitGroup
+	for range burst {
+		wg.Go(func() {
+			fd, err := s.take(nsFD, false, SockOpts{})
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			fds <- fd
+		})
+	}
+	wg.Wait()
+	close(fds)
+	for fd := range fds {
+		unix.Close(fd)
+	}
+	s.mu.Lock()
+	n := len(s.free[spareKey{false, SockOpts{}}])
+	s.mu.Unlock()
+	if n > spareBatch-1 {
+		t.Errorf("%d spares after a burst of %d dials, want at most %d", n, burst, spareBatch-1)
 	}
 }

@@ -38,13 +38,13 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		sent:     counter("istio_tcp_sent_bytes_total", "Bytes sent towards the destination."),
 		received: counter("istio_tcp_received_bytes_total", "Bytes received from the destination."),
 		handshakeFailures: counter("nftmesh_hbone_handshake_failures_total",
-			"Inbound HBONE connections refused in the TLS handshake: no, untrusted or foreign-domain client certificate, TLS version, ALPN, timeout.",
+			"Inbound HBONE connections whose TLS handshake failed: no, untrusted or foreign-domain client certificate, TLS version, ALPN, timeout, or the client left.",
 			"destination_workload", "destination_workload_namespace"),
 	}
 }
 
-// handshakeFailed counts an inbound HBONE connection to workload name/namespace refused in
-// the TLS handshake (no connection opens, so the Istio counters do not see it).
+// handshakeFailed counts an inbound HBONE connection to workload name/namespace whose TLS
+// handshake failed (no connection opens, so the Istio counters do not see it).
 func (m *Metrics) handshakeFailed(name, namespace string) {
 	if m != nil {
 		m.handshakeFailures.WithLabelValues(orUnknown(name), orUnknown(namespace)).Inc()

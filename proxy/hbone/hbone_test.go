@@ -1252,3 +1252,36 @@ func TestParseForwardedFor(t *testing.T) {
 		}
 	}
 }
+
+// TestShutdownIsNoHandshakeFailure: a connection still in its handshake when the server
+// shuts down is not reported to OnHandshakeError (it would count refusals that never were).
+func TestShutdownIsNoHandshakeFailure(t *testing.T) {
+	var refused atomic.Int64
+	e := newEnv(t, withServer(func(s *Server) { s.OnHandshakeError = func(error) { refused.Add(1) } }))
+	c, err := net.Dial("tcp", e.hbone.String()) // no ClientHello: waits in the handshake
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	inHandshake := func() int {
+		e.srv.mu.Lock()
+		defer e.srv.mu.Unlock()
+		return len(e.srv.raw)
+	}
+	for deadline := time.Now().Add(5 * time.Second); inHandshake() == 0; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the server never took the connection")
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := e.srv.Shutdown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	io.Copy(io.Discard, c) // the server closed it
+	time.Sleep(50 * time.Millisecond)
+	if n := refused.Load(); n != 0 {
+		t.Errorf("OnHandshakeError ran %d times for a shutdown", n)
+	}
+}

@@ -44,9 +44,10 @@ type Server struct {
 	PingTimeout          time.Duration // close when the PING is not answered in time; 0: 20 s
 	HandshakeTimeout     time.Duration // TLS handshake plus HTTP/2 preface; 0: 10 s
 
-	// OnHandshakeError, when set, hears of every connection refused in the TLS handshake
-	// (no, untrusted or foreign client certificate, TLS version, ALPN, timeout): a
-	// counter's hook, since the log says it at Debug only (anyone can make them).
+	// OnHandshakeError, when set, hears of every connection whose TLS handshake fails
+	// (no, untrusted or foreign client certificate, TLS version, ALPN, timeout, a client
+	// that leaves before its hello), except those a shutdown cuts: a counter's hook, since
+	// the log says it at Debug only (anyone can make them).
 	OnHandshakeError func(err error)
 
 	mu        sync.Mutex
@@ -190,7 +191,7 @@ func (s *Server) handshake(c net.Conn, conf *tls.Config) {
 	}
 	s.mu.Unlock()
 	if sc == nil {
-		if err != nil {
+		if err != nil && !closed { // a shutdown's own closing is no failure
 			log.Debug("hbone: TLS handshake failed", "err", err)
 			if s.OnHandshakeError != nil {
 				s.OnHandshakeError(err)

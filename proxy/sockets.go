@@ -141,9 +141,9 @@ func closeAll(fds []int) {
 	}
 }
 
-// connectSocket binds socket fd (made by socketsIn; connectSocket owns it) to local when local is
-// valid and connects it to remote. A socket keeps the namespace it was made in, so this
-// runs on any thread.
+// connectSocket binds socket fd (made by socketsIn; connectSocket owns it) to local when
+// local is valid and connects it to remote. A socket keeps the namespace it was made in,
+// so this runs on any thread.
 func connectSocket(ctx context.Context, fd int, v6 bool, local, remote netip.AddrPort) (*net.TCPConn, error) {
 	f := os.NewFile(uintptr(fd), "proxy-upstream")
 	defer f.Close() // net.FileConn dups it

@@ -331,6 +331,8 @@ func (i *instance) dialInbound(ctx context.Context, req hbone.Request) (net.Conn
 	if w, ok := p.workloads.WorkloadByIP(src.Addr()); ok {
 		info.srcWorkload = w.Name
 	}
+	// Counted open before the policy decides, as ztunnel does: a denied connection shows as
+	// opened and closed with response_flags DENY.
 	p.metrics.open(info)
 	pc := policy.Connection{SrcPrincipal: peer.String(), SrcIP: src.Addr(), DstIP: req.Authority.Addr(), DstPort: req.Authority.Port()}
 	lc := i.track(pc, nil)

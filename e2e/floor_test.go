@@ -338,3 +338,49 @@ func startRelay(tb testing.TB, name string, ns *nettest.Netns, cfg relayConfig) 
 	}
 	return p
 }
+
+// TestFloorRelays: the benchmarks' relays carry what they must (so that a floor is never
+// the cost of a relay that dropped the work): a stream and its half-close, request and
+// response in turn, and a server that speaks first and closes.
+func TestFloorRelays(t *testing.T) {
+	m := newBenchMesh(t)
+	m.setLeg(false)
+	for _, l := range floorLegs {
+		t.Run(l.name, func(t *testing.T) {
+			dial := func(port int) net.Conn {
+				c, err := Dial(m.Notsleep.NS, "tcp4", m.target(l, port))
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { c.Close() })
+				c.SetDeadline(time.Now().Add(ioTimeout))
+				return c
+			}
+			c := dial(sinkPort)
+			const size = 4 << 20
+			if _, err := c.Write(make([]byte, size)); err != nil {
+				t.Fatal(err)
+			}
+			c.(*net.TCPConn).CloseWrite()
+			var n int64
+			if err := binary.Read(c, binary.BigEndian, &n); err != nil || n != size {
+				t.Errorf("stream: the app counted %d bytes (%v), want %d", n, err, size)
+			}
+			c = dial(rrPort)
+			req, resp := make([]byte, rrSize), make([]byte, rrSize)
+			for i := range 3 {
+				req[0] = byte(i)
+				if _, err := c.Write(req); err != nil {
+					t.Fatal(err)
+				}
+				if _, err := io.ReadFull(c, resp); err != nil || resp[0] != byte(i) {
+					t.Fatalf("round trip %d: %v, first byte %d", i, err, resp[0])
+				}
+			}
+			c = dial(closePort)
+			if b, err := io.ReadAll(c); err != nil || string(b) != "bye\n" {
+				t.Errorf("server first: %q, %v; want the line, then EOF", b, err)
+			}
+		})
+	}
+}

@@ -216,8 +216,8 @@ func (i *instance) serveOutbound(c *net.TCPConn) {
 		p.metrics.done(p.log, info, 0, 0, err)
 		return
 	}
-	sent, recv, err := i.pipeUntilStopped(c, up)
-	p.metrics.done(p.log, info, sent, recv, err)
+	toDst, fromDst, err := i.pipeUntilStopped(c, up)
+	p.metrics.done(p.log, info, toDst, fromDst, err)
 }
 
 // serveInbound handles plain TCP the pod's rules captured to 15006: authorize without a
@@ -267,8 +267,8 @@ func (i *instance) serveInbound(c *net.TCPConn) {
 		p.metrics.done(p.log, info, 0, 0, err)
 		return
 	}
-	sent, recv, err := i.pipeUntilStopped(c, up)
-	p.metrics.done(p.log, info, sent, recv, err)
+	toDst, fromDst, err := i.pipeUntilStopped(c, up)
+	p.metrics.done(p.log, info, toDst, fromDst, err)
 }
 
 // deliver connects to the app in the pod with the client's IP as source: IP_TRANSPARENT
@@ -371,23 +371,23 @@ func (i *instance) dialInbound(ctx context.Context, req hbone.Request) (net.Conn
 // bookkeeping when closed. It wraps the TCP conn instead of embedding it: an embedded
 // *net.TCPConn would let net.Buffers write around Write (writev), uncounted.
 type trackedConn struct {
-	c         *rawio.Conn // raw system calls: see rawio
-	i         *instance
-	lc        *liveConn
-	info      *connInfo
-	once      sync.Once
-	sent, rcv atomic.Int64
+	c              *rawio.Conn // raw system calls: see rawio
+	i              *instance
+	lc             *liveConn
+	info           *connInfo
+	once           sync.Once
+	toApp, fromApp atomic.Int64 // the connection's bytes towards and from its destination
 }
 
 func (t *trackedConn) Read(b []byte) (int, error) {
 	n, err := t.c.Read(b)
-	t.rcv.Add(int64(n))
+	t.fromApp.Add(int64(n))
 	return n, err
 }
 
 func (t *trackedConn) Write(b []byte) (int, error) {
 	n, err := t.c.Write(b)
-	t.sent.Add(int64(n))
+	t.toApp.Add(int64(n))
 	return n, err
 }
 
@@ -395,7 +395,7 @@ func (t *trackedConn) Write(b []byte) (int, error) {
 // goroutine.
 func (t *trackedConn) TryWrite(b []byte) (int, error) {
 	n, err := t.c.TryWrite(b)
-	t.sent.Add(int64(n))
+	t.toApp.Add(int64(n))
 	return n, err
 }
 
@@ -411,7 +411,7 @@ func (t *trackedConn) Close() error {
 	err := t.c.Close()
 	t.once.Do(func() {
 		t.i.untrack(t.lc)
-		t.i.p.metrics.done(t.i.p.log, t.info, t.sent.Load(), t.rcv.Load(), nil)
+		t.i.p.metrics.done(t.i.p.log, t.info, t.toApp.Load(), t.fromApp.Load(), nil)
 	})
 	return err
 }

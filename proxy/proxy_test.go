@@ -184,8 +184,8 @@ func TestMeshHBONE(t *testing.T) {
 			if opened < 2 {
 				t.Errorf("inbound mTLS connections opened = %v, want 2\n%s", opened, f.logs)
 			}
-			// Bytes towards the app count on the destination too (the tunnel writes them with
-			// writev, which must not slip past the counting).
+			// Bytes towards the app (received_bytes) count on the destination too (the tunnel
+			// writes them with writev, which must not slip past the counting).
 			l := prometheusLabels("destination", true)
 			if sent, rcv := testutil.ToFloat64(f.proxy.metrics.sent.With(l)), testutil.ToFloat64(f.proxy.metrics.received.With(l)); sent < 10 || rcv < 10 {
 				t.Errorf("inbound bytes sent %v, received %v; want both counted", sent, rcv)
@@ -194,6 +194,59 @@ func TestMeshHBONE(t *testing.T) {
 				t.Errorf("no access log line with the source identity:\n%s", f.logs)
 			}
 		})
+	}
+}
+
+// TestByteDirections: the byte counters and access log lines tell request from response as
+// Istio and ztunnel do. One connection, sleep to httpbin: the request is "ping\n" (5 bytes),
+// the response the app's greeting line plus the echo. For both reporters,
+// istio_tcp_received_bytes_total counts the request and istio_tcp_sent_bytes_total the
+// response; the outbound log line's bytes_sent is the request, the inbound's the response.
+func TestByteDirections(t *testing.T) {
+	f := newMesh(t, compiler.CaptureTProxy)
+	fam := f.tp.IPv4
+	c, err := dialFrom(t, f.tp.Pod, fam.TCP, netip.AddrPortFrom(fam.Remote, 8080))
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen, err := roundTrip(c)
+	if err != nil {
+		t.Fatalf("%v\n%s", err, f.logs)
+	}
+	c.Close()
+	request, response := 5, len(seen)+1+5
+	want := map[string]string{
+		"direction=outbound": fmt.Sprintf("bytes_sent=%d bytes_recv=%d", request, response),
+		"direction=inbound":  fmt.Sprintf("bytes_sent=%d bytes_recv=%d", response, request),
+	}
+	for deadline := time.Now().Add(3 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		missing := 0
+		for dir, bytes := range want {
+			found := false
+			for _, line := range strings.Split(f.logs.String(), "\n") {
+				if strings.Contains(line, "connection complete") && strings.Contains(line, dir) && strings.Contains(line, bytes) {
+					found = true
+				}
+			}
+			if !found {
+				missing++
+				if time.Now().After(deadline) {
+					t.Errorf("no %s access log line with %s:\n%s", dir, bytes, f.logs)
+				}
+			}
+		}
+		if missing == 0 || time.Now().After(deadline) {
+			break
+		}
+	}
+	for _, reporter := range []string{"source", "destination"} {
+		l := prometheusLabels(reporter, true)
+		sent := testutil.ToFloat64(f.proxy.metrics.sent.With(l))
+		received := testutil.ToFloat64(f.proxy.metrics.received.With(l))
+		if received != float64(request) || sent != float64(response) {
+			t.Errorf("reporter %s: istio_tcp_received_bytes_total %v, istio_tcp_sent_bytes_total %v; want %d (request), %d (response)",
+				reporter, received, sent, request, response)
+		}
 	}
 }
 

@@ -35,8 +35,8 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	return &Metrics{
 		opened:   counter("istio_tcp_connections_opened_total", "TCP connections opened through the proxy."),
 		closed:   counter("istio_tcp_connections_closed_total", "TCP connections closed through the proxy."),
-		sent:     counter("istio_tcp_sent_bytes_total", "Bytes sent towards the destination."),
-		received: counter("istio_tcp_received_bytes_total", "Bytes received from the destination."),
+		sent:     counter("istio_tcp_sent_bytes_total", "Bytes sent in response: destination to source (as Istio and ztunnel count them)."),
+		received: counter("istio_tcp_received_bytes_total", "Bytes received in request: source to destination."),
 		handshakeFailures: counter("nftmesh_hbone_handshake_failures_total",
 			"Inbound HBONE connections whose TLS handshake failed: no, untrusted or foreign-domain client certificate, TLS version, ALPN, timeout, or the client left.",
 			"destination_workload", "destination_workload_namespace"),
@@ -108,13 +108,22 @@ func (m *Metrics) open(c *connInfo) {
 	}
 }
 
-// done counts the connection closed with its bytes and writes its access log line.
-func (m *Metrics) done(log *slog.Logger, c *connInfo, sent, received int64, err error) {
+// done counts the connection closed with its bytes and writes its access log line. toDst
+// is what the source sent towards the destination, fromDst what came back. Istio's
+// counters (and ztunnel's) name them as the destination of a request sees them, for either
+// reporter: received_bytes counts toDst, sent_bytes fromDst. The access log speaks for the
+// reporting workload, as ztunnel's does: outbound, bytes_sent is toDst; inbound, it is
+// fromDst (what the app sent back).
+func (m *Metrics) done(log *slog.Logger, c *connInfo, toDst, fromDst int64, err error) {
 	if m != nil {
 		l := c.labels()
 		m.closed.With(l).Inc()
-		m.sent.With(l).Add(float64(sent))
-		m.received.With(l).Add(float64(received))
+		m.sent.With(l).Add(float64(fromDst))
+		m.received.With(l).Add(float64(toDst))
+	}
+	sent, received := toDst, fromDst
+	if c.direction == "inbound" {
+		sent, received = fromDst, toDst
 	}
 	attrs := []any{
 		"src.addr", c.src.String(), "src.workload", orUnknown(c.srcWorkload), "src.namespace", orUnknown(c.srcNamespace),

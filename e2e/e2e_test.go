@@ -139,7 +139,7 @@ func testPlaintext(t *testing.T, m *Mesh) {
 	}
 	text := m.Node1.Metrics(t)
 	labels := map[string]string{
-		"reporter": "destination", "connection_security_policy": "none",
+		"reporter": "destination", "connection_security_policy": "unknown",
 		"source_principal": "unknown", "destination_workload": "httpbin", "response_flags": "-",
 	}
 	if n := MetricSum(text, "istio_tcp_connections_opened_total", labels); n < 2 {

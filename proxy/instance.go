@@ -206,10 +206,10 @@ func (i *instance) serveOutbound(c *net.TCPConn) {
 	}
 	p.metrics.open(info)
 	if err != nil {
-		info.responseFlags = "UF"
+		info.responseFlags = flagConnectFailure
 		var se *hbone.StatusError
 		if errors.As(err, &se) && se.Code == http.StatusUnauthorized {
-			info.responseFlags = "DENY"
+			info.responseFlags = flagDenied
 		}
 		c.SetLinger(0)
 		c.Close()
@@ -246,7 +246,7 @@ func (i *instance) serveInbound(c *net.TCPConn) {
 	lc := i.track(pc, c)
 	defer i.untrack(lc)
 	if d := p.policies.Decide(pc, i.policyWorkload()); !d.Allow {
-		info.responseFlags = "DENY"
+		info.responseFlags = flagDenied
 		c.Close()
 		p.metrics.done(p.log, info, 0, 0, fmt.Errorf("denied by policy: %s", d))
 		return
@@ -256,11 +256,11 @@ func (i *instance) serveInbound(c *net.TCPConn) {
 	cancel()
 	if err == nil && !i.attach(lc, up) {
 		err = errors.New("denied by a policy change while connecting")
-		info.responseFlags = "DENY"
+		info.responseFlags = flagDenied
 	}
 	if err != nil {
 		if info.responseFlags == "" {
-			info.responseFlags = "UF"
+			info.responseFlags = flagConnectFailure
 		}
 		c.SetLinger(0)
 		c.Close()
@@ -338,20 +338,20 @@ func (i *instance) dialInbound(ctx context.Context, req hbone.Request) (net.Conn
 	lc := i.track(pc, nil)
 	if d := p.policies.Decide(pc, i.policyWorkload()); !d.Allow {
 		i.untrack(lc)
-		info.responseFlags = "DENY"
+		info.responseFlags = flagDenied
 		p.metrics.done(p.log, info, 0, 0, fmt.Errorf("denied by policy: %s", d))
 		return nil, http.StatusUnauthorized, fmt.Errorf("denied by policy: %s", d)
 	}
 	up, err := i.deliver(ctx, src.Addr(), req.Authority)
 	if err != nil {
 		i.untrack(lc)
-		info.responseFlags = "UF"
+		info.responseFlags = flagConnectFailure
 		p.metrics.done(p.log, info, 0, 0, err)
 		return nil, http.StatusServiceUnavailable, err
 	}
 	if !i.attach(lc, up) {
 		i.untrack(lc)
-		info.responseFlags = "DENY"
+		info.responseFlags = flagDenied
 		err := errors.New("denied by a policy change while connecting")
 		p.metrics.done(p.log, info, 0, 0, err)
 		return nil, http.StatusUnauthorized, err
@@ -360,7 +360,7 @@ func (i *instance) dialInbound(ctx context.Context, req hbone.Request) (net.Conn
 	if err != nil {
 		i.untrack(lc)
 		up.Close()
-		info.responseFlags = "UF"
+		info.responseFlags = flagConnectFailure
 		p.metrics.done(p.log, info, 0, 0, err)
 		return nil, http.StatusServiceUnavailable, err
 	}

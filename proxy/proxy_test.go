@@ -250,6 +250,35 @@ func TestByteDirections(t *testing.T) {
 	}
 }
 
+// TestConnectFailureFlag: a tunnel to a port where the app does not listen ends for the
+// client, and both reporters count it closed with ztunnel's response flag CONNECT.
+func TestConnectFailureFlag(t *testing.T) {
+	f := newMesh(t, compiler.CaptureTProxy)
+	fam := f.tp.IPv4
+	c, err := dialFrom(t, f.tp.Pod, fam.TCP, netip.AddrPortFrom(fam.Remote, 8081))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.SetDeadline(time.Now().Add(3 * time.Second))
+	if n, err := c.Read(make([]byte, 1)); err == nil || n != 0 {
+		t.Errorf("read through a tunnel to a closed port: %d bytes, %v; want the connection ended", n, err)
+	}
+	c.Close()
+	for _, reporter := range []string{"source", "destination"} {
+		l := prometheusLabels(reporter, true)
+		l["response_flags"] = "CONNECT"
+		var closed float64
+		for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+			if closed = testutil.ToFloat64(f.proxy.metrics.closed.With(l)); closed == 1 {
+				break
+			}
+		}
+		if closed != 1 {
+			t.Errorf("reporter %s: closed with response_flags CONNECT = %v, want 1\n%s", reporter, closed, f.logs)
+		}
+	}
+}
+
 // serviceVIP is a service address no interface has: only the proxy knows where it goes.
 var serviceVIP = netip.MustParseAddr("10.96.0.10")
 

@@ -64,9 +64,15 @@ type connInfo struct {
 	dstIdentity   string
 	dstService    string
 	mtls          bool
-	responseFlags string // "-" on success; "DENY", "UF" (upstream failure) otherwise
+	responseFlags string // ztunnel's: "-" on success; "DENY" (policy), "CONNECT" (no upstream connection)
 	start         time.Time
 }
+
+// Response flags, as ztunnel sets them.
+const (
+	flagDenied         = "DENY"
+	flagConnectFailure = "CONNECT"
+)
 
 func orUnknown(s string) string {
 	if s == "" {
@@ -80,7 +86,7 @@ func (c *connInfo) labels() prometheus.Labels {
 	if c.direction == "inbound" {
 		reporter = "destination"
 	}
-	security := "none"
+	security := "unknown" // ztunnel's value for plaintext, either reporter
 	if c.mtls {
 		security = "mutual_tls"
 	}

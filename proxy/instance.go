@@ -177,7 +177,7 @@ func (i *instance) serveOutbound(c *net.TCPConn) {
 	}
 	src := AddrPortOf(c.RemoteAddr())
 	info := &connInfo{direction: "outbound", src: src, dst: dst, start: time.Now(),
-		srcWorkload: i.info.Name, srcNamespace: i.info.Namespace, srcIdentity: i.id.String()}
+		srcWorkload: i.info.Name, srcNamespace: i.info.Namespace, srcIdentity: i.id.String(), srcLabels: i.labels()}
 	ctx, cancel := context.WithTimeout(i.ctx, p.cfg.DialTimeout)
 	defer cancel()
 
@@ -191,9 +191,7 @@ func (i *instance) serveOutbound(c *net.TCPConn) {
 		// other way round, which broke log queries written for ztunnel.
 		info.dst, info.hboneAddr, info.mtls = hboneAddr, target.Addr, true
 		info.dstWorkload, info.dstNamespace, info.dstIdentity = target.Workload.Name, target.Workload.Namespace, dstID.String()
-		if target.Service != nil {
-			info.dstService = target.Service.Name + "." + target.Service.Namespace
-		}
+		info.dstLabels, info.dstService = target.Workload.Labels, target.Service
 		hdr := http.Header{}
 		hdr.Set("Forwarded", fmt.Sprintf("for=%q", src.String()))
 		key := hbone.PoolKey{SrcID: i.id.String(), DstID: dstID.String(), Dst: hboneAddr, SrcIP: src.Addr()}
@@ -201,6 +199,7 @@ func (i *instance) serveOutbound(c *net.TCPConn) {
 	} else {
 		if ok {
 			info.dstWorkload, info.dstNamespace = target.Workload.Name, target.Workload.Namespace
+			info.dstLabels, info.dstService = target.Workload.Labels, target.Service
 		}
 		up, err = i.dialIn(ctx, netip.AddrPort{}, dst, SockOpts{Mark: p.cfg.Mark})
 	}
@@ -237,9 +236,9 @@ func (i *instance) serveInbound(c *net.TCPConn) {
 	}
 	src := AddrPortOf(c.RemoteAddr())
 	info := &connInfo{direction: "inbound", src: src, dst: dst, start: time.Now(),
-		dstWorkload: i.info.Name, dstNamespace: i.info.Namespace, dstIdentity: i.id.String()}
+		dstWorkload: i.info.Name, dstNamespace: i.info.Namespace, dstIdentity: i.id.String(), dstLabels: i.labels()}
 	if w, ok := p.workloads.WorkloadByIP(src.Addr()); ok {
-		info.srcWorkload, info.srcNamespace = w.Name, w.Namespace
+		info.srcWorkload, info.srcNamespace, info.srcLabels = w.Name, w.Namespace, w.Labels
 	}
 	p.metrics.open(info)
 	pc := policy.Connection{SrcIP: src.Addr(), DstIP: dst.Addr(), DstPort: dst.Port()}
@@ -298,6 +297,14 @@ func (i *instance) dialIn(ctx context.Context, local, remote netip.AddrPort, o S
 	return connectSocket(ctx, fd, v6, local, remote)
 }
 
+// labels are the pod's labels from the workload store (none when it does not know the pod).
+func (i *instance) labels() map[string]string {
+	if i.wl == nil {
+		return nil
+	}
+	return i.wl.Labels
+}
+
 func (i *instance) policyWorkload() policy.Workload {
 	w := policy.Workload{Namespace: i.info.Namespace}
 	if i.wl != nil {
@@ -327,9 +334,9 @@ func (i *instance) dialInbound(ctx context.Context, req hbone.Request) (net.Conn
 	info := &connInfo{direction: "inbound", src: src, start: time.Now(), mtls: true,
 		dst: netip.AddrPortFrom(req.Authority.Addr(), p.cfg.HBONEPort), hboneAddr: req.Authority,
 		srcIdentity: peer.String(), srcNamespace: peer.Namespace,
-		dstWorkload: i.info.Name, dstNamespace: i.info.Namespace, dstIdentity: i.id.String()}
+		dstWorkload: i.info.Name, dstNamespace: i.info.Namespace, dstIdentity: i.id.String(), dstLabels: i.labels()}
 	if w, ok := p.workloads.WorkloadByIP(src.Addr()); ok {
-		info.srcWorkload = w.Name
+		info.srcWorkload, info.srcLabels = w.Name, w.Labels
 	}
 	// Counted open before the policy decides, as ztunnel does: a denied connection shows as
 	// opened and closed with response_flags DENY.

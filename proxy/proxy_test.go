@@ -305,7 +305,8 @@ func TestServiceVIP(t *testing.T) {
 		t.Errorf("no tunnel to httpbin:8080 in the access log:\n%s", f.logs)
 	}
 	l := prometheusLabels("source", true)
-	l["destination_service"] = "httpbin.demo"
+	l["destination_service"] = "httpbin.demo.svc.cluster.local"
+	l["destination_service_name"], l["destination_service_namespace"] = "httpbin", "demo"
 	if n := testutil.ToFloat64(f.proxy.metrics.opened.With(l)); n != 3 {
 		t.Errorf("outbound connections to the service = %v, want 3", n)
 	}

@@ -6,6 +6,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/nftmesh/nftmesh/proxy/workload"
 )
 
 // Metrics are Istio's standard TCP metrics (reference.md section 7), so dashboards made
@@ -15,11 +17,16 @@ type Metrics struct {
 	handshakeFailures              *prometheus.CounterVec
 }
 
+// metricLabels are ztunnel's labels on its TCP counters (locality aside), in its order.
 var metricLabels = []string{
 	"reporter",
-	"source_workload", "source_workload_namespace", "source_principal",
-	"destination_workload", "destination_workload_namespace", "destination_principal",
-	"destination_service", "response_flags", "connection_security_policy",
+	"source_workload", "source_canonical_service", "source_canonical_revision", "source_workload_namespace",
+	"source_principal", "source_app", "source_version", "source_cluster",
+	"destination_service", "destination_service_namespace", "destination_service_name",
+	"destination_workload", "destination_canonical_service", "destination_canonical_revision",
+	"destination_workload_namespace", "destination_principal", "destination_app", "destination_version",
+	"destination_cluster",
+	"request_protocol", "response_flags", "connection_security_policy",
 }
 
 // NewMetrics registers the counters with reg.
@@ -62,7 +69,9 @@ type connInfo struct {
 	dstWorkload   string
 	dstNamespace  string
 	dstIdentity   string
-	dstService    string
+	srcLabels     map[string]string // the source workload's labels, when known
+	dstLabels     map[string]string
+	dstService    *workload.Service // the service dialled, when the destination was one
 	mtls          bool
 	responseFlags string // ztunnel's: "-" on success; "DENY" (policy), "CONNECT" (no upstream connection)
 	start         time.Time
@@ -94,18 +103,57 @@ func (c *connInfo) labels() prometheus.Labels {
 	if flags == "" {
 		flags = "-"
 	}
+	srcService, srcRevision := canonical(c.srcWorkload, c.srcLabels)
+	dstService, dstRevision := canonical(c.dstWorkload, c.dstLabels)
+	svcHost, svcName, svcNamespace := "", "", ""
+	if c.dstService != nil {
+		svcHost, svcName, svcNamespace = c.dstService.Host(), c.dstService.Name, c.dstService.Namespace
+	}
 	return prometheus.Labels{
 		"reporter":                       reporter,
 		"source_workload":                orUnknown(c.srcWorkload),
+		"source_canonical_service":       srcService,
+		"source_canonical_revision":      srcRevision,
 		"source_workload_namespace":      orUnknown(c.srcNamespace),
 		"source_principal":               orUnknown(c.srcIdentity),
+		"source_app":                     srcService,
+		"source_version":                 srcRevision,
+		"source_cluster":                 "unknown", // one cluster; no cluster ID yet
+		"destination_service":            orUnknown(svcHost),
+		"destination_service_namespace":  orUnknown(svcNamespace),
+		"destination_service_name":       orUnknown(svcName),
 		"destination_workload":           orUnknown(c.dstWorkload),
+		"destination_canonical_service":  dstService,
+		"destination_canonical_revision": dstRevision,
 		"destination_workload_namespace": orUnknown(c.dstNamespace),
 		"destination_principal":          orUnknown(c.dstIdentity),
-		"destination_service":            orUnknown(c.dstService),
+		"destination_app":                dstService,
+		"destination_version":            dstRevision,
+		"destination_cluster":            "unknown",
+		"request_protocol":               "tcp",
 		"response_flags":                 flags,
 		"connection_security_policy":     security,
 	}
+}
+
+// canonical is Istio's canonical service and revision of a workload, from its labels as
+// istiod derives them (ztunnel also reports them as app and version); unknown for an
+// unknown workload.
+func canonical(workload string, labels map[string]string) (service, revision string) {
+	if workload == "" {
+		return "unknown", "unknown"
+	}
+	return firstLabel(labels, workload, "service.istio.io/canonical-name", "app.kubernetes.io/name", "app"),
+		firstLabel(labels, "latest", "service.istio.io/canonical-revision", "app.kubernetes.io/version", "version")
+}
+
+func firstLabel(labels map[string]string, otherwise string, keys ...string) string {
+	for _, k := range keys {
+		if v, ok := labels[k]; ok {
+			return v
+		}
+	}
+	return otherwise
 }
 
 func (m *Metrics) open(c *connInfo) {

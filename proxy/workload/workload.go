@@ -35,6 +35,9 @@ type Service struct {
 	Endpoints []EndpointInfo `json:"endpoints"`
 }
 
+// Host is the service's DNS name, as Istio's destination_service label names it.
+func (s *Service) Host() string { return s.Name + "." + s.Namespace + ".svc.cluster.local" }
+
 // ServicePort is a service port and the workload port it targets.
 type ServicePort struct {
 	Port       uint16 `json:"port"`

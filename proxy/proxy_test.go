@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"regexp"
 	"runtime"
 	"strings"
 	"syscall"
@@ -239,6 +240,9 @@ func TestByteDirections(t *testing.T) {
 			break
 		}
 	}
+	if !regexp.MustCompile(`msg="connection complete".* duration=[0-9]+ms`).MatchString(f.logs.String()) {
+		t.Errorf("no access log line with ztunnel's duration format (12ms):\n%s", f.logs)
+	}
 	for _, reporter := range []string{"source", "destination"} {
 		l := prometheusLabels(reporter, true)
 		sent := testutil.ToFloat64(f.proxy.metrics.sent.With(l))
@@ -303,6 +307,9 @@ func TestServiceVIP(t *testing.T) {
 	time.Sleep(100 * time.Millisecond)
 	if !strings.Contains(f.logs.String(), "dst.hbone_addr="+netip.AddrPortFrom(f.tp.IPv4.Remote, 8080).String()) {
 		t.Errorf("no tunnel to httpbin:8080 in the access log:\n%s", f.logs)
+	}
+	if !strings.Contains(f.logs.String(), "dst.service=httpbin.demo.svc.cluster.local") {
+		t.Errorf("no dst.service in the access log:\n%s", f.logs)
 	}
 	l := prometheusLabels("source", true)
 	l["destination_service"] = "httpbin.demo.svc.cluster.local"

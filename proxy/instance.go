@@ -240,6 +240,7 @@ func (i *instance) serveInbound(c *net.TCPConn) {
 	if w, ok := p.workloads.WorkloadByIP(src.Addr()); ok {
 		info.srcWorkload, info.srcNamespace, info.srcLabels = w.Name, w.Namespace, w.Labels
 	}
+	info.dstService, _ = p.workloads.ServiceOf(i.uid, dst.Port())
 	p.metrics.open(info)
 	pc := policy.Connection{SrcIP: src.Addr(), DstIP: dst.Addr(), DstPort: dst.Port()}
 	lc := i.track(pc, c)
@@ -338,6 +339,7 @@ func (i *instance) dialInbound(ctx context.Context, req hbone.Request) (net.Conn
 	if w, ok := p.workloads.WorkloadByIP(src.Addr()); ok {
 		info.srcWorkload, info.srcLabels = w.Name, w.Labels
 	}
+	info.dstService, _ = p.workloads.ServiceOf(i.uid, req.Authority.Port())
 	// Counted open before the policy decides, as ztunnel does: a denied connection shows as
 	// opened and closed with response_flags DENY.
 	p.metrics.open(info)

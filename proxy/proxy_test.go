@@ -67,9 +67,9 @@ func newMesh(t *testing.T, capture compiler.CaptureMode) *meshFixture {
 	}
 	store, err := workload.NewStatic(&workload.File{Workloads: []workload.Workload{
 		{UID: "u-sleep", Name: "sleep", Namespace: "demo", ServiceAccount: "sleep", InMesh: true,
-			IPs: []netip.Addr{tp.IPv4.Pod, tp.IPv6.Pod}, Labels: map[string]string{"app": "sleep"}},
+			IPs: []netip.Addr{tp.IPv4.Pod, tp.IPv6.Pod}, Labels: map[string]string{"app": "sleep", "version": "v1"}},
 		{UID: "u-httpbin", Name: "httpbin", Namespace: "demo", ServiceAccount: "httpbin", InMesh: true,
-			IPs: []netip.Addr{tp.IPv4.Remote, tp.IPv6.Remote}, Labels: map[string]string{"app": "httpbin"}},
+			IPs: []netip.Addr{tp.IPv4.Remote, tp.IPv6.Remote}, Labels: map[string]string{"app": "httpbin", "version": "v2"}},
 		{UID: "u-gone", Name: "httpbin-old", Namespace: "demo", ServiceAccount: "httpbin", InMesh: true,
 			IPs: []netip.Addr{netip.MustParseAddr("10.248.9.9")}},
 	}, Services: []workload.Service{{
@@ -82,7 +82,7 @@ func newMesh(t *testing.T, capture compiler.CaptureMode) *meshFixture {
 	}
 	f := &meshFixture{tp: tp, policies: policy.NewStore(policy.Options{}), reg: prometheus.NewRegistry(), logs: &nettest.SyncBuffer{}}
 	log := slog.New(slog.NewTextHandler(f.logs, nil))
-	f.proxy = New(Config{ShutdownDeadline: time.Second}, issuer, store, f.policies, NewMetrics(f.reg), log)
+	f.proxy = New(Config{ShutdownDeadline: time.Second}, issuer, store, f.policies, NewMetrics(f.reg, "Kubernetes"), log)
 	ctx, cancel := context.WithCancel(context.Background())
 	go f.proxy.Run(ctx)
 	t.Cleanup(func() {
@@ -271,6 +271,8 @@ func TestConnectFailureFlag(t *testing.T) {
 	for _, reporter := range []string{"source", "destination"} {
 		l := prometheusLabels(reporter, true)
 		l["response_flags"] = "CONNECT"
+		// No service targets 8081.
+		l["destination_service"], l["destination_service_name"], l["destination_service_namespace"] = "unknown", "unknown", "unknown"
 		var closed float64
 		for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
 			if closed = testutil.ToFloat64(f.proxy.metrics.closed.With(l)); closed == 1 {
@@ -280,6 +282,9 @@ func TestConnectFailureFlag(t *testing.T) {
 		if closed != 1 {
 			t.Errorf("reporter %s: closed with response_flags CONNECT = %v, want 1\n%s", reporter, closed, f.logs)
 		}
+	}
+	if !strings.Contains(f.logs.String(), `level=ERROR msg="connection complete"`) {
+		t.Errorf("no access log line at Error for the failed connection (ztunnel logs them so):\n%s", f.logs)
 	}
 }
 
@@ -311,19 +316,29 @@ func TestServiceVIP(t *testing.T) {
 	if !strings.Contains(f.logs.String(), "dst.service=httpbin.demo.svc.cluster.local") {
 		t.Errorf("no dst.service in the access log:\n%s", f.logs)
 	}
-	l := prometheusLabels("source", true)
-	l["destination_service"] = "httpbin.demo.svc.cluster.local"
-	l["destination_service_name"], l["destination_service_namespace"] = "httpbin", "demo"
-	if n := testutil.ToFloat64(f.proxy.metrics.opened.With(l)); n != 3 {
-		t.Errorf("outbound connections to the service = %v, want 3", n)
+	for _, reporter := range []string{"source", "destination"} {
+		// The destination sees a pod IP; it names the service whose endpoint and target
+		// port the connection reached.
+		l := prometheusLabels(reporter, true)
+		l["destination_service"] = "httpbin.demo.svc.cluster.local"
+		l["destination_service_name"], l["destination_service_namespace"] = "httpbin", "demo"
+		if n := testutil.ToFloat64(f.proxy.metrics.opened.With(l)); n != 3 {
+			t.Errorf("%s: connections to the service = %v, want 3", reporter, n)
+		}
 	}
 }
 
+// prometheusLabels are the labels of sleep's connections to httpbin:8080 as reporter sees
+// them (the destination names the service whose endpoint and target port it is).
 func prometheusLabels(reporter string, mtls bool) map[string]string {
-	l := (&connInfo{direction: map[string]string{"destination": "inbound", "source": "outbound"}[reporter], mtls: mtls,
+	c := &connInfo{direction: map[string]string{"destination": "inbound", "source": "outbound"}[reporter], mtls: mtls,
 		srcWorkload: "sleep", srcNamespace: "demo", srcIdentity: "spiffe://cluster.local/ns/demo/sa/sleep",
-		dstWorkload: "httpbin", dstNamespace: "demo", dstIdentity: "spiffe://cluster.local/ns/demo/sa/httpbin"}).labels()
-	return l
+		srcLabels: map[string]string{"version": "v1"}, dstLabels: map[string]string{"version": "v2"},
+		dstWorkload: "httpbin", dstNamespace: "demo", dstIdentity: "spiffe://cluster.local/ns/demo/sa/httpbin"}
+	if reporter == "destination" {
+		c.dstService = &workload.Service{Name: "httpbin", Namespace: "demo"}
+	}
+	return c.labels("Kubernetes")
 }
 
 func fdCount(t *testing.T) int {

@@ -16,6 +16,7 @@ import (
 type Metrics struct {
 	opened, closed, sent, received *prometheus.CounterVec
 	handshakeFailures              *prometheus.CounterVec
+	cluster                        string // the cluster ID of the workloads the proxy knows
 }
 
 // metricLabels are ztunnel's labels on its TCP counters (locality aside), in its order.
@@ -30,8 +31,9 @@ var metricLabels = []string{
 	"request_protocol", "response_flags", "connection_security_policy",
 }
 
-// NewMetrics registers the counters with reg.
-func NewMetrics(reg prometheus.Registerer) *Metrics {
+// NewMetrics registers the counters with reg. clusterID is the workloads' cluster, as the
+// source_cluster and destination_cluster labels name it ("Kubernetes" is istiod's default).
+func NewMetrics(reg prometheus.Registerer, clusterID string) *Metrics {
 	counter := func(name, help string, labels ...string) *prometheus.CounterVec {
 		if len(labels) == 0 {
 			labels = metricLabels
@@ -41,6 +43,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		return c
 	}
 	return &Metrics{
+		cluster:  orUnknown(clusterID),
 		opened:   counter("istio_tcp_connections_opened_total", "TCP connections opened through the proxy."),
 		closed:   counter("istio_tcp_connections_closed_total", "TCP connections closed through the proxy."),
 		sent:     counter("istio_tcp_sent_bytes_total", "Bytes sent in response: destination to source (as Istio and ztunnel count them)."),
@@ -91,7 +94,7 @@ func orUnknown(s string) string {
 	return s
 }
 
-func (c *connInfo) labels() prometheus.Labels {
+func (c *connInfo) labels(cluster string) prometheus.Labels {
 	reporter := "source"
 	if c.direction == "inbound" {
 		reporter = "destination"
@@ -106,6 +109,10 @@ func (c *connInfo) labels() prometheus.Labels {
 	}
 	srcService, srcRevision := canonical(c.srcWorkload, c.srcLabels)
 	dstService, dstRevision := canonical(c.dstWorkload, c.dstLabels)
+	srcPrincipal := "unknown" // as ztunnel: only a peer certificate proves the source
+	if c.mtls {
+		srcPrincipal = orUnknown(c.srcIdentity)
+	}
 	svcHost, svcName, svcNamespace := "", "", ""
 	if c.dstService != nil {
 		svcHost, svcName, svcNamespace = c.dstService.Host(), c.dstService.Name, c.dstService.Namespace
@@ -116,10 +123,10 @@ func (c *connInfo) labels() prometheus.Labels {
 		"source_canonical_service":       srcService,
 		"source_canonical_revision":      srcRevision,
 		"source_workload_namespace":      orUnknown(c.srcNamespace),
-		"source_principal":               orUnknown(c.srcIdentity),
+		"source_principal":               srcPrincipal,
 		"source_app":                     srcService,
 		"source_version":                 srcRevision,
-		"source_cluster":                 "unknown", // one cluster; no cluster ID yet
+		"source_cluster":                 clusterOf(c.srcWorkload, cluster),
 		"destination_service":            orUnknown(svcHost),
 		"destination_service_namespace":  orUnknown(svcNamespace),
 		"destination_service_name":       orUnknown(svcName),
@@ -130,7 +137,7 @@ func (c *connInfo) labels() prometheus.Labels {
 		"destination_principal":          orUnknown(c.dstIdentity),
 		"destination_app":                dstService,
 		"destination_version":            dstRevision,
-		"destination_cluster":            "unknown",
+		"destination_cluster":            clusterOf(c.dstWorkload, cluster),
 		"request_protocol":               "tcp",
 		"response_flags":                 flags,
 		"connection_security_policy":     security,
@@ -144,8 +151,16 @@ func canonical(workload string, labels map[string]string) (service, revision str
 	if workload == "" {
 		return "unknown", "unknown"
 	}
-	return firstLabel(labels, workload, "service.istio.io/canonical-name", "app.kubernetes.io/name", "app"),
-		firstLabel(labels, "latest", "service.istio.io/canonical-revision", "app.kubernetes.io/version", "version")
+	return orUnknown(firstLabel(labels, workload, "service.istio.io/canonical-name", "app.kubernetes.io/name", "app")),
+		orUnknown(firstLabel(labels, "latest", "service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"))
+}
+
+// clusterOf is a known workload's cluster: the one cluster the proxy knows.
+func clusterOf(workload, cluster string) string {
+	if workload == "" {
+		return "unknown"
+	}
+	return cluster
 }
 
 func firstLabel(labels map[string]string, otherwise string, keys ...string) string {
@@ -159,7 +174,7 @@ func firstLabel(labels map[string]string, otherwise string, keys ...string) stri
 
 func (m *Metrics) open(c *connInfo) {
 	if m != nil {
-		m.opened.With(c.labels()).Inc()
+		m.opened.With(c.labels(m.cluster)).Inc()
 	}
 }
 
@@ -171,7 +186,7 @@ func (m *Metrics) open(c *connInfo) {
 // fromDst (what the app sent back).
 func (m *Metrics) done(log *slog.Logger, c *connInfo, toDst, fromDst int64, err error) {
 	if m != nil {
-		l := c.labels()
+		l := c.labels(m.cluster)
 		m.closed.With(l).Inc()
 		m.sent.With(l).Add(float64(fromDst))
 		m.received.With(l).Add(float64(toDst))
@@ -184,17 +199,22 @@ func (m *Metrics) done(log *slog.Logger, c *connInfo, toDst, fromDst int64, err 
 	if c.dstService != nil {
 		service = c.dstService.Host()
 	}
+	srcID, dstID := "unknown", "unknown" // as ztunnel: identities are logged for mTLS only
+	if c.mtls {
+		srcID, dstID = orUnknown(c.srcIdentity), orUnknown(c.dstIdentity)
+	}
 	// The fields and formats of ztunnel's line ("connection complete"), so that queries
 	// written for it work: duration in whole milliseconds, "12ms".
 	attrs := []any{
 		"src.addr", c.src.String(), "src.workload", orUnknown(c.srcWorkload), "src.namespace", orUnknown(c.srcNamespace),
-		"src.identity", orUnknown(c.srcIdentity), "dst.addr", c.dst.String(), "dst.hbone_addr", addrOrNone(c.hboneAddr),
+		"src.identity", srcID, "dst.addr", c.dst.String(), "dst.hbone_addr", addrOrNone(c.hboneAddr),
 		"dst.service", service, "dst.workload", orUnknown(c.dstWorkload), "dst.namespace", orUnknown(c.dstNamespace),
-		"dst.identity", orUnknown(c.dstIdentity), "direction", c.direction, "bytes_sent", sent, "bytes_recv", received,
+		"dst.identity", dstID, "direction", c.direction, "bytes_sent", sent, "bytes_recv", received,
 		"duration", fmt.Sprintf("%dms", time.Since(c.start).Milliseconds()),
 	}
-	if err != nil {
-		attrs = append(attrs, "error", err.Error())
+	if err != nil { // at Error, as ztunnel's
+		log.Error("connection complete", append(attrs, "error", err.Error())...)
+		return
 	}
 	log.Info("connection complete", attrs...)
 }

@@ -41,14 +41,14 @@ func TestMetricLabels(t *testing.T) {
 		"reporter": "source", "source_workload": "web-7d4", "source_canonical_service": "web",
 		"source_canonical_revision": "v2", "source_workload_namespace": "shop",
 		"source_principal": "spiffe://cluster.local/ns/shop/sa/web", "source_app": "web", "source_version": "v2",
-		"source_cluster": "unknown", "destination_service": "db.data.svc.cluster.local",
+		"source_cluster": "Kubernetes", "destination_service": "db.data.svc.cluster.local",
 		"destination_service_namespace": "data", "destination_service_name": "db", "destination_workload": "db-0",
 		"destination_canonical_service": "db-0", "destination_canonical_revision": "latest",
 		"destination_workload_namespace": "data", "destination_principal": "spiffe://cluster.local/ns/data/sa/db",
-		"destination_app": "db-0", "destination_version": "latest", "destination_cluster": "unknown",
+		"destination_app": "db-0", "destination_version": "latest", "destination_cluster": "Kubernetes",
 		"request_protocol": "tcp", "response_flags": "-", "connection_security_policy": "mutual_tls",
 	}
-	got := c.labels()
+	got := c.labels("Kubernetes")
 	if len(got) != len(metricLabels) {
 		t.Errorf("%d labels, want the %d of metricLabels", len(got), len(metricLabels))
 	}
@@ -61,5 +61,20 @@ func TestMetricLabels(t *testing.T) {
 		if _, ok := want[k]; !ok {
 			t.Errorf("label %s not checked", k)
 		}
+	}
+	// Plaintext: no certificate proves the source, whatever the source pod's identity;
+	// an unknown workload has no cluster.
+	c.mtls, c.dstWorkload = false, ""
+	got = c.labels("Kubernetes")
+	for k, v := range map[string]string{"source_principal": "unknown", "connection_security_policy": "unknown",
+		"destination_principal": "spiffe://cluster.local/ns/data/sa/db", "destination_cluster": "unknown",
+		"destination_canonical_service": "unknown"} {
+		if got[k] != v {
+			t.Errorf("plaintext: %s = %q, want %q", k, got[k], v)
+		}
+	}
+	// An empty label value is no value.
+	if s, r := canonical("web-7d4", map[string]string{"app": "", "version": ""}); s != "unknown" || r != "unknown" {
+		t.Errorf("empty app and version labels: %q %q, want unknown", s, r)
 	}
 }

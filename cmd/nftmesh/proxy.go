@@ -37,6 +37,7 @@ func runProxy(args []string, stdout, stderr io.Writer) int {
 	caCert := fs.String("ca-cert", "", "mesh root CA certificate `FILE` (PEM), for minting workload certificates (required)")
 	caKey := fs.String("ca-key", "", "mesh root CA key `FILE` (PEM) (required)")
 	trustDomain := fs.String("trust-domain", "cluster.local", "SPIFFE trust `DOMAIN`")
+	clusterID := fs.String("cluster-id", "Kubernetes", "the workloads' cluster `ID`, for the metrics' source_cluster and destination_cluster (istiod's default)")
 	certTTL := fs.Duration("cert-ttl", 24*time.Hour, "lifetime of minted workload certificates")
 	workloads := fs.String("workloads", "", "static workloads and services `FILE` (YAML) (required)")
 	policies := fs.String("policies", "", "AuthorizationPolicy `FILE` (YAML, several documents); none: allow all")
@@ -120,7 +121,7 @@ func runProxy(args []string, stdout, stderr io.Writer) int {
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	p := proxy.New(proxy.Config{ShutdownDeadline: *deadline}, issuer, store, pstore, proxy.NewMetrics(reg), log)
+	p := proxy.New(proxy.Config{ShutdownDeadline: *deadline}, issuer, store, pstore, proxy.NewMetrics(reg, *clusterID), log)
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()

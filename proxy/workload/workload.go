@@ -30,13 +30,19 @@ type Workload struct {
 type Service struct {
 	Name      string         `json:"name"`
 	Namespace string         `json:"namespace"`
+	Hostname  string         `json:"hostname,omitempty"` // default <name>.<namespace>.svc.cluster.local
 	VIPs      []netip.Addr   `json:"vips"`
 	Ports     []ServicePort  `json:"ports"`
 	Endpoints []EndpointInfo `json:"endpoints"`
 }
 
 // Host is the service's DNS name, as Istio's destination_service label names it.
-func (s *Service) Host() string { return s.Name + "." + s.Namespace + ".svc.cluster.local" }
+func (s *Service) Host() string {
+	if s.Hostname != "" {
+		return s.Hostname
+	}
+	return s.Name + "." + s.Namespace + ".svc.cluster.local"
+}
 
 // ServicePort is a service port and the workload port it targets.
 type ServicePort struct {
@@ -58,6 +64,11 @@ type Store interface {
 	// Resolve maps a destination to the workload and port to connect to: a service VIP
 	// and port to a ready endpoint and its target port, a workload IP to itself.
 	Resolve(dst netip.AddrPort) (Target, bool)
+	// ServiceOf names the service a connection to workload uid's port belongs to, for the
+	// destination's telemetry (which sees a pod IP, not a VIP): the first service, in the
+	// store's order, with uid among its endpoints and a port targeting port. ztunnel
+	// guesses the same way.
+	ServiceOf(uid string, port uint16) (*Service, bool)
 }
 
 // Target is where a connection goes.
@@ -80,9 +91,10 @@ type Static struct {
 }
 
 type snapshot struct {
-	byIP  map[netip.Addr]*Workload
-	byUID map[string]*Workload
-	byVIP map[netip.AddrPort]svcPort
+	byIP     map[netip.Addr]*Workload
+	byUID    map[string]*Workload
+	byVIP    map[netip.AddrPort]svcPort
+	services []*Service
 }
 
 type svcPort struct {
@@ -138,6 +150,7 @@ func (s *Static) Replace(f *File) error {
 	}
 	for i := range f.Services {
 		svc := f.Services[i]
+		snap.services = append(snap.services, &svc)
 		field := fmt.Sprintf("services[%d]", i)
 		for _, ep := range svc.Endpoints {
 			if _, ok := snap.byUID[ep.UID]; !ok {
@@ -192,6 +205,20 @@ func (s *Static) Resolve(dst netip.AddrPort) (Target, bool) {
 		return Target{Workload: w, Addr: dst}, true
 	}
 	return Target{}, false
+}
+
+func (s *Static) ServiceOf(uid string, port uint16) (*Service, bool) {
+	for _, svc := range s.snap.Load().services {
+		if !slices.ContainsFunc(svc.Endpoints, func(ep EndpointInfo) bool { return ep.UID == uid }) {
+			continue
+		}
+		for _, p := range svc.Ports {
+			if p.TargetPort == port || p.TargetPort == 0 && p.Port == port {
+				return svc, true
+			}
+		}
+	}
+	return nil, false
 }
 
 // sameFamily picks the workload IP of the destination's family when it has one.

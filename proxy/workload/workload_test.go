@@ -58,6 +58,21 @@ func TestStatic(t *testing.T) {
 	if _, ok := s.Resolve(netip.MustParseAddrPort("10.96.0.10:81")); ok {
 		t.Error("unknown service port resolved")
 	}
+	if h := (&Service{Name: "a", Namespace: "b", Hostname: "a.b.svc.corp.example"}).Host(); h != "a.b.svc.corp.example" {
+		t.Errorf("Host with a hostname: %s", h)
+	}
+	// The destination's view: a connection to an endpoint's target port belongs to the service.
+	if svc, ok := s.ServiceOf("u3", 8080); !ok || svc.Name != "httpbin" || svc.Host() != "httpbin.demo.svc.cluster.local" {
+		t.Errorf("ServiceOf(u3, 8080): %+v %v", svc, ok)
+	}
+	for _, c := range []struct {
+		uid  string
+		port uint16
+	}{{"u3", 80}, {"u1", 8080}} {
+		if svc, ok := s.ServiceOf(c.uid, c.port); ok {
+			t.Errorf("ServiceOf(%s, %d): %s, want none", c.uid, c.port, svc.Name)
+		}
+	}
 }
 
 func TestStaticErrors(t *testing.T) {

@@ -196,12 +196,20 @@ func (i *instance) serveOutbound(c *net.TCPConn) {
 		hdr.Set("Forwarded", fmt.Sprintf("for=%q", src.String()))
 		key := hbone.PoolKey{SrcID: i.id.String(), DstID: dstID.String(), Dst: hboneAddr, SrcIP: src.Addr()}
 		up, err = p.pool.Connect(ctx, key, target.Addr, hdr)
+	} else if !ok && target.Service != nil {
+		// A service without a ready endpoint: refused, as ztunnel does (no upstream).
+		info.dstService = target.Service
+		err = fmt.Errorf("service %s/%s: no ready endpoint", target.Service.Namespace, target.Service.Name)
 	} else {
+		to := dst
 		if ok {
 			info.dstWorkload, info.dstNamespace = target.Workload.Name, target.Workload.Namespace
 			info.dstLabels, info.dstService = target.Workload.Labels, target.Service
+			// As ztunnel: straight to the endpoint picked (the one the telemetry names),
+			// not to the VIP for something else to balance again.
+			to, info.dst = target.Addr, target.Addr
 		}
-		up, err = i.dialIn(ctx, netip.AddrPort{}, dst, SockOpts{Mark: p.cfg.Mark})
+		up, err = i.dialIn(ctx, netip.AddrPort{}, to, SockOpts{Mark: p.cfg.Mark})
 	}
 	p.metrics.open(info)
 	if err != nil {

@@ -72,10 +72,19 @@ func newMesh(t *testing.T, capture compiler.CaptureMode) *meshFixture {
 			IPs: []netip.Addr{tp.IPv4.Remote, tp.IPv6.Remote}, Labels: map[string]string{"app": "httpbin", "version": "v2"}},
 		{UID: "u-gone", Name: "httpbin-old", Namespace: "demo", ServiceAccount: "httpbin", InMesh: true,
 			IPs: []netip.Addr{netip.MustParseAddr("10.248.9.9")}},
+		{UID: "u-legacy", Name: "legacy", Namespace: "demo", IPs: []netip.Addr{legacyIP}}, // not in the mesh
 	}, Services: []workload.Service{{
 		Name: "httpbin", Namespace: "demo", VIPs: []netip.Addr{serviceVIP},
 		Ports:     []workload.ServicePort{{Port: 80, TargetPort: 8080}},
 		Endpoints: []workload.EndpointInfo{{UID: "u-httpbin", Ready: true}, {UID: "u-gone", Ready: false}},
+	}, {
+		Name: "legacy", Namespace: "demo", VIPs: []netip.Addr{legacyVIP},
+		Ports:     []workload.ServicePort{{Port: 80, TargetPort: 8080}},
+		Endpoints: []workload.EndpointInfo{{UID: "u-legacy", Ready: true}},
+	}, {
+		Name: "drained", Namespace: "demo", VIPs: []netip.Addr{drainedVIP},
+		Ports:     []workload.ServicePort{{Port: 80, TargetPort: 8080}},
+		Endpoints: []workload.EndpointInfo{{UID: "u-gone", Ready: false}},
 	}}})
 	if err != nil {
 		t.Fatal(err)
@@ -289,7 +298,72 @@ func TestConnectFailureFlag(t *testing.T) {
 }
 
 // serviceVIP is a service address no interface has: only the proxy knows where it goes.
-var serviceVIP = netip.MustParseAddr("10.96.0.10")
+// So are legacyVIP (a service whose endpoint, legacyIP, is outside the mesh) and
+// drainedVIP (a service with no ready endpoint).
+var (
+	serviceVIP = netip.MustParseAddr("10.96.0.10")
+	legacyVIP  = netip.MustParseAddr("10.96.0.11")
+	drainedVIP = netip.MustParseAddr("10.96.0.12")
+	legacyIP   = netip.MustParseAddr("10.248.2.3") // added to the remote's eth0 by the test that uses it
+)
+
+// TestServiceOutsideTheMesh: a service whose endpoint is outside the mesh is reached as
+// ztunnel reaches it, plain TCP straight to the endpoint it picked (no VIP is routable
+// here, so a dial to the VIP would fail), and a service without a ready endpoint is refused.
+func TestServiceOutsideTheMesh(t *testing.T) {
+	f := newMesh(t, compiler.CaptureTProxy)
+	f.tp.Remote.IP(t, "addr add "+legacyIP.String()+"/24 dev eth0")
+	var l net.Listener
+	if err := f.tp.Remote.Do(func() (err error) {
+		l, err = net.Listen("tcp4", netip.AddrPortFrom(legacyIP, 8080).String())
+		return
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			fmt.Fprintf(c, "%s\n", c.RemoteAddr())
+			c.Close()
+		}
+	}()
+	c, err := dialFrom(t, f.tp.Pod, "tcp4", netip.AddrPortFrom(legacyVIP, 80))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.SetDeadline(time.Now().Add(3 * time.Second))
+	line, err := bufio.NewReader(c).ReadString('\n')
+	c.Close()
+	if ap, _ := netip.ParseAddrPort(strings.TrimSpace(line)); err != nil || ap.Addr() != f.tp.IPv4.Pod {
+		t.Fatalf("through the legacy service: %q, %v; want the app's line with the client pod's IP\n%s", line, err, f.logs)
+	}
+	// Refused: reset as soon as the proxy has the connection (which may be before the
+	// client's connect returns).
+	if c, err = dialFrom(t, f.tp.Pod, "tcp4", netip.AddrPortFrom(drainedVIP, 80)); err == nil {
+		c.SetDeadline(time.Now().Add(3 * time.Second))
+		_, err = c.Read(make([]byte, 1))
+		c.Close()
+	}
+	if !errors.Is(err, syscall.ECONNRESET) && !errors.Is(err, io.EOF) {
+		t.Errorf("through a service with no ready endpoint: %v; want the connection ended at once", err)
+	}
+	for _, want := range []string{
+		"dst.addr=" + netip.AddrPortFrom(legacyIP, 8080).String() + " dst.hbone_addr=none dst.service=legacy.demo.svc.cluster.local dst.workload=legacy",
+		"dst.service=drained.demo.svc.cluster.local",
+		"service demo/drained: no ready endpoint",
+	} {
+		for deadline := time.Now().Add(3 * time.Second); !strings.Contains(f.logs.String(), want); time.Sleep(10 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Errorf("no access log line with %q:\n%s", want, f.logs)
+				break
+			}
+		}
+	}
+}
 
 // Outbound to a service VIP picks the ready endpoint (never the unready one, which does
 // not exist) and tunnels straight to it, on the target port.

@@ -164,6 +164,20 @@ func (i *instance) pipeUntilStopped(a, b net.Conn) (int64, int64, error) {
 	return pipe(a, b)
 }
 
+// ownPort reports whether dst's port is one of the proxy's own: never a destination, since
+// delivering there reaches a proxy listener again (a connection to <pod ip>:15006 would
+// otherwise loop until the descriptors run out).
+func (i *instance) ownPort(dst netip.AddrPort) bool {
+	return slices.Contains(i.p.cfg.internalPorts(), dst.Port())
+}
+
+func (i *instance) refuseOwnPort(c *net.TCPConn, direction string, dst netip.AddrPort) {
+	i.p.log.Warn(direction+": refused a connection to the proxy's own port", "uid", i.uid,
+		"src", AddrPortOf(c.RemoteAddr()).String(), "dst", dst.String())
+	c.SetLinger(0)
+	c.Close()
+}
+
 // serveOutbound handles a connection the pod's rules redirected to 15001: to a mesh
 // workload over HBONE, to anything else directly, from the pod's namespace.
 func (i *instance) serveOutbound(c *net.TCPConn) {
@@ -173,6 +187,10 @@ func (i *instance) serveOutbound(c *net.TCPConn) {
 		p.log.Warn("outbound: no original destination", "uid", i.uid, "error", err)
 		c.SetLinger(0)
 		c.Close()
+		return
+	}
+	if (dst.Addr().IsLoopback() || slices.Contains(i.ips, dst.Addr().Unmap())) && i.ownPort(dst) {
+		i.refuseOwnPort(c, "outbound", dst)
 		return
 	}
 	src := AddrPortOf(c.RemoteAddr())
@@ -241,6 +259,10 @@ func (i *instance) serveInbound(c *net.TCPConn) {
 			c.Close()
 			return
 		}
+	}
+	if i.ownPort(dst) {
+		i.refuseOwnPort(c, "inbound", dst)
+		return
 	}
 	src := AddrPortOf(c.RemoteAddr())
 	info := &connInfo{direction: "inbound", src: src, dst: dst, start: time.Now(),
@@ -329,7 +351,7 @@ func (i *instance) dialInbound(ctx context.Context, req hbone.Request) (net.Conn
 	if !slices.Contains(i.ips, req.Authority.Addr().Unmap()) {
 		return nil, http.StatusBadRequest, fmt.Errorf("authority %s is not this pod (%v)", req.Authority, i.ips)
 	}
-	if slices.Contains(p.cfg.internalPorts(), req.Authority.Port()) {
+	if i.ownPort(req.Authority) {
 		return nil, http.StatusServiceUnavailable, fmt.Errorf("port %d is the proxy's own", req.Authority.Port())
 	}
 	peer, err := identity.PeerID(req.PeerTLS)

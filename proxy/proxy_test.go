@@ -544,3 +544,41 @@ func TestAddWorkloadFailsWhole(t *testing.T) {
 		t.Error("the outbound listener is still open after the failed add")
 	}
 }
+
+// TestOwnPortsRefused: a plaintext connection to a pod's 15006 (from anywhere that reaches
+// the pod), or from a pod to its own 15001, is refused at once. Delivered, it would reach
+// a proxy listener again and loop until the process ran out of descriptors.
+func TestOwnPortsRefused(t *testing.T) {
+	for _, mode := range []compiler.CaptureMode{compiler.CaptureTProxy, compiler.CaptureRedirect} {
+		t.Run(string(mode), func(t *testing.T) {
+			f := newMesh(t, mode)
+			fam := f.tp.IPv4
+			base := fdCount(t)
+			for _, c := range []struct {
+				name string
+				from *nettest.Netns
+				dst  netip.AddrPort
+			}{
+				{"node to httpbin:15006", f.tp.Node, netip.AddrPortFrom(fam.Remote, 15006)},
+				{"sleep to its own 15001", f.tp.Pod, netip.AddrPortFrom(fam.Pod, 15001)},
+			} {
+				conn, err := dialFrom(t, c.from, fam.TCP, c.dst)
+				if err == nil {
+					conn.SetDeadline(time.Now().Add(3 * time.Second))
+					_, err = conn.Read(make([]byte, 1))
+					conn.Close()
+				}
+				if !errors.Is(err, syscall.ECONNRESET) && !errors.Is(err, io.EOF) {
+					t.Errorf("%s: %v, want the connection refused at once", c.name, err)
+				}
+			}
+			// A loop would have opened thousands by now.
+			if n := settle(base+8, func() int { return fdCount(t) }); n > base+8 {
+				t.Errorf("descriptors: %d before, %d after", base, n)
+			}
+			if !strings.Contains(f.logs.String(), "refused a connection to the proxy's own port") {
+				t.Errorf("no log line for the refusals:\n%s", f.logs)
+			}
+		})
+	}
+}

@@ -141,14 +141,30 @@ func (i *instance) stop(ctx context.Context, deadline time.Duration) {
 }
 
 func (i *instance) acceptLoop(l net.Listener, serve func(*net.TCPConn)) {
+	var backoff time.Duration
 	for {
 		c, err := l.Accept()
 		if err != nil {
-			if !isClosed(err) {
-				i.p.log.Warn("accept failed", "uid", i.uid, "listener", l.Addr().String(), "error", err)
+			if isClosed(err) {
+				return
 			}
+			// Out of descriptors and the like: wait and retry, as net/http and the HBONE
+			// server do. Giving up would leave the pod's port captured and unserved.
+			var t interface{ Temporary() bool }
+			if errors.As(err, &t) && t.Temporary() {
+				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+				i.p.log.Warn("accept failed; retrying", "uid", i.uid, "listener", l.Addr().String(), "error", err, "delay", backoff)
+				select {
+				case <-time.After(backoff):
+					continue
+				case <-i.ctx.Done():
+					return
+				}
+			}
+			i.p.log.Error("accept failed; the listener is no longer served", "uid", i.uid, "listener", l.Addr().String(), "error", err)
 			return
 		}
+		backoff = 0
 		i.wg.Add(1)
 		go func() {
 			defer i.wg.Done()

@@ -13,6 +13,7 @@ import (
 	"regexp"
 	"runtime"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -580,5 +581,51 @@ func TestOwnPortsRefused(t *testing.T) {
 				t.Errorf("no log line for the refusals:\n%s", f.logs)
 			}
 		})
+	}
+}
+
+// flakyListener fails its first Accept as an exhausted descriptor table does.
+type flakyListener struct {
+	net.Listener
+	failed atomic.Bool
+}
+
+func (l *flakyListener) Accept() (net.Conn, error) {
+	if !l.failed.Swap(true) {
+		return nil, &net.OpError{Op: "accept", Net: "tcp", Err: os.NewSyscallError("accept4", syscall.EMFILE)}
+	}
+	return l.Listener.Accept()
+}
+
+// TestAcceptLoopRetries: a temporary accept error (EMFILE) does not end a pod's listener.
+func TestAcceptLoopRetries(t *testing.T) {
+	inner, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	logs := &nettest.SyncBuffer{}
+	ctx, cancel := context.WithCancel(context.Background())
+	i := &instance{p: &Proxy{log: slog.New(slog.NewTextHandler(logs, nil))}, uid: "u-test", ctx: ctx}
+	served := make(chan struct{}, 1)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		i.acceptLoop(&flakyListener{Listener: inner}, func(c *net.TCPConn) { c.Close(); served <- struct{}{} })
+	}()
+	defer func() { cancel(); inner.Close(); <-done; i.wg.Wait() }()
+	c, err := net.Dial("tcp4", inner.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	select {
+	case <-served:
+	case <-done:
+		t.Fatalf("the accept loop ended on a temporary error:\n%s", logs)
+	case <-time.After(5 * time.Second):
+		t.Fatalf("connection not served after a temporary accept error:\n%s", logs)
+	}
+	if !strings.Contains(logs.String(), "accept failed; retrying") {
+		t.Errorf("the retry was not logged:\n%s", logs)
 	}
 }

@@ -125,6 +125,12 @@ func (p *Proxy) MarkReady() {
 
 // AddWorkload starts the pod's listeners in its namespace and returns once they are up.
 func (p *Proxy) AddWorkload(ctx context.Context, uid string, info zds.WorkloadInfo, netns *os.File) error {
+	// A pod whose identity cannot be named could never get a certificate: refuse it now,
+	// naming the field, rather than capture its traffic and fail every handshake.
+	if err := checkWorkloadInfo(p.issuer.TrustDomain(), info); err != nil {
+		netns.Close()
+		return fmt.Errorf("pod %s: %w", uid, err)
+	}
 	p.mu.Lock()
 	if p.closing {
 		p.mu.Unlock()
@@ -159,6 +165,19 @@ func (p *Proxy) AddWorkload(ctx context.Context, uid string, info zds.WorkloadIn
 		return fmt.Errorf("pod %s/%s (%s): deleted while starting", info.Namespace, info.Name, uid)
 	}
 	p.log.Info("workload added", "uid", uid, "pod", info.Namespace+"/"+info.Name, "ips", inst.ips, "identity", inst.id.String())
+	return nil
+}
+
+func checkWorkloadInfo(trustDomain string, info zds.WorkloadInfo) error {
+	switch {
+	case info.Name == "":
+		return errors.New("workload_info.name is empty")
+	case info.Namespace == "":
+		return errors.New("workload_info.namespace is empty")
+	}
+	if err := identity.ForServiceAccount(trustDomain, info.Namespace, orDefault(info.ServiceAccount)).Validate(); err != nil {
+		return fmt.Errorf("workload_info (namespace %q, service_account %q): %w", info.Namespace, info.ServiceAccount, err)
+	}
 	return nil
 }
 

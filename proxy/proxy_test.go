@@ -629,3 +629,36 @@ func TestAcceptLoopRetries(t *testing.T) {
 		t.Errorf("the retry was not logged:\n%s", logs)
 	}
 }
+
+// TestAddWorkloadChecksInfo: an Add whose workload info cannot name an identity fails,
+// naming the field, before any listener opens (the agent gets an error Ack).
+func TestAddWorkloadChecksInfo(t *testing.T) {
+	f := newMesh(t, compiler.CaptureTProxy)
+	ns := nettest.New(t)
+	ns.MustRun(t, "ip", "link", "set", "lo", "up")
+	base := fdCount(t)
+	for _, c := range []struct {
+		info zds.WorkloadInfo
+		want string
+	}{
+		{zds.WorkloadInfo{}, "workload_info.name is empty"},
+		{zds.WorkloadInfo{Name: "p"}, "workload_info.namespace is empty"},
+		{zds.WorkloadInfo{Name: "p", Namespace: "demo", ServiceAccount: "a/b"}, `service_account "a/b"`},
+	} {
+		file, err := os.Open(ns.Path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = f.proxy.AddWorkload(context.Background(), "u-bad", c.info, file)
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("AddWorkload(%+v): %v, want an error with %q", c.info, err, c.want)
+		}
+	}
+	if n := settle(base, func() int { return fdCount(t) }); n > base {
+		t.Errorf("descriptors: %d before, %d after the refused adds", base, n)
+	}
+	if c, err := dialFrom(t, ns, "tcp4", netip.MustParseAddrPort("127.0.0.1:15001")); err == nil {
+		c.Close()
+		t.Error("a listener opened for a refused add")
+	}
+}

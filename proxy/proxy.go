@@ -72,6 +72,8 @@ type Proxy struct {
 	metrics   *Metrics
 	pool      *hbone.Pool
 
+	draining sync.WaitGroup // deleted pods' drains, which Shutdown waits for
+
 	mu        sync.Mutex
 	instances map[string]*instance     // by pod UID
 	byIP      map[netip.Addr]*instance // pod IP -> instance, for outbound HBONE dials
@@ -191,8 +193,10 @@ func (p *Proxy) KeepWorkload(ctx context.Context, uid string) error {
 	return nil
 }
 
-// DelWorkload drains and stops the pod's listeners. An unknown pod is not an error: the
-// agent sends deletes to every proxy.
+// DelWorkload stops the pod's listeners at once and drains its connections in the
+// background, up to the shutdown deadline: the agent's Ack waits for neither (it gives
+// up after 5 s, and with it the proxy connection, as ztunnel's acks at once). An unknown
+// pod is not an error: the agent sends deletes to every proxy.
 func (p *Proxy) DelWorkload(ctx context.Context, uid string) error {
 	p.mu.Lock()
 	inst := p.instances[uid]
@@ -209,8 +213,13 @@ func (p *Proxy) DelWorkload(ctx context.Context, uid string) error {
 	if inst == nil {
 		return nil
 	}
-	inst.stop(ctx, p.cfg.ShutdownDeadline)
-	p.log.Info("workload removed", "uid", uid, "pod", inst.info.Namespace+"/"+inst.info.Name)
+	inst.closeListeners()
+	pod := inst.info.Namespace + "/" + inst.info.Name
+	p.log.Info("workload removed; draining", "uid", uid, "pod", pod, "deadline", p.cfg.ShutdownDeadline)
+	p.draining.Go(func() {
+		inst.stop(context.Background(), p.cfg.ShutdownDeadline)
+		p.log.Info("workload drained", "uid", uid, "pod", pod)
+	})
 	return nil
 }
 
@@ -247,6 +256,7 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 		go func() { defer wg.Done(); inst.stop(ctx, p.cfg.ShutdownDeadline) }()
 	}
 	wg.Wait()
+	p.draining.Wait() // deleted pods still draining, each within its own deadline
 	return p.pool.Close()
 }
 

@@ -662,3 +662,38 @@ func TestAddWorkloadChecksInfo(t *testing.T) {
 		t.Error("a listener opened for a refused add")
 	}
 }
+
+// TestDelAcksBeforeDrain: deleting a pod with a live connection returns at once (the agent
+// waits for the Ack only 5 s, ztunnel acks at once), and the connection is still drained:
+// closed when the shutdown deadline (1 s here) passes.
+func TestDelAcksBeforeDrain(t *testing.T) {
+	f := newMesh(t, compiler.CaptureTProxy)
+	fam := f.tp.IPv4
+	c, err := dialFrom(t, f.tp.Pod, fam.TCP, netip.AddrPortFrom(fam.Remote, 8080))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := roundTrip(c); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if err := f.proxy.DelWorkload(context.Background(), "u-httpbin"); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(start); d > 300*time.Millisecond {
+		t.Errorf("DelWorkload took %v with a live connection, want it to return before the drain", d)
+	}
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.Copy(io.Discard, c); errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Errorf("the live connection was not closed at the drain deadline")
+	}
+	if d := time.Since(start); d < 900*time.Millisecond {
+		t.Errorf("the live connection ended after %v, before the 1 s drain deadline", d)
+	}
+	for deadline := time.Now().Add(3 * time.Second); !strings.Contains(f.logs.String(), `msg="workload drained" uid=u-httpbin`); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no drained log line:\n%s", f.logs)
+		}
+	}
+}

@@ -139,14 +139,24 @@ func (p *Proxy) AddWorkload(ctx context.Context, uid string, info zds.WorkloadIn
 		netns.Close()
 		return errors.New("proxy is shutting down")
 	}
-	if p.instances[uid] != nil || p.starting[uid] {
+	old := p.instances[uid]
+	if p.starting[uid] || old != nil && sameFile(old.netns, netns) {
 		// The agent re-sent a pod we run (after a reconnect): keep the running one.
 		p.mu.Unlock()
 		netns.Close()
 		return nil
 	}
+	if old != nil {
+		// The same pod in another namespace: kubelet recreated its sandbox, and the rules
+		// now capture in the new one. Serve that one; the old drains, as after a Del.
+		p.removeLocked(uid, old)
+	}
 	p.starting[uid] = true // a concurrent add of the same pod waits for nothing: see above
 	p.mu.Unlock()
+	if old != nil {
+		p.log.Info("workload in a new network namespace: replacing it", "uid", uid, "pod", info.Namespace+"/"+info.Name)
+		p.drain(uid, old)
+	}
 
 	inst, err := p.startInstance(uid, info, netns)
 	p.mu.Lock()
@@ -200,19 +210,30 @@ func (p *Proxy) KeepWorkload(ctx context.Context, uid string) error {
 func (p *Proxy) DelWorkload(ctx context.Context, uid string) error {
 	p.mu.Lock()
 	inst := p.instances[uid]
-	delete(p.instances, uid)
 	delete(p.starting, uid) // an add still starting is dropped when it finishes
 	if inst != nil {
-		for _, ip := range inst.ips {
-			if p.byIP[ip] == inst {
-				delete(p.byIP, ip)
-			}
-		}
+		p.removeLocked(uid, inst)
 	}
 	p.mu.Unlock()
-	if inst == nil {
-		return nil
+	if inst != nil {
+		p.drain(uid, inst)
 	}
+	return nil
+}
+
+// removeLocked takes a pod's instance out of the maps; p.mu is held.
+func (p *Proxy) removeLocked(uid string, inst *instance) {
+	delete(p.instances, uid)
+	for _, ip := range inst.ips {
+		if p.byIP[ip] == inst {
+			delete(p.byIP, ip)
+		}
+	}
+}
+
+// drain closes a removed instance's listeners at once and drains its connections in the
+// background, up to the shutdown deadline.
+func (p *Proxy) drain(uid string, inst *instance) {
 	inst.closeListeners()
 	pod := inst.info.Namespace + "/" + inst.info.Name
 	p.log.Info("workload removed; draining", "uid", uid, "pod", pod, "deadline", p.cfg.ShutdownDeadline)
@@ -220,7 +241,13 @@ func (p *Proxy) DelWorkload(ctx context.Context, uid string) error {
 		inst.stop(context.Background(), p.cfg.ShutdownDeadline)
 		p.log.Info("workload drained", "uid", uid, "pod", pod)
 	})
-	return nil
+}
+
+// sameFile reports whether a and b are the same file (for namespaces: the same netns).
+func sameFile(a, b *os.File) bool {
+	sa, errA := a.Stat()
+	sb, errB := b.Stat()
+	return errA == nil && errB == nil && os.SameFile(sa, sb)
 }
 
 // SnapshotDone drops the workloads the agent's snapshot did not name.

@@ -540,10 +540,20 @@ func TestAddWorkloadFailsWhole(t *testing.T) {
 		t.Errorf("after the failed add: goroutines %d -> %d, descriptors %d -> %d", baseG, g, baseFD, fds)
 	}
 	// 15001 opened before 15008 failed: it must be closed again.
-	if c, err := dialFrom(t, ns, "tcp4", netip.MustParseAddrPort("127.0.0.1:15001")); err == nil {
-		c.Close()
+	if listensOn(t, ns, 15001) {
 		t.Error("the outbound listener is still open after the failed add")
 	}
+}
+
+// listensOn reports whether a TCP socket listens on port in ns. (A connection would not
+// tell: the proxy resets one to its own port.)
+func listensOn(t *testing.T, ns *nettest.Netns, port uint16) bool {
+	t.Helper()
+	out, err := ns.Run("", "ss", "-Hltn", fmt.Sprintf("sport = :%d", port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(out) != ""
 }
 
 // TestOwnPortsRefused: a plaintext connection to a pod's 15006 (from anywhere that reaches
@@ -657,8 +667,7 @@ func TestAddWorkloadChecksInfo(t *testing.T) {
 	if n := settle(base, func() int { return fdCount(t) }); n > base {
 		t.Errorf("descriptors: %d before, %d after the refused adds", base, n)
 	}
-	if c, err := dialFrom(t, ns, "tcp4", netip.MustParseAddrPort("127.0.0.1:15001")); err == nil {
-		c.Close()
+	if listensOn(t, ns, 15001) {
 		t.Error("a listener opened for a refused add")
 	}
 }
@@ -695,5 +704,46 @@ func TestDelAcksBeforeDrain(t *testing.T) {
 		if time.Now().After(deadline) {
 			t.Fatalf("no drained log line:\n%s", f.logs)
 		}
+	}
+}
+
+// TestReAddNewNamespace: the agent re-sends a pod in a new network namespace (kubelet
+// recreated its sandbox): the proxy serves the new namespace and lets the old go. The same
+// namespace re-sent (after a reconnect) keeps the running instance.
+func TestReAddNewNamespace(t *testing.T) {
+	f := newMesh(t, compiler.CaptureTProxy)
+	info := zds.WorkloadInfo{Name: "recreated", Namespace: "demo", ServiceAccount: "sleep"}
+	add := func(ns *nettest.Netns) {
+		t.Helper()
+		file, err := os.Open(ns.Path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := f.proxy.AddWorkload(context.Background(), "u-recreated", info, file); err != nil {
+			t.Fatal(err)
+		}
+	}
+	listening := func(ns *nettest.Netns) bool { return listensOn(t, ns, 15001) }
+	old, recreated := nettest.New(t), nettest.New(t)
+	for _, ns := range []*nettest.Netns{old, recreated} {
+		ns.MustRun(t, "ip", "link", "set", "lo", "up")
+	}
+	add(old)
+	if !listening(old) {
+		t.Fatal("no listener after the first add")
+	}
+	add(recreated)
+	if !listening(recreated) {
+		t.Errorf("the new namespace has no listener after the re-add")
+	}
+	if listening(old) {
+		t.Errorf("the old namespace still has the proxy's listener")
+	}
+	add(recreated) // the same namespace again: kept, not restarted
+	if !listening(recreated) {
+		t.Errorf("re-sending the same namespace stopped its listener")
+	}
+	if n := strings.Count(f.logs.String(), `msg="workload removed; draining" uid=u-recreated`); n != 1 {
+		t.Errorf("%d drains of u-recreated, want 1 (the old namespace's):\n%s", n, f.logs)
 	}
 }

@@ -364,6 +364,11 @@ func testPolicy(t *testing.T, m *Mesh) {
 		t.Fatalf("sleep before the policy: %v", err)
 	}
 	defer liveSleep.Close()
+	liveOut, err := m.Connect(m.Outside, v4)
+	if err != nil {
+		t.Fatalf("outside (plaintext) before the policy: %v", err)
+	}
+	defer liveOut.Close()
 
 	seed, err := os.ReadFile("../fixtures/policy/ambient-demo.yaml")
 	if err != nil {
@@ -394,6 +399,14 @@ func testPolicy(t *testing.T, m *Mesh) {
 	m.Node1.Proxy.WaitLine(t, "closing connection denied by changed policy", "for notsleep", func(l LogLine) bool {
 		return strings.Contains(l.S("connection"), m.Notsleep.Identity().Principal())
 	})
+	// Its access line says so (and it counts as closed with DENY, below).
+	m.Node1.Proxy.AccessLine(t, map[string]string{"direction": "inbound", "src.identity": m.Notsleep.Identity().String()},
+		func(l LogLine) bool { return strings.Contains(l.S("error"), "denied by changed policy") })
+	// Plaintext from outside is cut with a reset, not a FIN: a cut stream must not look complete.
+	liveOut.SetReadDeadline(time.Now().Add(ioTimeout))
+	if _, err := liveOut.R.ReadByte(); !errors.Is(err, syscall.ECONNRESET) {
+		t.Errorf("outside's live plaintext connection after the policy denied it: %v, want a reset", err)
+	}
 	if err := Echo(liveSleep, liveSleep.R, "still allowed"); err != nil {
 		t.Errorf("sleep's live connection after the policy change: %v", err)
 	}

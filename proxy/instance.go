@@ -314,6 +314,9 @@ func (i *instance) serveInbound(c *net.TCPConn) {
 		return
 	}
 	toDst, fromDst, err := i.pipeUntilStopped(c, up)
+	if i.deniedLater(lc) {
+		info.responseFlags, err = flagDenied, errDeniedLater
+	}
 	p.metrics.done(p.log, info, toDst, fromDst, err)
 }
 
@@ -466,7 +469,11 @@ func (t *trackedConn) Close() error {
 	err := t.c.Close()
 	t.once.Do(func() {
 		t.i.untrack(t.lc)
-		t.i.p.metrics.done(t.i.p.log, t.info, t.toApp.Load(), t.fromApp.Load(), nil)
+		var err error
+		if t.i.deniedLater(t.lc) {
+			t.info.responseFlags, err = flagDenied, errDeniedLater
+		}
+		t.i.p.metrics.done(t.i.p.log, t.info, t.toApp.Load(), t.fromApp.Load(), err)
 	})
 	return err
 }
@@ -501,6 +508,15 @@ func (i *instance) untrack(lc *liveConn) {
 	i.mu.Unlock()
 }
 
+var errDeniedLater = errors.New("closed: denied by changed policy")
+
+// deniedLater reports whether a re-check denied the connection after it opened.
+func (i *instance) deniedLater(lc *liveConn) bool {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	return lc.denied
+}
+
 // recheck closes (with a reset) the live connections the current policies deny, and
 // marks those still connecting so that they give up.
 func (i *instance) recheck() {
@@ -511,7 +527,7 @@ func (i *instance) recheck() {
 		if d := i.p.policies.Decide(lc.conn, w); !d.Allow && !lc.denied {
 			lc.denied = true
 			i.p.log.Info("closing connection denied by changed policy", "uid", i.uid, "connection", lc.conn.String())
-			for _, c := range []net.Conn{lc.upstream, lc.peer} {
+			for _, c := range []net.Conn{lc.peer, lc.upstream} {
 				if c != nil {
 					closing = append(closing, c)
 				}
@@ -519,10 +535,15 @@ func (i *instance) recheck() {
 		}
 	}
 	i.mu.Unlock()
+	// Every socket set to reset before any closes, the client's first: a close seen by
+	// the copy goroutines would otherwise pass on as a clean FIN, and a cut-short stream
+	// would look complete.
 	for _, c := range closing {
 		if r, ok := c.(resetter); ok {
 			r.SetLinger(0)
 		}
+	}
+	for _, c := range closing {
 		c.Close()
 	}
 }

@@ -94,7 +94,7 @@ type snapshot struct {
 	byIP     map[netip.Addr]*Workload
 	byUID    map[string]*Workload
 	byVIP    map[netip.AddrPort]svcPort
-	services []*Service
+	svcByUID map[string][]*Service // the services with the workload among their endpoints, in file order
 }
 
 type svcPort struct {
@@ -126,7 +126,8 @@ func NewStatic(f *File) (*Static, error) {
 
 // Replace swaps the store's content for f's, or changes nothing and returns an error.
 func (s *Static) Replace(f *File) error {
-	snap := &snapshot{byIP: map[netip.Addr]*Workload{}, byUID: map[string]*Workload{}, byVIP: map[netip.AddrPort]svcPort{}}
+	snap := &snapshot{byIP: map[netip.Addr]*Workload{}, byUID: map[string]*Workload{}, byVIP: map[netip.AddrPort]svcPort{},
+		svcByUID: map[string][]*Service{}}
 	for i := range f.Workloads {
 		w := f.Workloads[i]
 		field := fmt.Sprintf("workloads[%d]", i)
@@ -150,11 +151,13 @@ func (s *Static) Replace(f *File) error {
 	}
 	for i := range f.Services {
 		svc := f.Services[i]
-		snap.services = append(snap.services, &svc)
 		field := fmt.Sprintf("services[%d]", i)
 		for _, ep := range svc.Endpoints {
 			if _, ok := snap.byUID[ep.UID]; !ok {
 				return fmt.Errorf("%s: endpoint uid %q is not a workload", field, ep.UID)
+			}
+			if list := snap.svcByUID[ep.UID]; len(list) == 0 || list[len(list)-1] != &svc {
+				snap.svcByUID[ep.UID] = append(list, &svc)
 			}
 		}
 		for _, vip := range svc.VIPs {
@@ -208,10 +211,7 @@ func (s *Static) Resolve(dst netip.AddrPort) (Target, bool) {
 }
 
 func (s *Static) ServiceOf(uid string, port uint16) (*Service, bool) {
-	for _, svc := range s.snap.Load().services {
-		if !slices.ContainsFunc(svc.Endpoints, func(ep EndpointInfo) bool { return ep.UID == uid }) {
-			continue
-		}
+	for _, svc := range s.snap.Load().svcByUID[uid] {
 		for _, p := range svc.Ports {
 			if p.TargetPort == port || p.TargetPort == 0 && p.Port == port {
 				return svc, true

@@ -18,6 +18,11 @@ services:
   vips: [10.96.0.10]
   ports: [{port: 80, targetPort: 8080}]
   endpoints: [{uid: u2, ready: true}, {uid: u3, ready: true}, {uid: u4, ready: false}]
+- name: httpbin-b
+  namespace: demo
+  vips: [10.96.0.11]
+  ports: [{port: 80, targetPort: 8080}, {port: 90}]
+  endpoints: [{uid: u3, ready: true}]
 `
 
 func TestStatic(t *testing.T) {
@@ -61,9 +66,13 @@ func TestStatic(t *testing.T) {
 	if h := (&Service{Name: "a", Namespace: "b", Hostname: "a.b.svc.corp.example"}).Host(); h != "a.b.svc.corp.example" {
 		t.Errorf("Host with a hostname: %s", h)
 	}
-	// The destination's view: a connection to an endpoint's target port belongs to the service.
+	// The destination's view: a connection to an endpoint's target port belongs to the
+	// first service (in file order) that has it; a port without a target port targets itself.
 	if svc, ok := s.ServiceOf("u3", 8080); !ok || svc.Name != "httpbin" || svc.Host() != "httpbin.demo.svc.cluster.local" {
 		t.Errorf("ServiceOf(u3, 8080): %+v %v", svc, ok)
+	}
+	if svc, ok := s.ServiceOf("u3", 90); !ok || svc.Name != "httpbin-b" {
+		t.Errorf("ServiceOf(u3, 90): %+v %v", svc, ok)
 	}
 	for _, c := range []struct {
 		uid  string

@@ -238,14 +238,12 @@ func (c *clientConn) Close() error {
 			t.Stop()
 		}
 		c.pw.CloseWithError(net.ErrClosed)
-		if c.mode.Load() == srcDirect && !c.sourceEnded() {
-			// The transport may be blocked reading the ReadFrom source (closing the body
-			// does not stop that read), which Body.Close would wait for: cancelling first
-			// resets the stream without waiting.
-			c.cancel()
-		}
-		c.resp.Body.Close() // resets an unfinished stream; waits for the stream's goroutine
+		// Cancelling first resets an unfinished stream without waiting: Body.Close waits for
+		// the stream's goroutine, which may be blocked reading the ReadFrom source (closing
+		// the body does not stop that read) or behind another tunnel's write stuck on a
+		// peer that stopped reading (until x/net's ping gives up, 30 s).
 		c.cancel()
+		c.resp.Body.Close()
 		c.pool.release(c.pc)
 	})
 	return nil

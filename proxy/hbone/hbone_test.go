@@ -1285,3 +1285,179 @@ func TestShutdownIsNoHandshakeFailure(t *testing.T) {
 		t.Errorf("OnHandshakeError ran %d times for a shutdown", n)
 	}
 }
+
+// TestResetAfterHalfClose: a client that half-closes, then resets, resets the upstream
+// (§5: RST_STREAM one way is a TCP RST the other) even when the upstream is quiet, and
+// the tunnel ends. Nothing else would: the request side is done, and the response side
+// waits on the upstream.
+func TestResetAfterHalfClose(t *testing.T) {
+	sawEOF, speak := make(chan struct{}), make(chan struct{})
+	wrote := make(chan error, 1)
+	up := newUpstream(t, "tcp4", func(c *net.TCPConn) {
+		io.Copy(io.Discard, c)
+		close(sawEOF)
+		// Quiet (a write would wake the tunnel) until the test has seen it end; then a
+		// write meets the reset.
+		select {
+		case <-speak:
+		case <-time.After(5 * time.Second):
+		}
+		_, err := c.Write([]byte("x"))
+		if err == nil {
+			time.Sleep(100 * time.Millisecond) // the RST may answer the write
+			_, err = c.Write([]byte("x"))
+		}
+		wrote <- err
+	})
+	e := newEnv(t, withEcho(up))
+	c, err := e.connect(testCtx(t, 10*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Write([]byte("request")); err != nil {
+		t.Fatal(err)
+	}
+	c.(interface{ CloseWrite() error }).CloseWrite()
+	select {
+	case <-sawEOF:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the upstream never saw the request's end")
+	}
+	c.Close() // the response is not read to its end: a reset
+	for deadline := time.Now().Add(3 * time.Second); e.srv.handlers.Load() != 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			close(speak)
+			t.Fatalf("%d tunnels still running 3 s after the client's reset", e.srv.handlers.Load())
+		}
+	}
+	close(speak)
+	if err := <-wrote; !errors.Is(err, syscall.ECONNRESET) && !errors.Is(err, syscall.EPIPE) {
+		t.Errorf("upstream write after the client's reset: %v, want a reset", err)
+	}
+}
+
+// TestShutdownStuckPeers: peers that stopped reading, with the server's writes to them
+// stuck on full sockets, do not hold Shutdown past its deadline (closing the TLS layer
+// would first try to send close_notify behind each stuck write, 5 s apiece).
+func TestShutdownStuckPeers(t *testing.T) {
+	// A dribble, not a flood: each small batch leaves the server in its final flush (not
+	// inside a TLS write, where a TLS close would not wait), and that is where it sticks.
+	flood := newUpstream(t, "tcp4", func(c *net.TCPConn) {
+		buf := make([]byte, 2<<10)
+		for {
+			if _, err := c.Write(buf); err != nil {
+				return
+			}
+			time.Sleep(50 * time.Microsecond)
+		}
+	})
+	e := newEnv(t, withEcho(flood))
+	const peers = 2
+	for range peers {
+		r := dialRaw(t, e)
+		r.tc.SetDeadline(time.Time{})
+		// Windows wide open, a CONNECT to the flood, and then never a read.
+		if err := r.fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1 << 30}); err != nil {
+			t.Fatal(err)
+		}
+		if err := r.fr.WriteWindowUpdate(0, 1<<30); err != nil {
+			t.Fatal(err)
+		}
+		var hb bytes.Buffer
+		enc := hpackEncoder(&hb)
+		enc(":method", "CONNECT")
+		enc(":authority", flood.addr.String())
+		if err := r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: hb.Bytes(), EndHeaders: true}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	time.Sleep(1500 * time.Millisecond) // the server's writes fill the sockets and block
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	e.srv.Shutdown(ctx)
+	if d := time.Since(start); d > 2*time.Second {
+		t.Errorf("Shutdown with %d stuck peers took %v, past its 200 ms deadline", peers, d)
+	}
+}
+
+// TestCloseNotBlockedByStuckPeer: closing a tunnel whose request is done does not wait
+// behind another tunnel's write stuck on a peer that stopped reading (x/net's stream
+// goroutine needs the connection's write lock to send its RST; that took until the ping
+// timeout, 30 s).
+func TestCloseNotBlockedByStuckPeer(t *testing.T) {
+	pki := sharedPKI(t)
+	l := tls.NewListener(listen(t, "tcp4"), pki.serverTLS(t))
+	defer l.Close()
+	bothOpen, done := make(chan struct{}), make(chan struct{})
+	var closeDone sync.Once
+	release := func() { closeDone.Do(func() { close(done) }) } // the peer closes: the stuck write ends
+	defer release()
+	go func() { // a peer that answers two CONNECTs, then never reads again
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		if _, err := io.ReadFull(c, make([]byte, len(http2.ClientPreface))); err != nil {
+			return
+		}
+		fr := http2.NewFramer(c, c)
+		fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1 << 30})
+		fr.WriteWindowUpdate(0, 1<<30)
+		opened := 0
+		for opened < 2 {
+			f, err := fr.ReadFrame()
+			if err != nil {
+				return
+			}
+			switch f := f.(type) {
+			case *http2.SettingsFrame:
+				if !f.IsAck() {
+					fr.WriteSettingsAck()
+				}
+			case *http2.PingFrame: // the pool's, after dialling
+				if !f.IsAck() {
+					fr.WritePing(true, f.Data)
+				}
+			case *http2.HeadersFrame:
+				var hb bytes.Buffer
+				hpackEncoder(&hb)(":status", "200")
+				fr.WriteHeaders(http2.HeadersFrameParam{StreamID: f.StreamID, BlockFragment: hb.Bytes(), EndHeaders: true})
+				opened++
+			}
+		}
+		close(bothOpen)
+		<-done
+	}()
+	e := newEnv(t)
+	key := PoolKey{SrcID: clientID, DstID: serverID, Dst: addrPort(l.Addr()), SrcIP: netip.MustParseAddr("127.0.0.1")}
+	ctx := testCtx(t, 10*time.Second)
+	a, err := e.pool.Connect(ctx, key, e.echo.addr, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := e.pool.Connect(ctx, key, e.echo.addr, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-bothOpen
+	// a's request is done (its source ended); b writes until the peer's socket is full.
+	if _, err := a.(io.ReaderFrom).ReadFrom(strings.NewReader("a")); err != nil {
+		t.Fatal(err)
+	}
+	go b.Write(make([]byte, 64<<20))
+	time.Sleep(500 * time.Millisecond)
+	start := time.Now()
+	closed := make(chan struct{})
+	go func() { a.Close(); close(closed) }()
+	select {
+	case <-closed:
+	case <-time.After(5 * time.Second):
+		t.Errorf("Close still blocked after 5 s behind another tunnel's stuck write")
+	}
+	t.Logf("Close took %v", time.Since(start))
+	release()
+	b.Close()
+	<-closed
+}

@@ -280,7 +280,9 @@ func (s *Server) closeAll() {
 	}
 	s.mu.Unlock()
 	for _, sc := range conns {
-		sc.conn.Close() // the read loop fails and tears the connection down
+		// The raw socket: the TLS close would first try to send close_notify, behind a
+		// write stuck on a peer that stopped reading (5 s per connection, one after another).
+		sc.raw.Close() // the read loop fails and tears the connection down
 	}
 }
 

@@ -535,6 +535,11 @@ func (sc *serverConn) abortLocked(st *stream, cause error, sendRST bool, code ht
 	if st.cancel != nil {
 		st.cancel()
 	}
+	if st.onAbort != nil {
+		// A reset is a TCP RST upstream (§5) even when no copy is there to see it: after
+		// the client's END_STREAM, the only one left may wait on a quiet upstream forever.
+		go st.onAbort()
+	}
 	notify(st.recvReady)
 	notify(st.sendReady)
 }

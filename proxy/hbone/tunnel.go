@@ -33,6 +33,7 @@ type stream struct {
 	cancel     context.CancelFunc
 	delivering bool                      // someone is writing received data to the upstream
 	tryWrite   func([]byte) (int, error) // the upstream's non-blocking write, once accepted
+	onAbort    func()                    // resets the upstream, once accepted: see abortLocked
 	delivered  atomic.Int64              // bytes the read loop wrote to the upstream itself
 
 	recvReady chan struct{} // cap 1: rq, remoteDone or err changed
@@ -163,7 +164,7 @@ func (st *stream) respond(status int) {
 // accept sends the 200; false when the stream was reset while the Dialer ran.
 // From then on the read loop may write received data to up itself, when up can do it
 // without blocking (a TryWriter, or a socket).
-func (st *stream) accept(up net.Conn) bool {
+func (st *stream) accept(up net.Conn, onAbort func()) bool {
 	sc := st.sc
 	tw := tryWriterOf(up)
 	sc.mu.Lock()
@@ -171,7 +172,7 @@ func (st *stream) accept(up net.Conn) bool {
 		sc.mu.Unlock()
 		return false
 	}
-	st.tryWrite = tw
+	st.tryWrite, st.onAbort = tw, onAbort
 	sc.enqueueOrdLocked(wframe{kind: fkHeaders, id: st.id, status: http.StatusOK})
 	sc.mu.Unlock()
 	sc.flush()
@@ -250,7 +251,7 @@ func (sc *serverConn) runTunnel(ctx context.Context, st *stream, req Request) {
 		return
 	}
 	t := &tunnel{st: st, up: up}
-	if !st.accept(up) {
+	if !st.accept(up, t.abort) {
 		t.abort()
 		log.Debug("hbone: stream reset while dialing")
 		return

@@ -12,6 +12,7 @@ package identity
 
 import (
 	"crypto/x509"
+	"encoding/asn1"
 	"errors"
 	"fmt"
 	"net/url"
@@ -188,5 +189,39 @@ func FromCertificate(cert *x509.Certificate) (ID, error) {
 	default:
 		return ID{}, fmt.Errorf("identity: certificate %q has %d URI SANs; an X.509 SVID has exactly one", cert.Subject, len(cert.URIs))
 	}
+	if raw, ok := rawURISANs(cert); ok && len(raw) == 1 {
+		// As encoded: crypto/x509 normalises what it parses (SPIFFE:// becomes spiffe://,
+		// an empty fragment is lost), which ParseID would reject.
+		return ParseID(raw[0])
+	}
 	return ParseID(cert.URIs[0].String())
+}
+
+var oidSubjectAltName = asn1.ObjectIdentifier{2, 5, 29, 17}
+
+// rawURISANs returns the certificate's URI SANs as encoded (RFC 5280 GeneralName [6]); ok
+// is false when the certificate carries no (readable) SAN extension, as one built in
+// memory rather than parsed.
+func rawURISANs(cert *x509.Certificate) (uris []string, ok bool) {
+	for _, ext := range cert.Extensions {
+		if !ext.Id.Equal(oidSubjectAltName) {
+			continue
+		}
+		var seq asn1.RawValue
+		if rest, err := asn1.Unmarshal(ext.Value, &seq); err != nil || len(rest) > 0 || !seq.IsCompound {
+			return nil, false
+		}
+		for b := seq.Bytes; len(b) > 0; {
+			var name asn1.RawValue
+			var err error
+			if b, err = asn1.Unmarshal(b, &name); err != nil {
+				return nil, false
+			}
+			if name.Class == asn1.ClassContextSpecific && name.Tag == 6 {
+				uris = append(uris, string(name.Bytes))
+			}
+		}
+		return uris, true
+	}
+	return nil, false
 }

@@ -1,10 +1,15 @@
 package identity
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/x509"
+	"math/big"
 	"net/url"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestParseIDGood(t *testing.T) {
@@ -147,5 +152,39 @@ func TestFromCertificate(t *testing.T) {
 		if id, err := FromCertificate(&x509.Certificate{URIs: tc.uris}); err == nil || !strings.Contains(err.Error(), tc.why) {
 			t.Errorf("FromCertificate(%v) = %v, %v; want an error saying %q", tc.uris, id, err, tc.why)
 		}
+	}
+}
+
+// TestFromCertificateAsEncoded: the SPIFFE ID is read as the certificate encodes it, not
+// as crypto/x509 normalised it (which turns SPIFFE:// into spiffe://).
+func TestFromCertificateAsEncoded(t *testing.T) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	encoded := func(u *url.URL) *x509.Certificate {
+		tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), URIs: []*url.URL{u},
+			NotBefore: time.Now(), NotAfter: time.Now().Add(time.Hour)}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cert, err := x509.ParseCertificate(der)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return cert
+	}
+	good := &url.URL{Scheme: "spiffe", Host: "cluster.local", Path: "/ns/a/sa/b"}
+	if id, err := FromCertificate(encoded(good)); err != nil || id.String() != "spiffe://cluster.local/ns/a/sa/b" {
+		t.Errorf("FromCertificate(%s) = %v, %v", good, id, err)
+	}
+	upper := &url.URL{Scheme: "SPIFFE", Host: "cluster.local", Path: "/ns/a/sa/b"}
+	cert := encoded(upper)
+	if cert.URIs[0].Scheme != "spiffe" {
+		t.Fatalf("crypto/x509 no longer normalises the scheme (%s): this test checks nothing", cert.URIs[0])
+	}
+	if id, err := FromCertificate(cert); err == nil {
+		t.Errorf("FromCertificate(URI SAN %s) = %v, want an error", upper, id)
 	}
 }

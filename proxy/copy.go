@@ -40,7 +40,14 @@ func pipe(a, b net.Conn) (aToB, bToA int64, err error) {
 		defer wg.Done()
 		copied, err := copyConn(dst, src)
 		*n = copied
-		if err != nil && !errors.Is(err, net.ErrClosed) {
+		if errors.Is(err, net.ErrClosed) {
+			// Closed here, not by the peer: a reset, a policy change or a stop cut the
+			// connection. A FIN passed on (CloseWrite ignores linger) would make a cut
+			// stream look complete.
+			dst.Close()
+			return
+		}
+		if err != nil {
 			firstErr.CompareAndSwap(nil, &err)
 			if isReset(err) {
 				reset()

@@ -180,11 +180,13 @@ func (i *instance) pipeUntilStopped(a, b net.Conn) (int64, int64, error) {
 	return pipe(a, b)
 }
 
-// ownPort reports whether dst's port is one of the proxy's own: never a destination, since
-// delivering there reaches a proxy listener again (a connection to <pod ip>:15006 would
-// otherwise loop until the descriptors run out).
+// ownPort reports whether dst's port is one the proxy listens on in the pod (15001, 15006,
+// 15008, as ztunnel refuses): never a destination, since delivering there reaches a proxy
+// listener again (a connection to <pod ip>:15006 would otherwise loop until the
+// descriptors run out). The pod's apps keep every other port.
 func (i *instance) ownPort(dst netip.AddrPort) bool {
-	return slices.Contains(i.p.cfg.internalPorts(), dst.Port())
+	c := i.p.cfg
+	return slices.Contains([]uint16{c.OutboundPort, c.InboundPort, c.HBONEPort}, dst.Port())
 }
 
 func (i *instance) refuseOwnPort(c *net.TCPConn, direction string, dst netip.AddrPort) {
@@ -370,7 +372,7 @@ func (i *instance) dialInbound(ctx context.Context, req hbone.Request) (net.Conn
 	if !slices.Contains(i.ips, req.Authority.Addr().Unmap()) {
 		return nil, http.StatusBadRequest, fmt.Errorf("authority %s is not this pod (%v)", req.Authority, i.ips)
 	}
-	if i.ownPort(req.Authority) {
+	if slices.Contains(p.cfg.internalPorts(), req.Authority.Port()) {
 		return nil, http.StatusServiceUnavailable, fmt.Errorf("port %d is the proxy's own", req.Authority.Port())
 	}
 	peer, err := identity.PeerID(req.PeerTLS)

@@ -747,3 +747,96 @@ func TestReAddNewNamespace(t *testing.T) {
 		t.Errorf("%d drains of u-recreated, want 1 (the old namespace's):\n%s", n, f.logs)
 	}
 }
+
+// TestOwnPortsOnlyTheListeners: an app in a captured pod may listen on the proxy's other
+// well-known ports (15000, 15020, 15021): only 15001, 15006 and 15008 are refused, as
+// ztunnel refuses them.
+func TestOwnPortsOnlyTheListeners(t *testing.T) {
+	f := newMesh(t, compiler.CaptureTProxy)
+	fam := f.tp.IPv4
+	for _, port := range []uint16{15000, 15020, 15021} {
+		var l net.Listener
+		if err := f.tp.Remote.Do(func() (err error) {
+			l, err = net.Listen("tcp4", netip.AddrPortFrom(fam.Remote, port).String())
+			return
+		}); err != nil {
+			t.Fatal(err)
+		}
+		defer l.Close()
+		go func() {
+			for {
+				c, err := l.Accept()
+				if err != nil {
+					return
+				}
+				fmt.Fprintf(c, "hello from %d\n", port)
+				c.Close()
+			}
+		}()
+		c, err := dialFrom(t, f.tp.Node, "tcp4", netip.AddrPortFrom(fam.Remote, port))
+		if err != nil {
+			t.Fatalf("%d: %v", port, err)
+		}
+		c.SetDeadline(time.Now().Add(3 * time.Second))
+		line, err := bufio.NewReader(c).ReadString('\n')
+		c.Close()
+		if line != fmt.Sprintf("hello from %d\n", port) {
+			t.Errorf("plaintext to the app's port %d: %q, %v", port, line, err)
+		}
+	}
+}
+
+// TestPolicyCutResetsApp: a plaintext connection a policy change cuts ends with a reset at
+// the app too, not a FIN: a request cut short must not look complete.
+func TestPolicyCutResetsApp(t *testing.T) {
+	f := newMesh(t, compiler.CaptureTProxy)
+	fam := f.tp.IPv4
+	var l net.Listener
+	if err := f.tp.Remote.Do(func() (err error) {
+		l, err = net.Listen("tcp4", netip.AddrPortFrom(fam.Remote, 9090).String())
+		return
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	got := make(chan error, 1)
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			got <- err
+			return
+		}
+		defer c.Close()
+		buf := make([]byte, 64)
+		for {
+			if _, err := c.Read(buf); err != nil {
+				got <- err
+				return
+			}
+		}
+	}()
+	c, err := dialFrom(t, f.tp.Node, "tcp4", netip.AddrPortFrom(fam.Remote, 9090))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte("part of a request")); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond) // delivered, both copies waiting
+	ps, err := policy.Parse([]byte("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny, namespace: demo}\nspec: {action: DENY, rules: [{}]}\n"), policy.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.policies.Replace(ps); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-got:
+		if !errors.Is(err, syscall.ECONNRESET) {
+			t.Errorf("the app's read after the policy change: %v, want a reset", err)
+		}
+	case <-time.After(3 * time.Second):
+		t.Fatal("the connection was not closed")
+	}
+}

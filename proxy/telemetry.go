@@ -109,10 +109,6 @@ func (c *connInfo) labels(cluster string) prometheus.Labels {
 	}
 	srcService, srcRevision := canonical(c.srcWorkload, c.srcLabels)
 	dstService, dstRevision := canonical(c.dstWorkload, c.dstLabels)
-	srcPrincipal := "unknown" // as ztunnel: only a peer certificate proves the source
-	if c.mtls {
-		srcPrincipal = orUnknown(c.srcIdentity)
-	}
 	svcHost, svcName, svcNamespace := "", "", ""
 	if c.dstService != nil {
 		svcHost, svcName, svcNamespace = c.dstService.Host(), c.dstService.Name, c.dstService.Namespace
@@ -123,7 +119,7 @@ func (c *connInfo) labels(cluster string) prometheus.Labels {
 		"source_canonical_service":       srcService,
 		"source_canonical_revision":      srcRevision,
 		"source_workload_namespace":      orUnknown(c.srcNamespace),
-		"source_principal":               srcPrincipal,
+		"source_principal":               orUnknown(c.srcIdentity),
 		"source_app":                     srcService,
 		"source_version":                 srcRevision,
 		"source_cluster":                 clusterOf(c.srcWorkload, cluster),

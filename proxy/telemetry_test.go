@@ -62,11 +62,12 @@ func TestMetricLabels(t *testing.T) {
 			t.Errorf("label %s not checked", k)
 		}
 	}
-	// Plaintext: no certificate proves the source, whatever the source pod's identity;
-	// an unknown workload has no cluster.
+	// Plaintext: the principals stay (ztunnel's labels name the workloads' identities
+	// whatever the security policy; only its access log hides them); an unknown workload
+	// has no cluster.
 	c.mtls, c.dstWorkload = false, ""
 	got = c.labels("Kubernetes")
-	for k, v := range map[string]string{"source_principal": "unknown", "connection_security_policy": "unknown",
+	for k, v := range map[string]string{"source_principal": "spiffe://cluster.local/ns/shop/sa/web", "connection_security_policy": "unknown",
 		"destination_principal": "spiffe://cluster.local/ns/data/sa/db", "destination_cluster": "unknown",
 		"destination_canonical_service": "unknown"} {
 		if got[k] != v {

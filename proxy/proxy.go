@@ -72,7 +72,9 @@ type Proxy struct {
 	metrics   *Metrics
 	pool      *hbone.Pool
 
-	draining sync.WaitGroup // deleted pods' drains, which Shutdown waits for
+	draining    sync.WaitGroup  // removed pods' drains, which Shutdown waits for
+	drainCtx    context.Context // their parent: Shutdown's deadline cuts them short
+	drainCancel context.CancelFunc
 
 	mu        sync.Mutex
 	instances map[string]*instance     // by pod UID
@@ -94,6 +96,7 @@ func New(cfg Config, issuer identity.Issuer, workloads workload.Store, policies 
 		instances: map[string]*instance{}, byIP: map[netip.Addr]*instance{}, starting: map[string]bool{},
 	}
 	p.pool = &hbone.Pool{Dial: p.dialHBONE, TLSConfig: p.hboneTLS, Log: log}
+	p.drainCtx, p.drainCancel = context.WithCancel(context.Background())
 	return p
 }
 
@@ -221,8 +224,9 @@ func (p *Proxy) DelWorkload(ctx context.Context, uid string) error {
 	return nil
 }
 
-// removeLocked takes a pod's instance out of the maps; p.mu is held.
+// removeLocked takes a pod's instance out of the maps; p.mu is held. drain must follow.
 func (p *Proxy) removeLocked(uid string, inst *instance) {
+	p.draining.Add(1) // under p.mu: a Shutdown that has the lock next waits for this drain
 	delete(p.instances, uid)
 	for _, ip := range inst.ips {
 		if p.byIP[ip] == inst {
@@ -232,15 +236,20 @@ func (p *Proxy) removeLocked(uid string, inst *instance) {
 }
 
 // drain closes a removed instance's listeners at once and drains its connections in the
-// background, up to the shutdown deadline.
+// background, up to the shutdown deadline. Its pooled HBONE connections (dialled in its
+// namespace) take no new tunnels.
 func (p *Proxy) drain(uid string, inst *instance) {
 	inst.closeListeners()
+	for _, ip := range inst.ips {
+		p.pool.ForgetSource(ip)
+	}
 	pod := inst.info.Namespace + "/" + inst.info.Name
 	p.log.Info("workload removed; draining", "uid", uid, "pod", pod, "deadline", p.cfg.ShutdownDeadline)
-	p.draining.Go(func() {
-		inst.stop(context.Background(), p.cfg.ShutdownDeadline)
+	go func() {
+		defer p.draining.Done()
+		inst.stop(p.drainCtx, p.cfg.ShutdownDeadline)
 		p.log.Info("workload drained", "uid", uid, "pod", pod)
-	})
+	}()
 }
 
 // sameFile reports whether a and b are the same file (for namespaces: the same netns).
@@ -283,7 +292,9 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 		go func() { defer wg.Done(); inst.stop(ctx, p.cfg.ShutdownDeadline) }()
 	}
 	wg.Wait()
-	p.draining.Wait() // deleted pods still draining, each within its own deadline
+	stop := context.AfterFunc(ctx, p.drainCancel) // removed pods still draining: ctx's deadline is theirs too
+	p.draining.Wait()
+	stop()
 	return p.pool.Close()
 }
 

@@ -840,3 +840,64 @@ func TestPolicyCutResetsApp(t *testing.T) {
 		t.Fatal("the connection was not closed")
 	}
 }
+
+// TestDelForgetsPooledConnections: a removed pod's pooled HBONE connections (dialled in
+// its namespace) take no new tunnels and close with their last; they are not kept for
+// another instance with the same IP.
+func TestDelForgetsPooledConnections(t *testing.T) {
+	f := newMesh(t, compiler.CaptureTProxy)
+	fam := f.tp.IPv4
+	hboneConns := func() int {
+		out, err := f.tp.Pod.Run("", "ss", "-Htn", "state", "established", "dport", "= :15008")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return strings.Count(out, "\n")
+	}
+	c, err := dialFrom(t, f.tp.Pod, fam.TCP, netip.AddrPortFrom(fam.Remote, 8080))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := roundTrip(c); err != nil {
+		t.Fatal(err)
+	}
+	if n := hboneConns(); n != 1 {
+		t.Fatalf("%d pooled HBONE connections from sleep, want 1", n)
+	}
+	if err := f.proxy.DelWorkload(context.Background(), "u-sleep"); err != nil {
+		t.Fatal(err)
+	}
+	c.Close() // the last tunnel on it
+	for deadline := time.Now().Add(3 * time.Second); hboneConns() != 0; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the removed pod's pooled HBONE connection is still open")
+		}
+	}
+}
+
+// TestShutdownCutsDrains: Shutdown's deadline is also that of pods removed before it and
+// still draining.
+func TestShutdownCutsDrains(t *testing.T) {
+	f := newMesh(t, compiler.CaptureTProxy)
+	fam := f.tp.IPv4
+	// Plaintext from the node: only httpbin's instance holds it (a tunnel from sleep
+	// would end with sleep's instance, first thing in Shutdown).
+	c, err := dialFrom(t, f.tp.Node, fam.TCP, netip.AddrPortFrom(fam.Remote, 8080))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := roundTrip(c); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.proxy.DelWorkload(context.Background(), "u-httpbin"); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	f.proxy.Shutdown(ctx)
+	if d := time.Since(start); d > 600*time.Millisecond {
+		t.Errorf("Shutdown(100 ms) took %v behind a removed pod's drain (1 s deadline)", d)
+	}
+}

@@ -1461,3 +1461,37 @@ func TestCloseNotBlockedByStuckPeer(t *testing.T) {
 	b.Close()
 	<-closed
 }
+
+// TestForgetSource: after ForgetSource, a tunnel for that source IP gets a new connection;
+// the forgotten one serves its open tunnel to the end and then closes.
+func TestForgetSource(t *testing.T) {
+	e := newEnv(t)
+	ctx := testCtx(t, 10*time.Second)
+	old, err := e.connect(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.pool.ForgetSource(e.key.SrcIP)
+	fresh, err := e.connect(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fresh.Close()
+	if n := e.ln.accepted.Load(); n != 2 {
+		t.Errorf("server accepted %d connections, want 2 (the forgotten one is not reused)", n)
+	}
+	// The old tunnel still works, and its connection goes with it.
+	if _, err := old.Write([]byte("still")); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 5)
+	if _, err := io.ReadFull(old, buf); err != nil || string(buf) != "still" {
+		t.Fatalf("the forgotten connection's open tunnel: %q, %v", buf, err)
+	}
+	old.Close()
+	for deadline := time.Now().Add(3 * time.Second); e.srv.numConns() != 1; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("server has %d connections after the forgotten one's last tunnel closed, want 1", e.srv.numConns())
+		}
+	}
+}

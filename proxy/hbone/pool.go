@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/netip"
 	"net/url"
+	"slices"
 	"sync"
 	"time"
 
@@ -519,6 +520,27 @@ func (p *Pool) Close() error {
 	}
 	p.dials.Wait()
 	return nil
+}
+
+// ForgetSource stops handing out the connections dialled for source IP ip: a pod removed,
+// or its sandbox recreated, and those connections live in a namespace that is going away
+// (the same pod in a new namespace must not tunnel through them). Their open tunnels
+// finish; each connection closes with its last.
+func (p *Pool) ForgetSource(ip netip.Addr) {
+	ip = ip.Unmap()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for key, list := range p.conns {
+		if key.SrcIP.Unmap() != ip {
+			continue
+		}
+		for _, c := range slices.Clone(list) {
+			p.removeLocked(c)
+			if c.streams == 0 && c.cc != nil {
+				go c.cc.Close()
+			}
+		}
+	}
 }
 
 // numConns is the number of pooled connections (dialing included), for tests.

@@ -477,25 +477,18 @@ func TestNoLeakPerConnection(t *testing.T) {
 	// Pooled HBONE connections are not per-connection state: the pool may open another
 	// one (x/net counts reset streams until the peer acknowledges them) and keeps it until
 	// it idles out. Each costs two descriptors here (both ends live in this process).
-	hboneConns := func() int {
-		out, err := f.tp.Pod.Run("", "ss", "-Htn", "state", "established", "dport", "= :15008")
-		if err != nil {
-			t.Fatal(err)
-		}
-		return strings.Count(out, "\n")
-	}
 	// Spare sockets (made eight at a time for dials from a pod) are not per-connection
 	// state either: count descriptors without them.
 	fds := func() int { return fdCount(t) - f.proxy.spareCount() }
 	time.Sleep(200 * time.Millisecond)
-	baseG, baseFD, baseH := runtime.NumGoroutine(), fds(), hboneConns()
+	baseG, baseFD, baseH := runtime.NumGoroutine(), fds(), hboneConns(t, f.tp.Pod)
 	var afterG, afterFD [2]int
 	for round := 0; round < 2; round++ {
 		for i := 0; i < 60; i++ {
 			once(i%3 == 0)
 		}
 		afterG[round] = settle(baseG, runtime.NumGoroutine)
-		pooled := hboneConns() - baseH
+		pooled := hboneConns(t, f.tp.Pod) - baseH
 		afterFD[round] = settle(baseFD, fds) - 2*pooled
 		afterG[round] -= 8 * pooled // a pooled connection's read, write and ping goroutines, both ends
 	}
@@ -543,6 +536,31 @@ func TestAddWorkloadFailsWhole(t *testing.T) {
 	if listensOn(t, ns, 15001) {
 		t.Error("the outbound listener is still open after the failed add")
 	}
+}
+
+// session connects from ns to dst (an app there, captured by its rules), reads the greeting
+// and checks an echo; the connection closes when the test ends, if not before.
+func session(t *testing.T, ns *nettest.Netns, dst netip.AddrPort) net.Conn {
+	t.Helper()
+	c, err := dialFrom(t, ns, "tcp4", dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	if _, err := roundTrip(c); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// hboneConns counts the established connections to port 15008 in ns.
+func hboneConns(t *testing.T, ns *nettest.Netns) int {
+	t.Helper()
+	out, err := ns.Run("", "ss", "-Htn", "state", "established", "dport", "= :15008")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.Count(out, "\n")
 }
 
 // listensOn reports whether a TCP socket listens on port in ns. (A connection would not
@@ -678,14 +696,7 @@ func TestAddWorkloadChecksInfo(t *testing.T) {
 func TestDelAcksBeforeDrain(t *testing.T) {
 	f := newMesh(t, compiler.CaptureTProxy)
 	fam := f.tp.IPv4
-	c, err := dialFrom(t, f.tp.Pod, fam.TCP, netip.AddrPortFrom(fam.Remote, 8080))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	if _, err := roundTrip(c); err != nil {
-		t.Fatal(err)
-	}
+	c := session(t, f.tp.Pod, netip.AddrPortFrom(fam.Remote, 8080))
 	start := time.Now()
 	if err := f.proxy.DelWorkload(context.Background(), "u-httpbin"); err != nil {
 		t.Fatal(err)
@@ -847,28 +858,15 @@ func TestPolicyCutResetsApp(t *testing.T) {
 func TestDelForgetsPooledConnections(t *testing.T) {
 	f := newMesh(t, compiler.CaptureTProxy)
 	fam := f.tp.IPv4
-	hboneConns := func() int {
-		out, err := f.tp.Pod.Run("", "ss", "-Htn", "state", "established", "dport", "= :15008")
-		if err != nil {
-			t.Fatal(err)
-		}
-		return strings.Count(out, "\n")
-	}
-	c, err := dialFrom(t, f.tp.Pod, fam.TCP, netip.AddrPortFrom(fam.Remote, 8080))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := roundTrip(c); err != nil {
-		t.Fatal(err)
-	}
-	if n := hboneConns(); n != 1 {
+	c := session(t, f.tp.Pod, netip.AddrPortFrom(fam.Remote, 8080))
+	if n := hboneConns(t, f.tp.Pod); n != 1 {
 		t.Fatalf("%d pooled HBONE connections from sleep, want 1", n)
 	}
 	if err := f.proxy.DelWorkload(context.Background(), "u-sleep"); err != nil {
 		t.Fatal(err)
 	}
 	c.Close() // the last tunnel on it
-	for deadline := time.Now().Add(3 * time.Second); hboneConns() != 0; time.Sleep(20 * time.Millisecond) {
+	for deadline := time.Now().Add(3 * time.Second); hboneConns(t, f.tp.Pod) != 0; time.Sleep(20 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatalf("the removed pod's pooled HBONE connection is still open")
 		}
@@ -880,16 +878,9 @@ func TestDelForgetsPooledConnections(t *testing.T) {
 func TestShutdownCutsDrains(t *testing.T) {
 	f := newMesh(t, compiler.CaptureTProxy)
 	fam := f.tp.IPv4
-	// Plaintext from the node: only httpbin's instance holds it (a tunnel from sleep
-	// would end with sleep's instance, first thing in Shutdown).
-	c, err := dialFrom(t, f.tp.Node, fam.TCP, netip.AddrPortFrom(fam.Remote, 8080))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	if _, err := roundTrip(c); err != nil {
-		t.Fatal(err)
-	}
+	// A live plaintext connection from the node: only httpbin's instance holds it (a
+	// tunnel from sleep would end with sleep's instance, first thing in Shutdown).
+	session(t, f.tp.Node, netip.AddrPortFrom(fam.Remote, 8080))
 	if err := f.proxy.DelWorkload(context.Background(), "u-httpbin"); err != nil {
 		t.Fatal(err)
 	}

@@ -27,8 +27,8 @@ lint:
 fuzz time="30s":
     go test ./compiler -run '^$' -fuzz FuzzParseCompile -fuzztime {{time}}
 
-# Regenerate proxy/zds/zdspb from proxy/zds/zds.proto (Debian's protobuf-compiler, and
+# Regenerate zds/zdspb from zds/zds.proto (Debian's protobuf-compiler, and
 # protoc-gen-go at the version of google.golang.org/protobuf in go.mod).
 proto:
     go build -o bin/protoc-gen-go google.golang.org/protobuf/cmd/protoc-gen-go
-    protoc --proto_path=. --plugin=protoc-gen-go=bin/protoc-gen-go --go_out=. --go_opt=module=github.com/nftmesh/nftmesh proxy/zds/zds.proto
+    protoc --proto_path=. --plugin=protoc-gen-go=bin/protoc-gen-go --go_out=. --go_opt=module=github.com/nftmesh/nftmesh zds/zds.proto

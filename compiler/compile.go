@@ -336,18 +336,37 @@ const (
 	RulePriority = 32764
 )
 
-// Routing is the pod namespace's policy routing: `ip rule add fwmark Mark/Mask lookup
-// Table pref Priority` and `ip route add local default dev lo table Table`, for IPv4
-// and, when IPv6 is set, for IPv6.
-type Routing struct {
-	Mark     uint32
-	Mask     uint32
-	Table    int
-	Priority int
-	IPv6     bool
+// PodRouting returns the policy routing that goes with the pod ruleset.
+func PodRouting(cfg Config) rs.Routing {
+	return rs.Routing{Mark: cfg.ConnMark.Value, Mask: cfg.ConnMark.Mask, Table: RouteTable, Priority: RulePriority, IPv6: cfg.IPv6}
 }
 
-// PodRouting returns the policy routing that goes with the pod ruleset.
-func PodRouting(cfg Config) Routing {
-	return Routing{Mark: cfg.ConnMark.Value, Mask: cfg.ConnMark.Mask, Table: RouteTable, Priority: RulePriority, IPv6: cfg.IPv6}
+// PodState is what a pod's namespace should hold: the intent's pod section with the pod's
+// annotations laid over it, compiled to the pod ruleset and its policy routing. The CLI
+// and the node agent both derive a pod's state here, so they cannot disagree.
+func PodState(in Intent, annotations map[string]string) (rs.Desired, error) {
+	pod, err := ApplyAnnotations(in.Spec.Pod, annotations)
+	if err != nil {
+		return rs.Desired{}, err
+	}
+	in.Spec.Pod = pod
+	cfg, err := Resolve(in)
+	if err != nil {
+		return rs.Desired{}, err
+	}
+	t, err := Compile(in, TargetPod)
+	if err != nil {
+		return rs.Desired{}, err
+	}
+	r := PodRouting(cfg)
+	return rs.Desired{Table: t, Routing: &r}, nil
+}
+
+// HostState is what the node's namespace should hold: the node ruleset, no routing.
+func HostState(in Intent) (rs.Desired, error) {
+	t, err := Compile(in, TargetHost)
+	if err != nil {
+		return rs.Desired{}, err
+	}
+	return rs.Desired{Table: t}, nil
 }

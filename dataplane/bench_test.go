@@ -324,7 +324,7 @@ func BenchmarkEnrollFresh(b *testing.B) {
 				cpu.start()
 				for _, ns := range nss {
 					t0 := time.Now()
-					d, err := PodDesired(c.in)
+					d, err := compiler.PodState(c.in, nil)
 					t1 := time.Now()
 					if err != nil {
 						b.Fatal(err)
@@ -358,7 +358,7 @@ func BenchmarkEnrollFresh(b *testing.B) {
 // nftables generation is checked unchanged at the end.
 func BenchmarkNoopReapply(b *testing.B) {
 	nettest.Require(b)
-	d, err := PodDesired(compiler.DefaultIntent())
+	d, err := compiler.PodState(compiler.DefaultIntent(), nil)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -469,7 +469,7 @@ func benchManager(b *testing.B, workers int) *Manager {
 // round, pod-us that divided by the pods.
 func BenchmarkChangedReapply(b *testing.B) {
 	nettest.Require(b)
-	desired := [2]Desired{podDesired(b, "default-dualstack"), podDesired(b, "redirect-dualstack")}
+	desired := [2]ruleset.Desired{podDesired(b, "default-dualstack"), podDesired(b, "redirect-dualstack")}
 	modes := append([]poolSize{{"sequential", -1}}, poolSizes()...)
 	for _, mode := range modes {
 		b.Run(mode.name, func(b *testing.B) {
@@ -556,7 +556,7 @@ func BenchmarkEnroll1000Pool(b *testing.B) {
 				cpu.start()
 				t0 := time.Now()
 				for j, ns := range nss {
-					d, err := PodDesired(in)
+					d, err := compiler.PodState(in, nil)
 					if err != nil {
 						b.Fatal(err)
 					}
@@ -623,7 +623,7 @@ func runRestore(cmd *exec.Cmd, stdin *os.File) error {
 // istioRouting adds the pod's policy routing the way istio-cni does, with rtnetlink from
 // a thread inside the pod's namespace: per family, `ip rule add fwmark 0x111/0xfff pref
 // 32764 lookup 100` and `ip route add local default dev lo table 100`.
-func istioRouting(r *compiler.Routing) error {
+func istioRouting(r *ruleset.Routing) error {
 	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {
 		return err
@@ -677,7 +677,7 @@ func BenchmarkBaselineIptablesRestore(b *testing.B) {
 		name      string
 		netnsExec bool
 		steps     []restoreStep
-		routing   *compiler.Routing
+		routing   *ruleset.Routing
 	}{
 		{"ipv4/netns-exec/nft", true, v4, routing4},
 		{"ipv4/setns/nft", false, v4, routing4},
@@ -730,7 +730,7 @@ func BenchmarkBaselineIptablesRestore(b *testing.B) {
 type restoreStep struct{ tool, rules string }
 
 // baselineEnroll is one pod enrolled Istio's way: the restores, then the routing.
-func baselineEnroll(ns benchNS, netnsExec bool, steps []restoreStep, files []*os.File, r *compiler.Routing) error {
+func baselineEnroll(ns benchNS, netnsExec bool, steps []restoreStep, files []*os.File, r *ruleset.Routing) error {
 	f, err := os.Open(ns.Path)
 	if err != nil {
 		return err

@@ -22,36 +22,6 @@ import (
 // ErrNetNSGone reports a namespace path that no longer exists (the pod is gone).
 var ErrNetNSGone = errors.New("network namespace does not exist")
 
-// Desired is what Apply makes true in one namespace.
-type Desired struct {
-	Table *ruleset.Table
-	// Routing is the pod's policy routing; nil for the node, which has none.
-	Routing *compiler.Routing
-}
-
-// PodDesired compiles the pod ruleset and its policy routing.
-func PodDesired(in compiler.Intent) (Desired, error) {
-	cfg, err := compiler.Resolve(in)
-	if err != nil {
-		return Desired{}, err
-	}
-	t, err := compiler.Compile(in, compiler.TargetPod)
-	if err != nil {
-		return Desired{}, err
-	}
-	r := compiler.PodRouting(cfg)
-	return Desired{Table: t, Routing: &r}, nil
-}
-
-// HostDesired compiles the node ruleset.
-func HostDesired(in compiler.Intent) (Desired, error) {
-	t, err := compiler.Compile(in, compiler.TargetHost)
-	if err != nil {
-		return Desired{}, err
-	}
-	return Desired{Table: t}, nil
-}
-
 // Result reports one Apply.
 type Result struct {
 	ruleset.Result
@@ -182,7 +152,7 @@ func sockets(ns *netNS, routing bool) (*ruleset.Conn, *nlraw.Conn, error) {
 // Apply makes the namespace at path hold exactly d: policy routing first (idempotent,
 // harmless without the rules), then the table in one transaction. If the table fails,
 // the routing it added is removed again: nothing is left half-applied.
-func (m *Manager) Apply(path string, d Desired) (Result, error) {
+func (m *Manager) Apply(path string, d ruleset.Desired) (Result, error) {
 	start := time.Now()
 	ns, err := open(path)
 	if err != nil {
@@ -227,7 +197,7 @@ func (m *Manager) Apply(path string, d Desired) (Result, error) {
 // Remove deletes the table and, when routing is given, the policy routing from the
 // namespace at path. What is already gone is skipped. It reports whether it removed
 // anything.
-func (m *Manager) Remove(path, table string, routing *compiler.Routing) (bool, error) {
+func (m *Manager) Remove(path, table string, routing *ruleset.Routing) (bool, error) {
 	ns, err := open(path)
 	if err != nil {
 		return false, err
@@ -322,7 +292,7 @@ func Diff(path string, want *ruleset.Table) (string, error) {
 // Job is one namespace for ApplyAll.
 type Job struct {
 	Path    string
-	Desired Desired
+	Desired ruleset.Desired
 }
 
 // JobResult is the outcome of one Job, in the same position.

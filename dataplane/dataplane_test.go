@@ -23,7 +23,7 @@ import (
 func TestMain(m *testing.M) {
 	// Re-executed as an unprivileged user by TestPermissionDenied.
 	if path := os.Getenv("NFTMESH_TEST_APPLY_UNPRIVILEGED"); path != "" {
-		d, err := PodDesired(compiler.DefaultIntent())
+		d, err := compiler.PodState(compiler.DefaultIntent(), nil)
 		if err == nil {
 			_, err = quietManager().Apply(path, d)
 		}
@@ -48,9 +48,9 @@ func intent(t testing.TB, name string) compiler.Intent {
 	return in
 }
 
-func podDesired(t testing.TB, name string) Desired {
+func podDesired(t testing.TB, name string) ruleset.Desired {
 	t.Helper()
-	d, err := PodDesired(intent(t, name))
+	d, err := compiler.PodState(intent(t, name), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -271,7 +271,7 @@ func TestConcurrentAppliesSameNetns(t *testing.T) {
 	ns := nettest.New(t)
 	m := quietManager()
 	names := []string{"default-ipv4", "redirect-dualstack", "custom-ipv4", "dns-pod-enabled-dualstack"}
-	desired := map[string]Desired{}
+	desired := map[string]ruleset.Desired{}
 	for _, n := range names {
 		desired[n] = podDesired(t, n)
 	}
@@ -447,7 +447,7 @@ func TestHostPodIPs(t *testing.T) {
 	ns := nettest.New(t)
 	check := foreign(t, ns)
 	m := quietManager()
-	host, err := HostDesired(intent(t, "default-dualstack"))
+	host, err := compiler.HostState(intent(t, "default-dualstack"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -507,7 +507,7 @@ func TestHostPodIPs(t *testing.T) {
 		t.Errorf("owner not recorded:\n%s", out)
 	}
 	// Reapplying the host ruleset (even with a change) keeps the elements.
-	changed, err := HostDesired(intent(t, "custom-dualstack"))
+	changed, err := compiler.HostState(intent(t, "custom-dualstack"))
 	if err != nil {
 		t.Fatal(err)
 	}

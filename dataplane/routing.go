@@ -10,8 +10,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/nftmesh/nftmesh/compiler"
 	"github.com/nftmesh/nftmesh/internal/nlraw"
+	"github.com/nftmesh/nftmesh/ruleset"
 )
 
 // loopbackIndex is lo's interface index, the same in every network namespace.
@@ -23,7 +23,7 @@ type routeFamily struct {
 	wanted bool
 }
 
-func routeFamilies(r compiler.Routing) []routeFamily {
+func routeFamilies(r ruleset.Routing) []routeFamily {
 	return []routeFamily{
 		{unix.AF_INET, "IPv4", true},
 		{unix.AF_INET6, "IPv6", r.IPv6},
@@ -47,7 +47,7 @@ func tableByte(t int) byte {
 
 // ruleMsg is `ip rule add fwmark Mark/Mask lookup Table pref Priority` (typ RTM_NEWRULE)
 // or its delete (RTM_DELRULE).
-func ruleMsg(typ uint16, f routeFamily, r compiler.Routing) nlraw.Request {
+func ruleMsg(typ uint16, f routeFamily, r ruleset.Routing) nlraw.Request {
 	hdr := make([]byte, 12) // struct fib_rule_hdr
 	hdr[0] = byte(f.nl)
 	hdr[4] = tableByte(r.Table)
@@ -61,7 +61,7 @@ func ruleMsg(typ uint16, f routeFamily, r compiler.Routing) nlraw.Request {
 
 // routeMsg is `ip route add local default dev lo table Table` (RTM_NEWROUTE) or its
 // delete (RTM_DELROUTE).
-func routeMsg(typ uint16, f routeFamily, r compiler.Routing) nlraw.Request {
+func routeMsg(typ uint16, f routeFamily, r ruleset.Routing) nlraw.Request {
 	hdr := make([]byte, 12) // struct rtmsg; dst_len 0: default
 	hdr[0] = byte(f.nl)
 	hdr[4] = tableByte(r.Table)
@@ -111,7 +111,7 @@ type routeInfo struct {
 	typ, dstLen        uint8
 }
 
-func hasRule(rules []ruleInfo, f routeFamily, r compiler.Routing) bool {
+func hasRule(rules []ruleInfo, f routeFamily, r ruleset.Routing) bool {
 	for _, x := range rules {
 		if x.family == f.nl && x.hasMark && x.mark == r.Mark && x.mask == r.Mask && x.table == r.Table && x.priority == r.Priority {
 			return true
@@ -120,7 +120,7 @@ func hasRule(rules []ruleInfo, f routeFamily, r compiler.Routing) bool {
 	return false
 }
 
-func hasRoute(routes []routeInfo, f routeFamily, r compiler.Routing) bool {
+func hasRoute(routes []routeInfo, f routeFamily, r ruleset.Routing) bool {
 	for _, x := range routes {
 		if x.family == f.nl && x.table == r.Table && x.typ == unix.RTN_LOCAL && x.dstLen == 0 && x.oif == loopbackIndex {
 			return true
@@ -131,7 +131,7 @@ func hasRoute(routes []routeInfo, f routeFamily, r compiler.Routing) bool {
 
 // listRouting reads every family's rules and routes in two dumps, on a plain blocking
 // socket: this check runs on every apply, changes or not.
-func listRouting(c *nlraw.Conn, r compiler.Routing) ([]ruleInfo, []routeInfo, error) {
+func listRouting(c *nlraw.Conn, r ruleset.Routing) ([]ruleInfo, []routeInfo, error) {
 	hdr := make([]byte, 12) // fib_rule_hdr and rtmsg are both 12 bytes; family 0 = all
 	msgs, err := c.Execute(unix.RTM_GETRULE, mdnl.Dump, hdr)
 	if err != nil {
@@ -207,7 +207,7 @@ func walkAttrs(b []byte, fn func(typ uint16, value []byte)) {
 // ensureRouting makes the policy routing exactly r: the rule and route for each wanted
 // family, none for an unwanted one, in one read (two dumps) and at most one write. It
 // returns an undo that removes what it added, for when the rest of the apply fails.
-func ensureRouting(c *nlraw.Conn, r compiler.Routing) (changed bool, undo func(), err error) {
+func ensureRouting(c *nlraw.Conn, r ruleset.Routing) (changed bool, undo func(), err error) {
 	undo = func() {}
 	rules, routes, err := listRouting(c, r)
 	if err != nil {
@@ -248,7 +248,7 @@ func ensureRouting(c *nlraw.Conn, r compiler.Routing) (changed bool, undo func()
 }
 
 // removeRouting deletes the rule and route of every family; absent ones are fine.
-func removeRouting(c *nlraw.Conn, r compiler.Routing) (bool, error) {
+func removeRouting(c *nlraw.Conn, r ruleset.Routing) (bool, error) {
 	rules, routes, err := listRouting(c, r)
 	if err != nil {
 		return false, err

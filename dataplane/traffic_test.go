@@ -99,23 +99,23 @@ func newWorld(t *testing.T, fixture string) *world {
 }
 
 // podDesired compiles the pod's rules as the world wants them now.
-func (w *world) podDesired(t *testing.T) Desired {
+func (w *world) podDesired(t *testing.T) ruleset.Desired {
 	t.Helper()
 	in := w.base
 	if w.dns {
 		on := true
 		in.Spec.Pod.DNSCapture = &on
 	}
-	d, err := PodDesired(in)
+	d, err := compiler.PodState(in, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return d
 }
 
-func (w *world) hostDesired(t *testing.T) Desired {
+func (w *world) hostDesired(t *testing.T) ruleset.Desired {
 	t.Helper()
-	d, err := HostDesired(w.base)
+	d, err := compiler.HostState(w.base)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -123,7 +123,7 @@ func (w *world) hostDesired(t *testing.T) Desired {
 }
 
 // applyPod applies the pod's rules, first changed by mutate when it is not nil.
-func (w *world) applyPod(t *testing.T, mutate func(*Desired)) {
+func (w *world) applyPod(t *testing.T, mutate func(*ruleset.Desired)) {
 	t.Helper()
 	d := w.podDesired(t)
 	if mutate != nil {
@@ -134,7 +134,7 @@ func (w *world) applyPod(t *testing.T, mutate func(*Desired)) {
 	}
 }
 
-func (w *world) applyHost(t *testing.T, mutate func(*Desired)) {
+func (w *world) applyHost(t *testing.T, mutate func(*ruleset.Desired)) {
 	t.Helper()
 	d := w.hostDesired(t)
 	if mutate != nil {
@@ -439,13 +439,13 @@ type tooth struct {
 // withoutRules and withoutMatches are breakIt functions for the pod rules.
 func withoutRules(chain func(*world) string, comment string) func(*testing.T, *world) {
 	return func(t *testing.T, w *world) {
-		w.applyPod(t, func(d *Desired) { dropRules(t, d.Table, chain(w), comment) })
+		w.applyPod(t, func(d *ruleset.Desired) { dropRules(t, d.Table, chain(w), comment) })
 	}
 }
 
 func withoutMatches(chain func(*world) string, comment string, pred func(ruleset.Match) bool) func(*testing.T, *world) {
 	return func(t *testing.T, w *world) {
-		w.applyPod(t, func(d *Desired) { dropMatches(t, d.Table, chain(w), comment, pred) })
+		w.applyPod(t, func(d *ruleset.Desired) { dropMatches(t, d.Table, chain(w), comment, pred) })
 	}
 }
 
@@ -547,7 +547,7 @@ var podTeeth = []tooth{
 			if _, err := w.m.Remove(w.topo.Pod.Path, compiler.TableName, d.Routing); err != nil {
 				t.Fatal(err)
 			}
-			w.applyPod(t, func(d *Desired) { d.Routing = nil })
+			w.applyPod(t, func(d *ruleset.Desired) { d.Routing = nil })
 		},
 		want: nil, // no connection
 	},
@@ -592,7 +592,7 @@ var nodeTeeth = []tooth{
 	{
 		name: "probe-snat-removed", class: "node-to-pod",
 		breakIt: func(t *testing.T, w *world) {
-			w.applyHost(t, func(d *Desired) { dropRules(t, d.Table, compiler.ChainNATPostrouting, "kubelet probe") })
+			w.applyHost(t, func(d *ruleset.Desired) { dropRules(t, d.Table, compiler.ChainNATPostrouting, "kubelet probe") })
 			w.enroll(t)
 		},
 		want: func(w *world, f nettest.Family, a attempt) *landing {
@@ -616,7 +616,7 @@ var nodeTeeth = []tooth{
 		// `meta skuid >= 0` is what keeps forwarded traffic from being SNATed.
 		name: "socket-match-removed", class: "forwarded-to-pod",
 		breakIt: func(t *testing.T, w *world) {
-			w.applyHost(t, func(d *Desired) {
+			w.applyHost(t, func(d *ruleset.Desired) {
 				dropMatches(t, d.Table, compiler.ChainNATPostrouting, "kubelet probe", isSocketMatch)
 			})
 			w.enroll(t)

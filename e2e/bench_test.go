@@ -24,7 +24,7 @@ import (
 	"github.com/nftmesh/nftmesh/compiler"
 	"github.com/nftmesh/nftmesh/internal/nettest"
 	"github.com/nftmesh/nftmesh/proxy/workload"
-	"github.com/nftmesh/nftmesh/proxy/zds"
+	"github.com/nftmesh/nftmesh/zds"
 )
 
 // The benchmarks measure pod to pod across the two nodes, notsleep (node2) to httpbin

@@ -28,7 +28,8 @@ import (
 	"github.com/nftmesh/nftmesh/internal/nettest"
 	"github.com/nftmesh/nftmesh/proxy/identity"
 	"github.com/nftmesh/nftmesh/proxy/workload"
-	"github.com/nftmesh/nftmesh/proxy/zds"
+	"github.com/nftmesh/nftmesh/ruleset"
+	"github.com/nftmesh/nftmesh/zds"
 )
 
 // The mesh the seed describes, as namespaces on one machine:
@@ -116,7 +117,7 @@ type Mesh struct {
 	Pods                        []*Pod
 
 	mgr                     *dataplane.Manager
-	podDesired, hostDesired dataplane.Desired
+	podDesired, hostDesired ruleset.Desired
 	rulesOn                 map[*Pod]bool
 	relays                  map[string][]*Proc // the benchmarks' floor relays by kind
 	nextIndex               int
@@ -280,10 +281,10 @@ func (m *Mesh) applyRules() {
 	capture := m.Capture
 	in.Spec.InboundCapture = &capture
 	var err error
-	if m.podDesired, err = dataplane.PodDesired(in); err != nil {
+	if m.podDesired, err = compiler.PodState(in, nil); err != nil {
 		m.tb.Fatal(err)
 	}
-	if m.hostDesired, err = dataplane.HostDesired(compiler.DefaultIntent()); err != nil {
+	if m.hostDesired, err = compiler.HostState(compiler.DefaultIntent()); err != nil {
 		m.tb.Fatal(err)
 	}
 	for _, n := range []*Node{m.Node1, m.Node2} {

@@ -18,7 +18,7 @@ import (
 	"github.com/nftmesh/nftmesh/proxy/hbone"
 	"github.com/nftmesh/nftmesh/proxy/identity"
 	"github.com/nftmesh/nftmesh/proxy/workload"
-	"github.com/nftmesh/nftmesh/proxy/zds"
+	"github.com/nftmesh/nftmesh/zds"
 )
 
 // instance serves one pod: its listeners, its live connections.

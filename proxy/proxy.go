@@ -22,7 +22,7 @@ import (
 	"github.com/nftmesh/nftmesh/proxy/hbone"
 	"github.com/nftmesh/nftmesh/proxy/identity"
 	"github.com/nftmesh/nftmesh/proxy/workload"
-	"github.com/nftmesh/nftmesh/proxy/zds"
+	"github.com/nftmesh/nftmesh/zds"
 )
 
 // Config holds the proxy's numbers; zero values take Istio's.

@@ -27,7 +27,7 @@ import (
 	"github.com/nftmesh/nftmesh/policy"
 	"github.com/nftmesh/nftmesh/proxy/identity"
 	"github.com/nftmesh/nftmesh/proxy/workload"
-	"github.com/nftmesh/nftmesh/proxy/zds"
+	"github.com/nftmesh/nftmesh/zds"
 )
 
 // meshFixture is two enrolled pods, "sleep" (the topology's pod) and "httpbin" (its
@@ -47,7 +47,7 @@ func newMesh(t *testing.T, capture compiler.CaptureMode) *meshFixture {
 	tp := nettest.NewTopology(t)
 	in := compiler.DefaultIntent()
 	in.Spec.InboundCapture = &capture
-	d, err := dataplane.PodDesired(in)
+	d, err := compiler.PodState(in, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

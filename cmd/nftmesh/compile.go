@@ -26,47 +26,59 @@ func (f *intentFlags) register(fs *flag.FlagSet) {
 	fs.Var(f.annotations, "pod-annotation", "a pod annotation `KEY=VALUE` applied over the intent's pod section; repeatable\n(ambient.istio.io/bypass-inbound-capture, ambient.istio.io/dns-capture, istio.io/reroute-virtual-interfaces)")
 }
 
-// intent loads the intent file (or the default) and lays the annotations over its pod
-// section. Warnings go to stderr.
-func (f *intentFlags) intent() (compiler.Intent, error) {
+// loadIntent loads the intent file, or the built-in default intent.
+func (f *intentFlags) loadIntent() (compiler.Intent, error) {
 	in := compiler.DefaultIntent()
-	if f.file != "" {
-		data, err := os.ReadFile(f.file)
-		if err != nil {
-			return in, err
-		}
-		if in, err = compiler.Parse(data); err != nil {
-			return in, fmt.Errorf("%s: %w", f.file, err)
-		}
+	if f.file == "" {
+		return in, nil
 	}
-	pod, err := compiler.ApplyAnnotations(in.Spec.Pod, f.annotations)
+	data, err := os.ReadFile(f.file)
 	if err != nil {
-		return in, fmt.Errorf("--pod-annotation: %w", err)
+		return in, err
 	}
-	in.Spec.Pod = pod
+	if in, err = compiler.Parse(data); err != nil {
+		return in, fmt.Errorf("%s: %w", f.file, err)
+	}
 	return in, nil
 }
 
-// compile loads the intent and compiles the --target ruleset.
-func (f *intentFlags) compile(stderr io.Writer) (*ruleset.Table, error) {
+// source names where the intent came from, for errors.
+func (f *intentFlags) source() string {
+	if f.file == "" {
+		return "built-in default intent"
+	}
+	return f.file
+}
+
+func (f *intentFlags) warnUnknownAnnotations(stderr io.Writer) {
 	for k := range f.annotations {
 		if !slices.Contains(compiler.KnownAnnotations, k) {
 			fmt.Fprintf(stderr, "nftmesh: warning: --pod-annotation %s is not an annotation nftmesh reads; ignored\n", k)
 		}
 	}
-	in, err := f.intent()
+}
+
+// compile loads the intent and compiles the --target ruleset: for a pod, through
+// compiler.PodState, as the agent does.
+func (f *intentFlags) compile(stderr io.Writer) (*ruleset.Table, error) {
+	f.warnUnknownAnnotations(stderr)
+	in, err := f.loadIntent()
 	if err != nil {
 		return nil, err
 	}
-	source := f.file
-	if source == "" {
-		source = "built-in default intent"
+	var d ruleset.Desired
+	switch compiler.Target(f.target) {
+	case compiler.TargetPod:
+		d, err = compiler.PodState(in, f.annotations)
+	case compiler.TargetHost:
+		d, err = compiler.HostState(in)
+	default:
+		err = fmt.Errorf("--target: %q is not %q or %q", f.target, compiler.TargetPod, compiler.TargetHost)
 	}
-	t, err := compiler.Compile(in, compiler.Target(f.target))
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w", source, err)
+		return nil, fmt.Errorf("%s: %w", f.source(), err)
 	}
-	return t, nil
+	return d.Table, nil
 }
 
 func runCompile(args []string, stdout, stderr io.Writer) int {

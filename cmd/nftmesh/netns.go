@@ -9,6 +9,7 @@ import (
 
 	"github.com/nftmesh/nftmesh/compiler"
 	"github.com/nftmesh/nftmesh/dataplane"
+	"github.com/nftmesh/nftmesh/ruleset"
 )
 
 // The commands that act on a live network namespace: apply, show, delete, and diff with
@@ -44,28 +45,25 @@ func (f *netnsFlags) path() (string, error) {
 	return dataplane.ResolveNetNS(f.netns), nil
 }
 
-// desired compiles what --host selects.
-func (f *netnsFlags) desired(stderr io.Writer) (dataplane.Desired, error) {
+// desired compiles what --host selects: the node ruleset, or a pod's table and routing.
+func (f *netnsFlags) desired(stderr io.Writer) (ruleset.Desired, error) {
 	f.target = string(compiler.TargetPod)
 	if f.host {
 		f.target = string(compiler.TargetHost)
 	}
-	t, err := f.compile(stderr)
+	f.warnUnknownAnnotations(stderr)
+	in, err := f.loadIntent()
 	if err != nil {
-		return dataplane.Desired{}, err
+		return ruleset.Desired{}, err
 	}
-	d := dataplane.Desired{Table: t}
-	if !f.host {
-		in, err := f.intent()
-		if err != nil {
-			return d, err
-		}
-		cfg, err := compiler.Resolve(in)
-		if err != nil {
-			return d, err
-		}
-		r := compiler.PodRouting(cfg)
-		d.Routing = &r
+	var d ruleset.Desired
+	if f.host {
+		d, err = compiler.HostState(in)
+	} else {
+		d, err = compiler.PodState(in, f.annotations)
+	}
+	if err != nil {
+		return d, fmt.Errorf("%s: %w", f.source(), err)
 	}
 	return d, nil
 }

@@ -22,7 +22,7 @@ import (
 	"github.com/nftmesh/nftmesh/proxy"
 	"github.com/nftmesh/nftmesh/proxy/identity"
 	"github.com/nftmesh/nftmesh/proxy/workload"
-	"github.com/nftmesh/nftmesh/proxy/zds"
+	"github.com/nftmesh/nftmesh/zds"
 )
 
 func runProxy(args []string, stdout, stderr io.Writer) int {

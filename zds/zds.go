@@ -18,7 +18,7 @@ import (
 	"fmt"
 	"os"
 
-	"github.com/nftmesh/nftmesh/proxy/zds/zdspb"
+	"github.com/nftmesh/nftmesh/zds/zdspb"
 )
 
 // DefaultSocketPath is where Istio's CNI agent listens and ztunnel connects.

@@ -15,7 +15,7 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
-	"github.com/nftmesh/nftmesh/proxy/zds/zdspb"
+	"github.com/nftmesh/nftmesh/zds/zdspb"
 )
 
 // DefaultAckTimeout bounds the wait for a proxy's Hello and for each Ack.

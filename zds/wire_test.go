@@ -10,7 +10,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
 
-	"github.com/nftmesh/nftmesh/proxy/zds/zdspb"
+	"github.com/nftmesh/nftmesh/zds/zdspb"
 )
 
 // These tests pin the wire format to Istio's field numbers without trusting the generated code:
@@ -157,7 +157,7 @@ func TestWireDecoding(t *testing.T) {
 
 // TestDescriptor checks the names another implementation sees (package, messages, enum values).
 func TestDescriptor(t *testing.T) {
-	fd := zdspb.File_proxy_zds_zds_proto
+	fd := zdspb.File_zds_zds_proto
 	if got := fd.Package(); got != "istio.workload.zds" {
 		t.Fatalf("package %q", got)
 	}

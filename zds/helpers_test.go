@@ -19,7 +19,7 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
-	"github.com/nftmesh/nftmesh/proxy/zds/zdspb"
+	"github.com/nftmesh/nftmesh/zds/zdspb"
 )
 
 const waitTimeout = 5 * time.Second

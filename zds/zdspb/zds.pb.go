@@ -14,7 +14,7 @@
 // versions:
 // 	protoc-gen-go v1.36.11
 // 	protoc        v3.21.12
-// source: proxy/zds/zds.proto
+// source: zds/zds.proto
 
 package zdspb
 
@@ -63,11 +63,11 @@ func (x Version) String() string {
 }
 
 func (Version) Descriptor() protoreflect.EnumDescriptor {
-	return file_proxy_zds_zds_proto_enumTypes[0].Descriptor()
+	return file_zds_zds_proto_enumTypes[0].Descriptor()
 }
 
 func (Version) Type() protoreflect.EnumType {
-	return &file_proxy_zds_zds_proto_enumTypes[0]
+	return &file_zds_zds_proto_enumTypes[0]
 }
 
 func (x Version) Number() protoreflect.EnumNumber {
@@ -76,7 +76,7 @@ func (x Version) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use Version.Descriptor instead.
 func (Version) EnumDescriptor() ([]byte, []int) {
-	return file_proxy_zds_zds_proto_rawDescGZIP(), []int{0}
+	return file_zds_zds_proto_rawDescGZIP(), []int{0}
 }
 
 // Sent first by the proxy.
@@ -89,7 +89,7 @@ type ZdsHello struct {
 
 func (x *ZdsHello) Reset() {
 	*x = ZdsHello{}
-	mi := &file_proxy_zds_zds_proto_msgTypes[0]
+	mi := &file_zds_zds_proto_msgTypes[0]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -101,7 +101,7 @@ func (x *ZdsHello) String() string {
 func (*ZdsHello) ProtoMessage() {}
 
 func (x *ZdsHello) ProtoReflect() protoreflect.Message {
-	mi := &file_proxy_zds_zds_proto_msgTypes[0]
+	mi := &file_zds_zds_proto_msgTypes[0]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -114,7 +114,7 @@ func (x *ZdsHello) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ZdsHello.ProtoReflect.Descriptor instead.
 func (*ZdsHello) Descriptor() ([]byte, []int) {
-	return file_proxy_zds_zds_proto_rawDescGZIP(), []int{0}
+	return file_zds_zds_proto_rawDescGZIP(), []int{0}
 }
 
 func (x *ZdsHello) GetVersion() Version {
@@ -135,7 +135,7 @@ type WorkloadInfo struct {
 
 func (x *WorkloadInfo) Reset() {
 	*x = WorkloadInfo{}
-	mi := &file_proxy_zds_zds_proto_msgTypes[1]
+	mi := &file_zds_zds_proto_msgTypes[1]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -147,7 +147,7 @@ func (x *WorkloadInfo) String() string {
 func (*WorkloadInfo) ProtoMessage() {}
 
 func (x *WorkloadInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_proxy_zds_zds_proto_msgTypes[1]
+	mi := &file_zds_zds_proto_msgTypes[1]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -160,7 +160,7 @@ func (x *WorkloadInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WorkloadInfo.ProtoReflect.Descriptor instead.
 func (*WorkloadInfo) Descriptor() ([]byte, []int) {
-	return file_proxy_zds_zds_proto_rawDescGZIP(), []int{1}
+	return file_zds_zds_proto_rawDescGZIP(), []int{1}
 }
 
 func (x *WorkloadInfo) GetName() string {
@@ -195,7 +195,7 @@ type AddWorkload struct {
 
 func (x *AddWorkload) Reset() {
 	*x = AddWorkload{}
-	mi := &file_proxy_zds_zds_proto_msgTypes[2]
+	mi := &file_zds_zds_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -207,7 +207,7 @@ func (x *AddWorkload) String() string {
 func (*AddWorkload) ProtoMessage() {}
 
 func (x *AddWorkload) ProtoReflect() protoreflect.Message {
-	mi := &file_proxy_zds_zds_proto_msgTypes[2]
+	mi := &file_zds_zds_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -220,7 +220,7 @@ func (x *AddWorkload) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddWorkload.ProtoReflect.Descriptor instead.
 func (*AddWorkload) Descriptor() ([]byte, []int) {
-	return file_proxy_zds_zds_proto_rawDescGZIP(), []int{2}
+	return file_zds_zds_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *AddWorkload) GetUid() string {
@@ -248,7 +248,7 @@ type KeepWorkload struct {
 
 func (x *KeepWorkload) Reset() {
 	*x = KeepWorkload{}
-	mi := &file_proxy_zds_zds_proto_msgTypes[3]
+	mi := &file_zds_zds_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -260,7 +260,7 @@ func (x *KeepWorkload) String() string {
 func (*KeepWorkload) ProtoMessage() {}
 
 func (x *KeepWorkload) ProtoReflect() protoreflect.Message {
-	mi := &file_proxy_zds_zds_proto_msgTypes[3]
+	mi := &file_zds_zds_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -273,7 +273,7 @@ func (x *KeepWorkload) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeepWorkload.ProtoReflect.Descriptor instead.
 func (*KeepWorkload) Descriptor() ([]byte, []int) {
-	return file_proxy_zds_zds_proto_rawDescGZIP(), []int{3}
+	return file_zds_zds_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *KeepWorkload) GetUid() string {
@@ -293,7 +293,7 @@ type DelWorkload struct {
 
 func (x *DelWorkload) Reset() {
 	*x = DelWorkload{}
-	mi := &file_proxy_zds_zds_proto_msgTypes[4]
+	mi := &file_zds_zds_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -305,7 +305,7 @@ func (x *DelWorkload) String() string {
 func (*DelWorkload) ProtoMessage() {}
 
 func (x *DelWorkload) ProtoReflect() protoreflect.Message {
-	mi := &file_proxy_zds_zds_proto_msgTypes[4]
+	mi := &file_zds_zds_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -318,7 +318,7 @@ func (x *DelWorkload) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DelWorkload.ProtoReflect.Descriptor instead.
 func (*DelWorkload) Descriptor() ([]byte, []int) {
-	return file_proxy_zds_zds_proto_rawDescGZIP(), []int{4}
+	return file_zds_zds_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *DelWorkload) GetUid() string {
@@ -337,7 +337,7 @@ type SnapshotSent struct {
 
 func (x *SnapshotSent) Reset() {
 	*x = SnapshotSent{}
-	mi := &file_proxy_zds_zds_proto_msgTypes[5]
+	mi := &file_zds_zds_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -349,7 +349,7 @@ func (x *SnapshotSent) String() string {
 func (*SnapshotSent) ProtoMessage() {}
 
 func (x *SnapshotSent) ProtoReflect() protoreflect.Message {
-	mi := &file_proxy_zds_zds_proto_msgTypes[5]
+	mi := &file_zds_zds_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -362,7 +362,7 @@ func (x *SnapshotSent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotSent.ProtoReflect.Descriptor instead.
 func (*SnapshotSent) Descriptor() ([]byte, []int) {
-	return file_proxy_zds_zds_proto_rawDescGZIP(), []int{5}
+	return file_zds_zds_proto_rawDescGZIP(), []int{5}
 }
 
 // Agent to proxy.
@@ -381,7 +381,7 @@ type WorkloadRequest struct {
 
 func (x *WorkloadRequest) Reset() {
 	*x = WorkloadRequest{}
-	mi := &file_proxy_zds_zds_proto_msgTypes[6]
+	mi := &file_zds_zds_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -393,7 +393,7 @@ func (x *WorkloadRequest) String() string {
 func (*WorkloadRequest) ProtoMessage() {}
 
 func (x *WorkloadRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_proxy_zds_zds_proto_msgTypes[6]
+	mi := &file_zds_zds_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -406,7 +406,7 @@ func (x *WorkloadRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WorkloadRequest.ProtoReflect.Descriptor instead.
 func (*WorkloadRequest) Descriptor() ([]byte, []int) {
-	return file_proxy_zds_zds_proto_rawDescGZIP(), []int{6}
+	return file_zds_zds_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *WorkloadRequest) GetPayload() isWorkloadRequest_Payload {
@@ -490,7 +490,7 @@ type Ack struct {
 
 func (x *Ack) Reset() {
 	*x = Ack{}
-	mi := &file_proxy_zds_zds_proto_msgTypes[7]
+	mi := &file_zds_zds_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -502,7 +502,7 @@ func (x *Ack) String() string {
 func (*Ack) ProtoMessage() {}
 
 func (x *Ack) ProtoReflect() protoreflect.Message {
-	mi := &file_proxy_zds_zds_proto_msgTypes[7]
+	mi := &file_zds_zds_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -515,7 +515,7 @@ func (x *Ack) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ack.ProtoReflect.Descriptor instead.
 func (*Ack) Descriptor() ([]byte, []int) {
-	return file_proxy_zds_zds_proto_rawDescGZIP(), []int{7}
+	return file_zds_zds_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Ack) GetError() string {
@@ -538,7 +538,7 @@ type WorkloadResponse struct {
 
 func (x *WorkloadResponse) Reset() {
 	*x = WorkloadResponse{}
-	mi := &file_proxy_zds_zds_proto_msgTypes[8]
+	mi := &file_zds_zds_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -550,7 +550,7 @@ func (x *WorkloadResponse) String() string {
 func (*WorkloadResponse) ProtoMessage() {}
 
 func (x *WorkloadResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_proxy_zds_zds_proto_msgTypes[8]
+	mi := &file_zds_zds_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -563,7 +563,7 @@ func (x *WorkloadResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WorkloadResponse.ProtoReflect.Descriptor instead.
 func (*WorkloadResponse) Descriptor() ([]byte, []int) {
-	return file_proxy_zds_zds_proto_rawDescGZIP(), []int{8}
+	return file_zds_zds_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *WorkloadResponse) GetPayload() isWorkloadResponse_Payload {
@@ -592,11 +592,11 @@ type WorkloadResponse_Ack struct {
 
 func (*WorkloadResponse_Ack) isWorkloadResponse_Payload() {}
 
-var File_proxy_zds_zds_proto protoreflect.FileDescriptor
+var File_zds_zds_proto protoreflect.FileDescriptor
 
-const file_proxy_zds_zds_proto_rawDesc = "" +
+const file_zds_zds_proto_rawDesc = "" +
 	"\n" +
-	"\x13proxy/zds/zds.proto\x12\x12istio.workload.zds\"A\n" +
+	"\rzds/zds.proto\x12\x12istio.workload.zds\"A\n" +
 	"\bZdsHello\x125\n" +
 	"\aversion\x18\x01 \x01(\x0e2\x1b.istio.workload.zds.VersionR\aversion\"i\n" +
 	"\fWorkloadInfo\x12\x12\n" +
@@ -624,23 +624,23 @@ const file_proxy_zds_zds_proto_rawDesc = "" +
 	"\apayload*\x1f\n" +
 	"\aVersion\x12\f\n" +
 	"\bNOT_USED\x10\x00\x12\x06\n" +
-	"\x02V1\x10\x01B,Z*github.com/nftmesh/nftmesh/proxy/zds/zdspbb\x06proto3"
+	"\x02V1\x10\x01B&Z$github.com/nftmesh/nftmesh/zds/zdspbb\x06proto3"
 
 var (
-	file_proxy_zds_zds_proto_rawDescOnce sync.Once
-	file_proxy_zds_zds_proto_rawDescData []byte
+	file_zds_zds_proto_rawDescOnce sync.Once
+	file_zds_zds_proto_rawDescData []byte
 )
 
-func file_proxy_zds_zds_proto_rawDescGZIP() []byte {
-	file_proxy_zds_zds_proto_rawDescOnce.Do(func() {
-		file_proxy_zds_zds_proto_rawDescData = protoimpl.X.CompressGZIP(unsafe.Slice(unsafe.StringData(file_proxy_zds_zds_proto_rawDesc), len(file_proxy_zds_zds_proto_rawDesc)))
+func file_zds_zds_proto_rawDescGZIP() []byte {
+	file_zds_zds_proto_rawDescOnce.Do(func() {
+		file_zds_zds_proto_rawDescData = protoimpl.X.CompressGZIP(unsafe.Slice(unsafe.StringData(file_zds_zds_proto_rawDesc), len(file_zds_zds_proto_rawDesc)))
 	})
-	return file_proxy_zds_zds_proto_rawDescData
+	return file_zds_zds_proto_rawDescData
 }
 
-var file_proxy_zds_zds_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_proxy_zds_zds_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
-var file_proxy_zds_zds_proto_goTypes = []any{
+var file_zds_zds_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
+var file_zds_zds_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
+var file_zds_zds_proto_goTypes = []any{
 	(Version)(0),             // 0: istio.workload.zds.Version
 	(*ZdsHello)(nil),         // 1: istio.workload.zds.ZdsHello
 	(*WorkloadInfo)(nil),     // 2: istio.workload.zds.WorkloadInfo
@@ -652,7 +652,7 @@ var file_proxy_zds_zds_proto_goTypes = []any{
 	(*Ack)(nil),              // 8: istio.workload.zds.Ack
 	(*WorkloadResponse)(nil), // 9: istio.workload.zds.WorkloadResponse
 }
-var file_proxy_zds_zds_proto_depIdxs = []int32{
+var file_zds_zds_proto_depIdxs = []int32{
 	0, // 0: istio.workload.zds.ZdsHello.version:type_name -> istio.workload.zds.Version
 	2, // 1: istio.workload.zds.AddWorkload.workload_info:type_name -> istio.workload.zds.WorkloadInfo
 	3, // 2: istio.workload.zds.WorkloadRequest.add:type_name -> istio.workload.zds.AddWorkload
@@ -667,36 +667,36 @@ var file_proxy_zds_zds_proto_depIdxs = []int32{
 	0, // [0:7] is the sub-list for field type_name
 }
 
-func init() { file_proxy_zds_zds_proto_init() }
-func file_proxy_zds_zds_proto_init() {
-	if File_proxy_zds_zds_proto != nil {
+func init() { file_zds_zds_proto_init() }
+func file_zds_zds_proto_init() {
+	if File_zds_zds_proto != nil {
 		return
 	}
-	file_proxy_zds_zds_proto_msgTypes[6].OneofWrappers = []any{
+	file_zds_zds_proto_msgTypes[6].OneofWrappers = []any{
 		(*WorkloadRequest_Add)(nil),
 		(*WorkloadRequest_Keep)(nil),
 		(*WorkloadRequest_Del)(nil),
 		(*WorkloadRequest_SnapshotSent)(nil),
 	}
-	file_proxy_zds_zds_proto_msgTypes[8].OneofWrappers = []any{
+	file_zds_zds_proto_msgTypes[8].OneofWrappers = []any{
 		(*WorkloadResponse_Ack)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
-			RawDescriptor: unsafe.Slice(unsafe.StringData(file_proxy_zds_zds_proto_rawDesc), len(file_proxy_zds_zds_proto_rawDesc)),
+			RawDescriptor: unsafe.Slice(unsafe.StringData(file_zds_zds_proto_rawDesc), len(file_zds_zds_proto_rawDesc)),
 			NumEnums:      1,
 			NumMessages:   9,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
-		GoTypes:           file_proxy_zds_zds_proto_goTypes,
-		DependencyIndexes: file_proxy_zds_zds_proto_depIdxs,
-		EnumInfos:         file_proxy_zds_zds_proto_enumTypes,
-		MessageInfos:      file_proxy_zds_zds_proto_msgTypes,
+		GoTypes:           file_zds_zds_proto_goTypes,
+		DependencyIndexes: file_zds_zds_proto_depIdxs,
+		EnumInfos:         file_zds_zds_proto_enumTypes,
+		MessageInfos:      file_zds_zds_proto_msgTypes,
 	}.Build()
-	File_proxy_zds_zds_proto = out.File
-	file_proxy_zds_zds_proto_goTypes = nil
-	file_proxy_zds_zds_proto_depIdxs = nil
+	File_zds_zds_proto = out.File
+	file_zds_zds_proto_goTypes = nil
+	file_zds_zds_proto_depIdxs = nil
 }

@@ -13,7 +13,7 @@ import (
 
 	"google.golang.org/protobuf/encoding/protowire"
 
-	"github.com/nftmesh/nftmesh/proxy/zds/zdspb"
+	"github.com/nftmesh/nftmesh/zds/zdspb"
 )
 
 func TestHelloAndSnapshot(t *testing.T) {

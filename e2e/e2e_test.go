@@ -43,7 +43,7 @@ func TestMesh(t *testing.T) {
 
 // hboneAddr is httpbin's HBONE address in family f; appAddr its app's.
 func (m *Mesh) hboneAddr(f family) netip.AddrPort {
-	return netip.AddrPortFrom(m.Httpbin.Addr(f), 15008)
+	return netip.AddrPortFrom(m.Httpbin.Addr(f), m.Config.HBONEPort)
 }
 func (m *Mesh) appAddr(f family) netip.AddrPort {
 	return netip.AddrPortFrom(m.Httpbin.Addr(f), appPort)
@@ -465,4 +465,46 @@ func grep(text, s string) string {
 		}
 	}
 	return strings.Join(out, "\n")
+}
+
+// TestCustomPortsAndMarks: an intent with other ports and marks than Istio's. The rules
+// and both proxies take them from the one intent file (--intent): sleep and notsleep reach
+// httpbin over HBONE on the intent's HBONE port, an outside client through its inbound
+// port, and every enrolled pod has the proxy listening on the intent's ports and on none
+// of the defaults. A proxy that kept Istio's numbers would listen where nothing is
+// redirected, and its unmarked sockets would be captured by the pod's own rules.
+func TestCustomPortsAndMarks(t *testing.T) {
+	t.Parallel()
+	in := compiler.DefaultIntent()
+	port := func(p int) *int { return &p }
+	num := func(s string) *compiler.Number { n := compiler.Number(s); return &n }
+	in.Spec.Ports = compiler.Ports{Outbound: port(16001), InboundPlaintext: port(16006), HBONE: port(16008), DNS: port(16053)}
+	in.Spec.Marks = compiler.Marks{
+		Proxy:      &compiler.MaskedMark{Value: num("0x7000"), Mask: num("0xf000")},
+		Connection: &compiler.MaskedMark{Value: num("0x22"), Mask: num("0xff")},
+	}
+	m := NewMeshWithIntent(t, in)
+	t.Run("HBONE", func(t *testing.T) { testHBONE(t, m) })
+	t.Run("Plaintext", func(t *testing.T) { testPlaintext(t, m) })
+	t.Run("Listeners", func(t *testing.T) {
+		for _, p := range m.Pods {
+			if !p.Enrolled {
+				continue
+			}
+			out, err := p.NS.Run("", "ss", "-Hltn")
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, want := range []int{16001, 16006, 16008} {
+				if !strings.Contains(out, fmt.Sprintf(":%d ", want)) {
+					t.Errorf("%s: nothing listens on the intent's port %d:\n%s", p.Name, want, out)
+				}
+			}
+			for _, def := range []int{15001, 15006, 15008} {
+				if strings.Contains(out, fmt.Sprintf(":%d ", def)) {
+					t.Errorf("%s: the proxy listens on Istio's default port %d, not the intent's:\n%s", p.Name, def, out)
+				}
+			}
+		}
+	})
 }

@@ -106,6 +106,11 @@ type Mesh struct {
 	tb      testing.TB
 	Capture compiler.CaptureMode
 	Dir     string
+	// Intent compiles the pods' and nodes' rules, and the proxies read it (--intent): one
+	// source of ports and marks. Config is it resolved.
+	Intent     compiler.Intent
+	Config     compiler.Config
+	IntentFile string
 
 	CACert, CAKey               []byte
 	Issuer                      *identity.CAIssuer
@@ -139,8 +144,21 @@ const (
 // exit 0 expected), then the agents, then the namespaces.
 func NewMesh(tb testing.TB, capture compiler.CaptureMode) *Mesh {
 	tb.Helper()
+	in := compiler.DefaultIntent()
+	in.Spec.InboundCapture = &capture
+	return NewMeshWithIntent(tb, in)
+}
+
+// NewMeshWithIntent is NewMesh for any intent: its capture mode, ports and marks.
+func NewMeshWithIntent(tb testing.TB, in compiler.Intent) *Mesh {
+	tb.Helper()
 	nettest.Require(tb)
-	m := &Mesh{tb: tb, Capture: capture, Dir: tb.TempDir(), nextIndex: 10, agentLogs: &nettest.SyncBuffer{}, rulesOn: map[*Pod]bool{}}
+	cfg, err := compiler.Resolve(in)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	m := &Mesh{tb: tb, Capture: cfg.InboundCapture, Intent: in, Config: cfg, Dir: tb.TempDir(), nextIndex: 10,
+		agentLogs: &nettest.SyncBuffer{}, rulesOn: map[*Pod]bool{}}
 	m.Node1 = m.newNode("node1", 1)
 	m.Node2 = m.newNode("node2", 2)
 	m.Sleep = m.newPod("sleep", m.Node1, 1, true, nil)
@@ -277,14 +295,11 @@ func (m *Mesh) wire() {
 func (m *Mesh) applyRules() {
 	m.mgr = dataplane.NewManager(slog.New(slog.NewTextHandler(io.Discard, nil)), 0)
 	m.tb.Cleanup(func() { m.mgr.Close() }) // its cached sockets in the test's namespaces
-	in := compiler.DefaultIntent()
-	capture := m.Capture
-	in.Spec.InboundCapture = &capture
 	var err error
-	if m.podDesired, err = compiler.PodState(in, nil); err != nil {
+	if m.podDesired, err = compiler.PodState(m.Intent, nil); err != nil {
 		m.tb.Fatal(err)
 	}
-	if m.hostDesired, err = compiler.HostState(compiler.DefaultIntent()); err != nil {
+	if m.hostDesired, err = compiler.HostState(m.Intent); err != nil {
 		m.tb.Fatal(err)
 	}
 	for _, n := range []*Node{m.Node1, m.Node2} {
@@ -324,8 +339,8 @@ func (m *Mesh) SetRules(p *Pod, on bool) {
 	m.rulesOn[p] = on
 }
 
-// writeFiles writes the CA, the static workloads file both proxies read, and an empty
-// policies file (no policy: allow all).
+// writeFiles writes the CA, the static workloads file both proxies read, an empty
+// policies file (no policy: allow all) and the intent.
 func (m *Mesh) writeFiles() {
 	var err error
 	m.CACert, m.CAKey, err = identity.GenerateRoot(trustDomain, time.Hour)
@@ -352,6 +367,11 @@ func (m *Mesh) writeFiles() {
 	m.CAKeyFile = m.write("ca-key.pem", m.CAKey)
 	m.WorkloadsFile = m.write("workloads.yaml", wdata)
 	m.PoliciesFile = m.write("policies.yaml", nil)
+	idata, err := m.Intent.Marshal()
+	if err != nil {
+		m.tb.Fatal(err)
+	}
+	m.IntentFile = m.write("intent.yaml", idata)
 }
 
 func (m *Mesh) write(name string, data []byte) string {
@@ -399,7 +419,7 @@ func (m *Mesh) startNode(n *Node) {
 func (m *Mesh) ProxyArgs(sock string) []string {
 	args := []string{
 		"--zds-socket", sock, "--ca-cert", m.CAFile, "--ca-key", m.CAKeyFile,
-		"--workloads", m.WorkloadsFile, "--policies", m.PoliciesFile,
+		"--workloads", m.WorkloadsFile, "--policies", m.PoliciesFile, "--intent", m.IntentFile,
 		"--log-format", "json", "--shutdown-deadline", shutdownDeadline.String(),
 	}
 	// NFTMESH_E2E_WORKERS sets the proxies' --workers (benchmarks: BENCHMARKS.md).

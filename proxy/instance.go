@@ -78,13 +78,13 @@ func (p *Proxy) startInstance(uid string, info zds.WorkloadInfo, netns *os.File)
 	if slices.ContainsFunc(inst.ips, func(a netip.Addr) bool { return a.Is6() && !a.Is4In6() }) {
 		families = append(families, netip.IPv6Unspecified())
 	}
-	opts := SockOpts{Mark: p.cfg.Mark, Transparent: true, ReusePort: true}
+	opts := SockOpts{Mark: p.cfg.mark(), Transparent: true, ReusePort: true}
 	inst.hbone = &hbone.Server{
 		TLS: identity.ServerTLSConfig(p.issuer, inst.id), Dial: inst.dialInbound, Log: p.log,
 		OnHandshakeError: func(error) { p.metrics.handshakeFailed(info.Name, info.Namespace) },
 	}
 	for _, any := range families {
-		for _, port := range []uint16{p.cfg.OutboundPort, p.cfg.InboundPort, p.cfg.HBONEPort} {
+		for _, port := range []uint16{p.cfg.Mesh.OutboundPort, p.cfg.Mesh.InboundPlaintextPort, p.cfg.Mesh.HBONEPort} {
 			l, err := ListenIn(inst.fd(), netip.AddrPortFrom(any, port), opts)
 			if err != nil {
 				// The listeners up so far may have accepted: end their connections and
@@ -97,9 +97,9 @@ func (p *Proxy) startInstance(uid string, info zds.WorkloadInfo, netns *os.File)
 			go func() {
 				defer inst.wg.Done()
 				switch port {
-				case p.cfg.OutboundPort:
+				case p.cfg.Mesh.OutboundPort:
 					inst.acceptLoop(l, inst.serveOutbound)
-				case p.cfg.InboundPort:
+				case p.cfg.Mesh.InboundPlaintextPort:
 					inst.acceptLoop(l, inst.serveInbound)
 				default:
 					if err := inst.hbone.Serve(l); err != nil && !errors.Is(err, hbone.ErrServerClosed) && !isClosed(err) {
@@ -180,13 +180,13 @@ func (i *instance) pipeUntilStopped(a, b net.Conn) (int64, int64, error) {
 	return pipe(a, b)
 }
 
-// ownPort reports whether dst's port is one the proxy listens on in the pod (15001, 15006,
-// 15008, as ztunnel refuses): never a destination, since delivering there reaches a proxy
+// ownPort reports whether dst's port is one the proxy listens on in the pod (the intent's
+// outbound, inbound plaintext and HBONE ports, as ztunnel refuses): never a destination, since delivering there reaches a proxy
 // listener again (a connection to <pod ip>:15006 would otherwise loop until the
 // descriptors run out). The pod's apps keep every other port.
 func (i *instance) ownPort(dst netip.AddrPort) bool {
-	c := i.p.cfg
-	return slices.Contains([]uint16{c.OutboundPort, c.InboundPort, c.HBONEPort}, dst.Port())
+	m := i.p.cfg.Mesh
+	return slices.Contains([]uint16{m.OutboundPort, m.InboundPlaintextPort, m.HBONEPort}, dst.Port())
 }
 
 func (i *instance) refuseOwnPort(c *net.TCPConn, direction string, dst netip.AddrPort) {
@@ -221,7 +221,7 @@ func (i *instance) serveOutbound(c *net.TCPConn) {
 	target, ok := p.workloads.Resolve(dst)
 	if ok && target.Workload.InMesh && len(target.Workload.IPs) > 0 {
 		dstID := identity.ForServiceAccount(p.issuer.TrustDomain(), target.Workload.Namespace, orDefault(target.Workload.ServiceAccount))
-		hboneAddr := netip.AddrPortFrom(target.Addr.Addr(), p.cfg.HBONEPort)
+		hboneAddr := netip.AddrPortFrom(target.Addr.Addr(), p.cfg.Mesh.HBONEPort)
 		// As ztunnel logs a tunnel: dst.addr is where the proxy connects (the peer's HBONE
 		// port), dst.hbone_addr the CONNECT authority (the app's ip:port). They were the
 		// other way round, which broke log queries written for ztunnel.
@@ -245,7 +245,7 @@ func (i *instance) serveOutbound(c *net.TCPConn) {
 			// not to the VIP for something else to balance again.
 			to, info.dst = target.Addr, target.Addr
 		}
-		up, err = i.dialIn(ctx, netip.AddrPort{}, to, SockOpts{Mark: p.cfg.Mark})
+		up, err = i.dialIn(ctx, netip.AddrPort{}, to, SockOpts{Mark: p.cfg.mark()})
 	}
 	p.metrics.open(info)
 	if err != nil {
@@ -269,7 +269,7 @@ func (i *instance) serveInbound(c *net.TCPConn) {
 	p := i.p
 	local := AddrPortOf(c.LocalAddr())
 	dst := local // TPROXY: the accepted socket's local address is the original destination
-	if local.Port() == p.cfg.InboundPort {
+	if local.Port() == p.cfg.Mesh.InboundPlaintextPort {
 		var err error
 		if dst, err = OriginalDst(c); err != nil { // REDIRECT
 			p.log.Warn("inbound: no original destination", "uid", i.uid, "error", err)
@@ -326,7 +326,7 @@ func (i *instance) serveInbound(c *net.TCPConn) {
 // and IP_FREEBIND to bind it, the proxy mark so the rules let it through and mark the
 // connection, whose replies then come back to this socket through table 100.
 func (i *instance) deliver(ctx context.Context, srcIP netip.Addr, dst netip.AddrPort) (*net.TCPConn, error) {
-	return i.dialIn(ctx, netip.AddrPortFrom(srcIP, 0), dst, SockOpts{Mark: i.p.cfg.Mark, Transparent: true, FreeBind: true})
+	return i.dialIn(ctx, netip.AddrPortFrom(srcIP, 0), dst, SockOpts{Mark: i.p.cfg.mark(), Transparent: true, FreeBind: true})
 }
 
 var errStopped = errors.New("workload stopped")
@@ -384,7 +384,7 @@ func (i *instance) dialInbound(ctx context.Context, req hbone.Request) (net.Conn
 	// connected to, dst.hbone_addr the CONNECT authority. Without it the destination's
 	// log could not tell a tunnel from plaintext to the same port.
 	info := &connInfo{direction: "inbound", src: src, start: time.Now(), mtls: true,
-		dst: netip.AddrPortFrom(req.Authority.Addr(), p.cfg.HBONEPort), hboneAddr: req.Authority,
+		dst: netip.AddrPortFrom(req.Authority.Addr(), p.cfg.Mesh.HBONEPort), hboneAddr: req.Authority,
 		srcIdentity: peer.String(), srcNamespace: peer.Namespace,
 		dstWorkload: i.info.Name, dstNamespace: i.info.Namespace, dstIdentity: i.id.String(), dstLabels: i.labels()}
 	if w, ok := p.workloads.WorkloadByIP(src.Addr()); ok {

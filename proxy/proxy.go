@@ -1,6 +1,7 @@
 // Package proxy is nftmesh's node proxy: for every pod the agent hands over (ZDS), it
 // listens inside the pod's network namespace on the outbound (15001), inbound plaintext
-// (15006) and HBONE (15008) ports that the pod's rules capture to; tunnels mesh traffic
+// (15006) and HBONE (15008) ports that the pod's rules capture to (the intent's ports:
+// these are the defaults); tunnels mesh traffic
 // over HBONE between pods; authorizes every inbound connection; and reports Istio's
 // metrics and an access log line per connection.
 package proxy
@@ -18,6 +19,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/nftmesh/nftmesh/compiler"
 	"github.com/nftmesh/nftmesh/policy"
 	"github.com/nftmesh/nftmesh/proxy/hbone"
 	"github.com/nftmesh/nftmesh/proxy/identity"
@@ -25,28 +27,27 @@ import (
 	"github.com/nftmesh/nftmesh/zds"
 )
 
-// Config holds the proxy's numbers; zero values take Istio's.
+// Config holds the proxy's numbers. The ports it listens on and the mark on its sockets
+// come from the intent the pods' rules were compiled from (Mesh), never from a copy of
+// their defaults: rules and listeners cannot disagree.
 type Config struct {
-	Mark             uint32 // SO_MARK on every pod socket: 0x539
-	OutboundPort     uint16 // 15001
-	InboundPort      uint16 // 15006
-	HBONEPort        uint16 // 15008
+	Mesh             compiler.Config // zero: the built-in default intent's
 	DialTimeout      time.Duration
 	ShutdownDeadline time.Duration
 }
 
+// defaultMesh is the built-in default intent, resolved.
+func defaultMesh() compiler.Config {
+	cfg, err := compiler.Resolve(compiler.DefaultIntent())
+	if err != nil {
+		panic("the default intent does not resolve: " + err.Error())
+	}
+	return cfg
+}
+
 func (c Config) withDefaults() Config {
-	if c.Mark == 0 {
-		c.Mark = 0x539
-	}
-	if c.OutboundPort == 0 {
-		c.OutboundPort = 15001
-	}
-	if c.InboundPort == 0 {
-		c.InboundPort = 15006
-	}
-	if c.HBONEPort == 0 {
-		c.HBONEPort = 15008
+	if c.Mesh.ProxyMark.Value == 0 { // Resolve never leaves a mark at 0: unset
+		c.Mesh = defaultMesh()
 	}
 	if c.DialTimeout == 0 {
 		c.DialTimeout = 10 * time.Second
@@ -57,10 +58,22 @@ func (c Config) withDefaults() Config {
 	return c
 }
 
+// The proxy's own ports that are not in the intent: admin, metrics, readiness (ztunnel's).
+const (
+	adminPort     = 15000
+	metricsPort   = 15020
+	readinessPort = 15021
+)
+
 // internalPorts may never be a tunnel's target: they are the proxy's own.
 func (c Config) internalPorts() []uint16 {
-	return []uint16{c.OutboundPort, c.InboundPort, c.HBONEPort, 15000, 15020, 15021, 15053}
+	m := c.Mesh
+	return []uint16{m.OutboundPort, m.InboundPlaintextPort, m.HBONEPort, m.DNSPort, adminPort, metricsPort, readinessPort}
 }
+
+// mark is SO_MARK for every socket the proxy opens in a pod: the intent's proxy mark, which
+// the pod's rules never capture.
+func (c Config) mark() uint32 { return c.Mesh.ProxyMark.Value }
 
 // Proxy is the node proxy. It implements zds.Handler.
 type Proxy struct {
@@ -100,8 +113,9 @@ func New(cfg Config, issuer identity.Issuer, workloads workload.Store, policies 
 	return p
 }
 
-// Run re-checks live inbound connections whenever the policies change, until ctx ends.
-func (p *Proxy) Run(ctx context.Context) {
+// WatchPolicies re-checks live inbound connections whenever the policies change, until
+// ctx ends.
+func (p *Proxy) WatchPolicies(ctx context.Context) {
 	changes, cancel := p.policies.Subscribe()
 	defer cancel()
 	for {
@@ -320,7 +334,7 @@ func (p *Proxy) dialHBONE(ctx context.Context, key hbone.PoolKey) (net.Conn, err
 	if src == nil {
 		return nil, fmt.Errorf("no workload with IP %s on this node", key.SrcIP)
 	}
-	return src.dialIn(ctx, netip.AddrPort{}, key.Dst, SockOpts{Mark: p.cfg.Mark})
+	return src.dialIn(ctx, netip.AddrPort{}, key.Dst, SockOpts{Mark: p.cfg.mark()})
 }
 
 // hboneTLS is the client TLS configuration of a pooled HBONE connection: the source's

@@ -94,7 +94,7 @@ func newMesh(t *testing.T, capture compiler.CaptureMode) *meshFixture {
 	log := slog.New(slog.NewTextHandler(f.logs, nil))
 	f.proxy = New(Config{ShutdownDeadline: time.Second}, issuer, store, f.policies, NewMetrics(f.reg, "Kubernetes"), log)
 	ctx, cancel := context.WithCancel(context.Background())
-	go f.proxy.Run(ctx)
+	go f.proxy.WatchPolicies(ctx)
 	t.Cleanup(func() {
 		cancel()
 		sctx, c := context.WithTimeout(context.Background(), 3*time.Second)

@@ -21,6 +21,8 @@ func TestProxyStartErrors(t *testing.T) {
 	os.WriteFile(bad, []byte("workloads:\n- {uid: a, name: x}\n"), 0o644)
 	badPolicy := filepath.Join(dir, "policy.yaml")
 	os.WriteFile(badPolicy, []byte("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: ns}\nspec: {action: ALLOW, rules: [{from: [{source: {principal: [x]}}]}]}\n"), 0o644)
+	badIntent := filepath.Join(dir, "intent.yaml")
+	os.WriteFile(badIntent, []byte("apiVersion: nftmesh.dev/v1alpha1\nkind: Intent\nspec:\n  ports: {hbone: 70000}\n"), 0o644)
 	base := []string{"proxy", "--ca-cert", cert, "--ca-key", key, "--metrics-addr", "127.0.0.1:0", "--ready-addr", "127.0.0.1:0"}
 	cases := []struct {
 		args []string
@@ -33,6 +35,9 @@ func TestProxyStartErrors(t *testing.T) {
 		{append(base, "--workloads", good, "--policies", badPolicy), "principal"},
 		{[]string{"proxy", "--ca-cert", good, "--ca-key", key, "--workloads", good}, "workloads.yaml"},
 		{append(base, "--workloads", good, "--workers", "-1"), "--workers: -1 is negative"},
+		{append(base, "--workloads", good, "--intent", badIntent), "spec.ports.hbone"},
+		{append(base, "--workloads", good, "--intent", filepath.Join(dir, "absent.yaml")), "--intent: open"},
+		{append(base, "--workloads", good, "--shutdown-deadline", "0s"), "--shutdown-deadline: 0s is not positive"},
 	}
 	for _, tc := range cases {
 		_, errOut, code := runCLI(tc.args...)
@@ -41,7 +46,7 @@ func TestProxyStartErrors(t *testing.T) {
 		}
 	}
 	out, _, code := runCLI("proxy", "--help")
-	for _, flag := range []string{"--zds-socket PATH", "--ca-cert FILE", "--workloads FILE", "--policies FILE", "--log-format FORMAT", "--workers N", "SIGHUP", "Exit codes"} {
+	for _, flag := range []string{"--zds-socket PATH", "--ca-cert FILE", "--workloads FILE", "--policies FILE", "--log-format FORMAT", "--workers N", "--intent FILE", "SIGHUP", "Exit codes"} {
 		if code != exitOK || !strings.Contains(out, flag) {
 			t.Errorf("proxy --help lacks %q", flag)
 		}

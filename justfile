@@ -14,9 +14,12 @@ compile *args: build
 test: lint
     go test -race -count=1 ./...
 
-# Rewrite the golden rulesets in fixtures/golden from fixtures/intents.
+# Rewrite the golden rulesets in fixtures/golden from fixtures/intents, then the recorded
+# netlink encoding of each in kernel/testdata, then the dataplane Fake's dump.
 golden:
     go test -count=1 ./compiler -run 'TestGolden$' -update
+    go test -count=1 ./kernel -run 'TestEncodeGolden$' -update
+    go test -count=1 ./dataplane -run 'TestFakeDump$' -update
 
 # Formatting and static checks.
 lint:

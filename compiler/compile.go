@@ -127,7 +127,7 @@ func dport(proto rs.L4Proto, port uint16) rs.Match {
 	return rs.Port{Proto: proto, Dir: rs.DPort, Port: port}
 }
 
-// PodRuleset builds the in-pod ruleset (reference.md section 2).
+// PodRuleset builds the in-pod ruleset (docs/rules.md#traffic-classes).
 func PodRuleset(cfg Config) *rs.Table {
 	b := builder{cfg}
 	fams := cfg.families()
@@ -183,7 +183,7 @@ func PodRuleset(cfg Config) *rs.Table {
 		Comment:    "proxy-originated connection: its replies route back to the proxy",
 	})
 
-	// The inbound steps (reference.md section 2, prerouting 2-6) live in the mangle chain
+	// The inbound steps (docs/rules.md#prerouting, steps 2-6) live in the mangle chain
 	// under TPROXY and in the nat chain under REDIRECT.
 	inbound := &natPre.Rules
 	if tproxyMode {
@@ -296,7 +296,7 @@ func PodRuleset(cfg Config) *rs.Table {
 	return t
 }
 
-// HostRuleset builds the node ruleset (reference.md section 3): locally originated TCP to
+// HostRuleset builds the node ruleset (docs/rules.md#node-side-probe-snat): locally originated TCP to
 // an enrolled pod's IP leaves with the probe source. `meta skuid` only matches a packet
 // that carries a full local socket, so `meta skuid >= 0` is iptables' `--socket-exists`:
 // kubelet's probes match whatever its uid, forwarded traffic never does, and no process

@@ -39,7 +39,9 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nftmesh/nftmesh/compiler"
+	"github.com/nftmesh/nftmesh/internal/netns"
 	"github.com/nftmesh/nftmesh/internal/nettest"
+	"github.com/nftmesh/nftmesh/kernel"
 	"github.com/nftmesh/nftmesh/ruleset"
 )
 
@@ -57,6 +59,8 @@ var benchNetnsCounter atomic.Int64
 type benchNS struct {
 	Name string // as `ip netns` knows it
 	Path string // /run/netns/<Name>
+	// Handle is open until destroy.
+	Handle *netns.NS
 }
 
 // makeNetns makes n named network namespaces with lo up, the way `ip netns add` does but
@@ -69,7 +73,7 @@ type benchNS struct {
 func makeNetns(tb testing.TB, n int) (nss []benchNS, destroy func()) {
 	tb.Helper()
 	if err := sharedNetNSDir(); err != nil {
-		tb.Fatalf("prepare %s: %v", NetNSDir, err)
+		tb.Fatalf("prepare %s: %v", netns.NetNSDir, err)
 	}
 	staleOnce.Do(removeStaleNetns)
 	before := netnsObjects()
@@ -95,6 +99,14 @@ func makeNetns(tb testing.TB, n int) (nss []benchNS, destroy func()) {
 		ch <- r
 	}()
 	r := <-ch
+	for i := range r.nss {
+		if r.err != nil {
+			break
+		}
+		if r.nss[i].Handle, r.err = netns.Open(r.nss[i].Path); r.err != nil {
+			break
+		}
+	}
 	done := false
 	destroy = func() {
 		if done {
@@ -102,6 +114,11 @@ func makeNetns(tb testing.TB, n int) (nss []benchNS, destroy func()) {
 		}
 		done = true
 		var errs []error
+		for _, ns := range r.nss {
+			if ns.Handle != nil {
+				ns.Handle.Close()
+			}
+		}
 		for _, ns := range r.nss {
 			if err := unix.Unmount(ns.Path, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
 				errs = append(errs, fmt.Errorf("umount %s: %w", ns.Path, err))
@@ -127,7 +144,7 @@ var staleOnce sync.Once
 // removeStaleNetns removes the namespaces a killed benchmark process left behind: the
 // nftmesh-b<pid>-<n> names whose process is gone.
 func removeStaleNetns() {
-	entries, _ := os.ReadDir(NetNSDir)
+	entries, _ := os.ReadDir(netns.NetNSDir)
 	for _, e := range entries {
 		rest, ok := strings.CutPrefix(e.Name(), "nftmesh-b")
 		pid, _, found := strings.Cut(rest, "-")
@@ -140,7 +157,7 @@ func removeStaleNetns() {
 		if _, err := os.Stat("/proc/" + pid); err == nil {
 			continue // still running
 		}
-		path := filepath.Join(NetNSDir, e.Name())
+		path := filepath.Join(netns.NetNSDir, e.Name())
 		unix.Unmount(path, unix.MNT_DETACH)
 		os.Remove(path)
 	}
@@ -149,15 +166,15 @@ func removeStaleNetns() {
 // sharedNetNSDir makes /run/netns a shared mount point, as `ip netns add` does, so that
 // namespaces mounted there are seen by every mount namespace (and by `ip netns exec`).
 func sharedNetNSDir() error {
-	if err := os.MkdirAll(NetNSDir, 0o755); err != nil {
+	if err := os.MkdirAll(netns.NetNSDir, 0o755); err != nil {
 		return err
 	}
-	err := unix.Mount("", NetNSDir, "none", unix.MS_SHARED|unix.MS_REC, "")
+	err := unix.Mount("", netns.NetNSDir, "none", unix.MS_SHARED|unix.MS_REC, "")
 	if errors.Is(err, unix.EINVAL) { // not a mount point yet
-		if err := unix.Mount(NetNSDir, NetNSDir, "none", unix.MS_BIND|unix.MS_REC, ""); err != nil {
+		if err := unix.Mount(netns.NetNSDir, netns.NetNSDir, "none", unix.MS_BIND|unix.MS_REC, ""); err != nil {
 			return err
 		}
-		err = unix.Mount("", NetNSDir, "none", unix.MS_SHARED|unix.MS_REC, "")
+		err = unix.Mount("", netns.NetNSDir, "none", unix.MS_SHARED|unix.MS_REC, "")
 	}
 	return err
 }
@@ -166,7 +183,7 @@ func sharedNetNSDir() error {
 // its lo up and mounts it as /run/netns/name. A returned Path must be cleaned up even
 // with an error.
 func newNamedNetns(name string) (benchNS, error) {
-	path := filepath.Join(NetNSDir, name)
+	path := filepath.Join(netns.NetNSDir, name)
 	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_RDONLY, 0o444)
 	if err != nil {
 		return benchNS{}, err
@@ -329,12 +346,12 @@ func BenchmarkEnrollFresh(b *testing.B) {
 					if err != nil {
 						b.Fatal(err)
 					}
-					res, err := m.Apply(ns.Path, d)
+					res, err := m.Apply(ns.Handle, d)
 					t2 := time.Now()
 					if err != nil {
 						b.Fatal(err)
 					}
-					if res.Action != ruleset.Created || !res.RoutingChanged {
+					if res.Action != kernel.Created || !res.RoutingChanged {
 						b.Fatalf("%s: %+v, want created with routing", ns.Name, res)
 					}
 					total = append(total, t2.Sub(t0))
@@ -364,8 +381,8 @@ func BenchmarkNoopReapply(b *testing.B) {
 	}
 	m := benchManager(b, 0)
 	nss, _ := makeNetns(b, 1)
-	path := nss[0].Path
-	if _, err := m.Apply(path, d); err != nil {
+	path, ns := nss[0].Path, nss[0].Handle
+	if _, err := m.Apply(ns, d); err != nil {
 		b.Fatal(err)
 	}
 	gen := nftGeneration(b, path)
@@ -376,12 +393,12 @@ func BenchmarkNoopReapply(b *testing.B) {
 	cpu.start()
 	for i := 0; i < b.N; i++ {
 		t0 := time.Now()
-		res, err := m.Apply(path, d)
+		res, err := m.Apply(ns, d)
 		lat = append(lat, time.Since(t0))
 		if err != nil {
 			b.Fatal(err)
 		}
-		if res.Action != ruleset.Unchanged || res.Writes != 0 || res.RoutingChanged {
+		if res.Action != kernel.Unchanged || res.Writes != 0 || res.RoutingChanged {
 			b.Fatalf("no-op reapply %d: %+v, want unchanged, 0 writes, routing unchanged", i, res)
 		}
 		writes += res.Writes
@@ -477,7 +494,7 @@ func BenchmarkChangedReapply(b *testing.B) {
 			nss, _ := makeNetns(b, benchPods)
 			jobs := make([]Job, len(nss))
 			for i, ns := range nss {
-				jobs[i] = Job{Path: ns.Path, Desired: desired[0]}
+				jobs[i] = Job{NS: ns.Handle, Desired: desired[0]}
 			}
 			for i, r := range m.ApplyAll(jobs) {
 				if r.Err != nil {
@@ -488,7 +505,7 @@ func BenchmarkChangedReapply(b *testing.B) {
 			var cpu cpuClock
 			writes := 0
 			check := func(ns benchNS, res Result) {
-				if res.Action != ruleset.Replaced {
+				if res.Action != kernel.Replaced {
 					b.Fatalf("%s: %+v, want replaced", ns.Name, res)
 				}
 				writes += res.Writes
@@ -501,7 +518,7 @@ func BenchmarkChangedReapply(b *testing.B) {
 				if mode.workers < 0 {
 					for _, ns := range nss {
 						s := time.Now()
-						res, err := m.Apply(ns.Path, d)
+						res, err := m.Apply(ns.Handle, d)
 						perPod = append(perPod, time.Since(s))
 						if err != nil {
 							b.Fatal(err)
@@ -560,7 +577,7 @@ func BenchmarkEnroll1000Pool(b *testing.B) {
 					if err != nil {
 						b.Fatal(err)
 					}
-					jobs[j] = Job{Path: ns.Path, Desired: d}
+					jobs[j] = Job{NS: ns.Handle, Desired: d}
 				}
 				t1 := time.Now()
 				results := m.ApplyAll(jobs)
@@ -568,7 +585,7 @@ func BenchmarkEnroll1000Pool(b *testing.B) {
 				cpu.stop()
 				b.StopTimer()
 				for j, r := range results {
-					if r.Err != nil || r.Result.Action != ruleset.Created {
+					if r.Err != nil || r.Result.Action != kernel.Created {
 						b.Fatalf("%s: %+v %v", nss[j].Name, r.Result, r.Err)
 					}
 				}
@@ -813,12 +830,12 @@ func TestBaselineRaceReproduces(t *testing.T) {
 		m := quietManager()
 		defer m.Close()
 		d := podDesired(t, "default-ipv4")
-		first, err := m.Apply(ns.Path, d)
-		if err != nil || first.Action != ruleset.Created {
+		first, err := m.Apply(ns.Handle, d)
+		if err != nil || first.Action != kernel.Created {
 			t.Fatalf("first apply: %+v %v", first, err)
 		}
-		second, err := m.Apply(ns.Path, d)
-		if err != nil || second.Action != ruleset.Unchanged || second.Writes != 0 || second.RoutingChanged {
+		second, err := m.Apply(ns.Handle, d)
+		if err != nil || second.Action != kernel.Unchanged || second.Writes != 0 || second.RoutingChanged {
 			t.Fatalf("second apply: %+v %v, want unchanged with no writes", second, err)
 		}
 	})

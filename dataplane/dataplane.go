@@ -1,30 +1,37 @@
+// Package dataplane makes compiled rulesets real in network namespaces: the nftmesh table
+// (through package kernel, one transaction), the pod's policy routing, and the node's
+// pod IP sets. A Manager serializes work per namespace and runs different namespaces in
+// parallel through a bounded pool. Nothing here ever calls setns on a thread that goes
+// back to the Go scheduler's pool. Fake is a Manager for tests without a kernel.
 package dataplane
 
 import (
-	"errors"
 	"fmt"
-	"io/fs"
 	"log/slog"
 	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/nftmesh/nftmesh/compiler"
-	"github.com/nftmesh/nftmesh/internal/netnsexec"
-	"github.com/nftmesh/nftmesh/internal/nlraw"
+	"github.com/nftmesh/nftmesh/internal/netns"
 	"github.com/nftmesh/nftmesh/internal/textdiff"
+	"github.com/nftmesh/nftmesh/kernel"
 	"github.com/nftmesh/nftmesh/ruleset"
 )
 
-// ErrNetNSGone reports a namespace path that no longer exists (the pod is gone).
-var ErrNetNSGone = errors.New("network namespace does not exist")
+// Interface is what the code above the dataplane (the CLI, the agent) uses: Manager
+// writes to the kernel, Fake to memory. Remove takes the state Apply took.
+type Interface interface {
+	Apply(ns *netns.NS, d ruleset.Desired) (Result, error)
+	Remove(ns *netns.NS, d ruleset.Desired) (bool, error)
+	AddPodIP(host *netns.NS, ip netip.Addr, uid string) (bool, error)
+	RemovePodIP(host *netns.NS, ip netip.Addr, uid string) (bool, error)
+}
 
 // Result reports one Apply.
 type Result struct {
-	ruleset.Result
+	kernel.Result
 	RoutingChanged bool
 	// Superseded is true when a newer Apply or Remove for the same namespace was
 	// submitted before this one got its turn: it did nothing, the newer one decides.
@@ -44,12 +51,12 @@ type Manager struct {
 	log     *slog.Logger
 	workers int
 
-	cache *ruleset.Cache
+	cache *kernel.Cache
 
 	seq   atomic.Uint64
 	mu    sync.Mutex
-	state map[nsKey]*nsState
-	socks map[nsKey]*nsSockets // see sockcache.go
+	state map[netns.Key]*nsState
+	socks map[netns.Key]*nsSockets // see sockcache.go
 	swept time.Time
 }
 
@@ -68,13 +75,13 @@ func NewManager(log *slog.Logger, workers int) *Manager {
 	if workers <= 0 {
 		workers = DefaultWorkers
 	}
-	return &Manager{log: log, workers: workers, cache: ruleset.NewCache(), state: map[nsKey]*nsState{}, socks: map[nsKey]*nsSockets{}}
+	return &Manager{log: log, workers: workers, cache: kernel.NewCache(), state: map[netns.Key]*nsState{}, socks: map[netns.Key]*nsSockets{}}
 }
 
 // acquire returns the namespace's state, counted as in use, and, when ordered, a new
 // submission number for it; release undoes it. The number is taken under the same lock
 // as the state, so a state released (and deleted) meanwhile cannot forget a newer one.
-func (m *Manager) acquire(key nsKey, ordered bool) (*nsState, uint64) {
+func (m *Manager) acquire(key netns.Key, ordered bool) (*nsState, uint64) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	var seq uint64
@@ -91,7 +98,7 @@ func (m *Manager) acquire(key nsKey, ordered bool) (*nsState, uint64) {
 	return st, seq
 }
 
-func (m *Manager) release(key nsKey, st *nsState) {
+func (m *Manager) release(key netns.Key, st *nsState) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if st.users--; st.users == 0 {
@@ -102,7 +109,7 @@ func (m *Manager) release(key nsKey, st *nsState) {
 // turn registers a submission for the namespace and waits for its turn. It returns
 // superseded=true, holding nothing, when a newer submission exists by then: that one
 // will apply (or has applied) the newer intent, which must win.
-func (m *Manager) turn(key nsKey) (seq uint64, superseded bool, done func()) {
+func (m *Manager) turn(key netns.Key) (seq uint64, superseded bool, done func()) {
 	st, seq := m.acquire(key, true)
 	st.mu.Lock()
 	m.mu.Lock()
@@ -116,27 +123,18 @@ func (m *Manager) turn(key nsKey) (seq uint64, superseded bool, done func()) {
 	return seq, false, func() { st.mu.Unlock(); m.release(key, st) }
 }
 
-func open(path string) (*netNS, error) {
-	ns, err := openNetNS(path)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, fmt.Errorf("%w: %w", ErrNetNSGone, err)
-	}
-	return ns, err
-}
-
 // sockets opens, in one visit to the namespace, an nftables connection and, when routing
-// is wanted, a blocking rtnetlink socket for reading rules and routes. The caller
-// closes them.
-func sockets(ns *netNS, routing bool) (*ruleset.Conn, *nlraw.Conn, error) {
-	var conn *ruleset.Conn
-	var rt *nlraw.Conn
-	err := netnsexec.Do(ns.fd(), func() error {
+// is wanted, an rtnetlink one for the policy routing. The caller closes them.
+func sockets(ns *netns.NS, routing bool) (*kernel.Conn, *kernel.RoutingConn, error) {
+	var conn *kernel.Conn
+	var rt *kernel.RoutingConn
+	err := ns.Do(func() error {
 		var err error
-		if conn, err = ruleset.NewConn(); err != nil {
+		if conn, err = kernel.NewConn(); err != nil {
 			return err
 		}
 		if routing {
-			if rt, err = nlraw.Open(unix.NETLINK_ROUTE); err != nil {
+			if rt, err = kernel.NewRoutingConn(); err != nil {
 				conn.Close()
 				return fmt.Errorf("rtnetlink socket: %w", err)
 			}
@@ -144,26 +142,24 @@ func sockets(ns *netNS, routing bool) (*ruleset.Conn, *nlraw.Conn, error) {
 		return nil
 	})
 	if err != nil {
-		return nil, nil, fmt.Errorf("netns %s: %w", ns.path, err)
+		return nil, nil, fmt.Errorf("netns %s: %w", ns, err)
 	}
 	return conn, rt, nil
 }
 
-// Apply makes the namespace at path hold exactly d: policy routing first (idempotent,
-// harmless without the rules), then the table in one transaction. If the table fails,
-// the routing it added is removed again: nothing is left half-applied.
-func (m *Manager) Apply(path string, d ruleset.Desired) (Result, error) {
+// Apply makes namespace ns hold exactly d: policy routing first (idempotent, harmless
+// without the rules), then the table in one transaction. If the table fails, the
+// routing it added is removed again: nothing is left half-applied.
+func (m *Manager) Apply(ns *netns.NS, d ruleset.Desired) (Result, error) {
 	start := time.Now()
-	ns, err := open(path)
-	if err != nil {
-		return Result{}, err
+	if d.Table == nil {
+		return Result{}, fmt.Errorf("netns %s: apply: no table", ns)
 	}
-	defer ns.Close()
-	seq, superseded, done := m.turn(ns.key)
+	seq, superseded, done := m.turn(ns.Key())
 	defer done()
 	res := Result{Seq: seq, Superseded: superseded}
 	if superseded {
-		m.log.Debug("apply superseded by a newer one", "netns", path, "seq", seq)
+		m.log.Debug("apply superseded by a newer one", "netns", ns.Name(), "seq", seq)
 		return res, nil
 	}
 
@@ -174,42 +170,40 @@ func (m *Manager) Apply(path string, d ruleset.Desired) (Result, error) {
 	defer m.releaseSockets(socks)
 	undo := func() {}
 	if d.Routing != nil {
-		res.RoutingChanged, undo, err = ensureRouting(socks.rt, *d.Routing)
+		res.RoutingChanged, undo, err = socks.rt.Ensure(*d.Routing)
 		if err != nil {
 			undo()
-			m.dropSockets(ns.key)
-			return res, fmt.Errorf("netns %s: routing: %w", path, err)
+			m.dropSockets(ns.Key())
+			return res, fmt.Errorf("netns %s: routing: %w", ns, err)
 		}
 	}
 	res.Result, err = socks.nft.Apply(d.Table, m.cache)
 	if err != nil {
 		undo()
-		m.dropSockets(ns.key)
-		return res, fmt.Errorf("netns %s: %w", path, err)
+		m.dropSockets(ns.Key())
+		return res, fmt.Errorf("netns %s: %w", ns, err)
 	}
-	if res.Action != ruleset.Unchanged || res.RoutingChanged {
-		m.log.Info("applied", "netns", path, "table", d.Table.Name, "action", res.Action,
+	if res.Action != kernel.Unchanged || res.RoutingChanged {
+		m.log.Info("applied", "netns", ns.Name(), "table", d.Table.Name, "action", res.Action,
 			"writes", res.Writes, "routing_changed", res.RoutingChanged, "duration", time.Since(start))
 	}
 	return res, nil
 }
 
-// Remove deletes the table and, when routing is given, the policy routing from the
-// namespace at path. What is already gone is skipped. It reports whether it removed
+// Remove deletes from namespace ns what Apply(ns, d) wrote: d's table and, for a pod,
+// its policy routing. What is already gone is skipped. It reports whether it removed
 // anything.
-func (m *Manager) Remove(path, table string, routing *ruleset.Routing) (bool, error) {
-	ns, err := open(path)
-	if err != nil {
-		return false, err
+func (m *Manager) Remove(ns *netns.NS, d ruleset.Desired) (bool, error) {
+	if d.Table == nil {
+		return false, fmt.Errorf("netns %s: remove: no table", ns)
 	}
-	defer ns.Close()
-	_, superseded, done := m.turn(ns.key)
+	_, superseded, done := m.turn(ns.Key())
 	defer done()
 	if superseded {
 		return false, nil
 	}
-	m.dropSockets(ns.key)
-	conn, rt, err := sockets(ns, routing != nil)
+	m.dropSockets(ns.Key())
+	conn, rt, err := sockets(ns, d.Routing != nil)
 	if err != nil {
 		return false, err
 	}
@@ -220,30 +214,25 @@ func (m *Manager) Remove(path, table string, routing *ruleset.Routing) (bool, er
 	if cookie, err := conn.NetNSCookie(); err == nil {
 		m.cache.Forget(cookie)
 	}
-	removed, err := conn.Delete(table)
+	removed, err := conn.Delete(d.Table.Name)
 	if err != nil {
-		return false, fmt.Errorf("netns %s: %w", path, err)
+		return false, fmt.Errorf("netns %s: %w", ns, err)
 	}
-	if routing != nil {
-		r, err := removeRouting(rt, *routing)
+	if d.Routing != nil {
+		r, err := rt.Remove(*d.Routing)
 		removed = removed || r
 		if err != nil {
-			return removed, fmt.Errorf("netns %s: routing: %w", path, err)
+			return removed, fmt.Errorf("netns %s: routing: %w", ns, err)
 		}
 	}
 	if removed {
-		m.log.Info("removed", "netns", path, "table", table)
+		m.log.Info("removed", "netns", ns.Name(), "table", d.Table.Name)
 	}
 	return removed, nil
 }
 
-// readLive reads nftmesh's table (with set elements) from the namespace at path.
-func readLive(path, table string) (*ruleset.Live, error) {
-	ns, err := open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer ns.Close()
+// readLive reads nftmesh's table (with set elements) from namespace ns.
+func readLive(ns *netns.NS, table string) (*kernel.Live, error) {
 	conn, _, err := sockets(ns, false)
 	if err != nil {
 		return nil, err
@@ -251,25 +240,25 @@ func readLive(path, table string) (*ruleset.Live, error) {
 	defer conn.Close()
 	live, err := conn.ReadLive(table, true)
 	if err != nil {
-		return nil, fmt.Errorf("netns %s: table inet %s: %w", path, table, err)
+		return nil, fmt.Errorf("netns %s: table inet %s: %w", ns, table, err)
 	}
 	return live, nil
 }
 
-// Show returns the live table of the namespace at path as canonical text, or "" when
-// there is none.
-func Show(path, table string) (string, error) {
-	live, err := readLive(path, table)
+// Show returns the live table of namespace ns as canonical text, or "" when there is
+// none.
+func Show(ns *netns.NS, table string) (string, error) {
+	live, err := readLive(ns, table)
 	if err != nil || live == nil {
 		return "", err
 	}
 	return live.Render(), nil
 }
 
-// Diff compares the live table of the namespace at path with want: "" when they match,
-// else a unified diff (live first). Runtime set elements are not compared.
-func Diff(path string, want *ruleset.Table) (string, error) {
-	live, err := readLive(path, want.Name)
+// Diff compares the live table of namespace ns with want: "" when they match, else a
+// unified diff (live first). Runtime set elements are not compared.
+func Diff(ns *netns.NS, want *ruleset.Table) (string, error) {
+	live, err := readLive(ns, want.Name)
 	if err != nil {
 		return "", err
 	}
@@ -280,18 +269,18 @@ func Diff(path string, want *ruleset.Table) (string, error) {
 	if live != nil {
 		liveText = live.Render()
 	}
-	d := textdiff.Unified("live "+path, "desired", liveText, want.Render())
+	d := textdiff.Unified("live "+ns.Name(), "desired", liveText, want.Render())
 	if d == "" {
 		// Equal text, different state: runtime elements are rendered but not compared,
 		// so this only happens for a difference the text cannot show.
-		d = "--- live " + path + "\n+++ desired\n(differs in a way the text does not show: re-apply)\n"
+		d = "--- live " + ns.Name() + "\n+++ desired\n(differs in a way the text does not show: re-apply)\n"
 	}
 	return d, nil
 }
 
 // Job is one namespace for ApplyAll.
 type Job struct {
-	Path    string
+	NS      *netns.NS
 	Desired ruleset.Desired
 }
 
@@ -315,7 +304,7 @@ func (m *Manager) ApplyAll(jobs []Job) []JobResult {
 				if i >= len(jobs) {
 					return
 				}
-				out[i].Result, out[i].Err = m.Apply(jobs[i].Path, jobs[i].Desired)
+				out[i].Result, out[i].Err = m.Apply(jobs[i].NS, jobs[i].Desired)
 			}
 		}()
 	}
@@ -333,45 +322,48 @@ func podIPSet(ip netip.Addr) string {
 // AddPodIP adds an enrolled pod's IP to the node's pod IP set, owned by the pod's UID.
 // Idempotent; an IP still owned by another UID (reused) is handed over. It reports
 // whether it wrote.
-func (m *Manager) AddPodIP(hostPath string, ip netip.Addr, uid string) (bool, error) {
-	return m.podIP(hostPath, ip, uid, (*ruleset.Conn).AddElement, "add")
+func (m *Manager) AddPodIP(host *netns.NS, ip netip.Addr, uid string) (bool, error) {
+	return m.podIP(host, ip, uid, (*kernel.Conn).AddElement, "add")
 }
 
 // RemovePodIP removes a pod's IP from the node's set, only if uid still owns it: a new
 // pod that got the same IP keeps its entry. It reports whether it wrote.
-func (m *Manager) RemovePodIP(hostPath string, ip netip.Addr, uid string) (bool, error) {
-	return m.podIP(hostPath, ip, uid, (*ruleset.Conn).DeleteElement, "remove")
+func (m *Manager) RemovePodIP(host *netns.NS, ip netip.Addr, uid string) (bool, error) {
+	return m.podIP(host, ip, uid, (*kernel.Conn).DeleteElement, "remove")
 }
 
-func (m *Manager) podIP(hostPath string, ip netip.Addr, uid string,
-	op func(*ruleset.Conn, string, string, netip.Addr, string) (bool, error), verb string) (bool, error) {
+// checkPodIP refuses what no kernel would be asked: an element without owner or address.
+func checkPodIP(ip netip.Addr, uid, verb string) error {
 	if uid == "" {
-		return false, fmt.Errorf("pod IP %s: %s: empty pod UID", ip, verb)
+		return fmt.Errorf("pod IP %s: %s: empty pod UID", ip, verb)
 	}
 	if !ip.IsValid() {
-		return false, fmt.Errorf("pod %s: %s: invalid IP", uid, verb)
+		return fmt.Errorf("pod %s: %s: invalid IP", uid, verb)
 	}
-	ip = ip.Unmap()
-	ns, err := open(hostPath)
-	if err != nil {
+	return nil
+}
+
+func (m *Manager) podIP(host *netns.NS, ip netip.Addr, uid string,
+	op func(*kernel.Conn, string, string, netip.Addr, string) (bool, error), verb string) (bool, error) {
+	if err := checkPodIP(ip, uid, verb); err != nil {
 		return false, err
 	}
-	defer ns.Close()
+	ip = ip.Unmap()
 	// Element changes are not superseded by later submissions: each is its own fact.
-	st, _ := m.acquire(ns.key, false)
+	st, _ := m.acquire(host.Key(), false)
 	st.mu.Lock()
-	defer func() { st.mu.Unlock(); m.release(ns.key, st) }()
-	conn, _, err := sockets(ns, false)
+	defer func() { st.mu.Unlock(); m.release(host.Key(), st) }()
+	conn, _, err := sockets(host, false)
 	if err != nil {
 		return false, err
 	}
 	defer conn.Close()
 	changed, err := op(conn, compiler.TableName, podIPSet(ip), ip, uid)
 	if err != nil {
-		return false, fmt.Errorf("netns %s: pod %s IP %s: %s: %w", hostPath, uid, ip, verb, err)
+		return false, fmt.Errorf("netns %s: pod %s IP %s: %s: %w", host, uid, ip, verb, err)
 	}
 	if changed {
-		m.log.Info("pod IP "+verb, "netns", hostPath, "uid", uid, "ip", ip)
+		m.log.Info("pod IP "+verb, "netns", host.Name(), "uid", uid, "ip", ip)
 	}
 	return changed, nil
 }

@@ -15,8 +15,10 @@ import (
 	"testing"
 
 	"github.com/nftmesh/nftmesh/compiler"
+	"github.com/nftmesh/nftmesh/internal/netns"
 	"github.com/nftmesh/nftmesh/internal/nettest"
 	"github.com/nftmesh/nftmesh/internal/textdiff"
+	"github.com/nftmesh/nftmesh/kernel"
 	"github.com/nftmesh/nftmesh/ruleset"
 )
 
@@ -25,12 +27,22 @@ func TestMain(m *testing.M) {
 	if path := os.Getenv("NFTMESH_TEST_APPLY_UNPRIVILEGED"); path != "" {
 		d, err := compiler.PodState(compiler.DefaultIntent(), nil)
 		if err == nil {
-			_, err = quietManager().Apply(path, d)
+			_, err = applyPath(quietManager(), path, d)
 		}
 		fmt.Print(err)
 		os.Exit(0)
 	}
 	os.Exit(nettest.RunGuarded(m))
+}
+
+// applyPath is what the CLI and the agent do with a namespace path: open it, apply.
+func applyPath(m *Manager, path string, d ruleset.Desired) (Result, error) {
+	ns, err := netns.Open(path)
+	if err != nil {
+		return Result{}, err
+	}
+	defer ns.Close()
+	return m.Apply(ns, d)
 }
 
 func quietManager() *Manager { return NewManager(slog.New(slog.NewTextHandler(io.Discard, nil)), 0) }
@@ -128,11 +140,11 @@ func TestApplyEveryFixture(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			ns := nettest.New(t)
 			d := podDesired(t, name)
-			res, err := m.Apply(ns.Path, d)
+			res, err := m.Apply(ns.Handle, d)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if res.Action != ruleset.Created || !res.RoutingChanged {
+			if res.Action != kernel.Created || !res.RoutingChanged {
 				t.Errorf("first apply: %+v", res)
 			}
 			golden, err := os.ReadFile(filepath.Join("../fixtures/golden", name+".pod.nft"))
@@ -159,12 +171,10 @@ func TestNoOpReapplyWritesNothing(t *testing.T) {
 	ns := nettest.New(t)
 	m := quietManager()
 	d := podDesired(t, "custom-dualstack")
-	if _, err := m.Apply(ns.Path, d); err != nil {
+	if _, err := m.Apply(ns.Handle, d); err != nil {
 		t.Fatal(err)
 	}
-	f, _ := os.Open(ns.Path)
-	defer f.Close()
-	conn, err := ruleset.DialNetNS(int(f.Fd()))
+	conn, err := kernel.Dial(ns.Handle)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -175,11 +185,11 @@ func TestNoOpReapplyWritesNothing(t *testing.T) {
 	}
 	routes := routing(t, ns)
 	for i := 0; i < 3; i++ {
-		res, err := m.Apply(ns.Path, podDesired(t, "custom-dualstack"))
+		res, err := m.Apply(ns.Handle, podDesired(t, "custom-dualstack"))
 		if err != nil {
 			t.Fatal(err)
 		}
-		if res.Action != ruleset.Unchanged || res.Writes != 0 || res.RoutingChanged {
+		if res.Action != kernel.Unchanged || res.Writes != 0 || res.RoutingChanged {
 			t.Errorf("reapply %d: %+v, want unchanged, 0 writes", i, res)
 		}
 	}
@@ -200,16 +210,16 @@ func TestForeignTablesUntouched(t *testing.T) {
 		name string
 		do   func() error
 	}{
-		{"create", func() error { _, err := m.Apply(ns.Path, podDesired(t, "default-dualstack")); return err }},
-		{"no-op", func() error { _, err := m.Apply(ns.Path, podDesired(t, "default-dualstack")); return err }},
-		{"replace", func() error { _, err := m.Apply(ns.Path, podDesired(t, "redirect-ipv4")); return err }},
-		{"replace dns", func() error { _, err := m.Apply(ns.Path, podDesired(t, "custom-dualstack")); return err }},
+		{"create", func() error { _, err := m.Apply(ns.Handle, podDesired(t, "default-dualstack")); return err }},
+		{"no-op", func() error { _, err := m.Apply(ns.Handle, podDesired(t, "default-dualstack")); return err }},
+		{"replace", func() error { _, err := m.Apply(ns.Handle, podDesired(t, "redirect-ipv4")); return err }},
+		{"replace dns", func() error { _, err := m.Apply(ns.Handle, podDesired(t, "custom-dualstack")); return err }},
 		{"remove", func() error {
-			_, err := m.Remove(ns.Path, compiler.TableName, podDesired(t, "custom-dualstack").Routing)
+			_, err := m.Remove(ns.Handle, podDesired(t, "custom-dualstack"))
 			return err
 		}},
 		{"remove again", func() error {
-			_, err := m.Remove(ns.Path, compiler.TableName, podDesired(t, "custom-dualstack").Routing)
+			_, err := m.Remove(ns.Handle, podDesired(t, "custom-dualstack"))
 			return err
 		}},
 	}
@@ -227,10 +237,10 @@ func TestRemove(t *testing.T) {
 	m := quietManager()
 	before := routing(t, ns)
 	d := podDesired(t, "default-dualstack")
-	if _, err := m.Apply(ns.Path, d); err != nil {
+	if _, err := m.Apply(ns.Handle, d); err != nil {
 		t.Fatal(err)
 	}
-	removed, err := m.Remove(ns.Path, compiler.TableName, d.Routing)
+	removed, err := m.Remove(ns.Handle, d)
 	if err != nil || !removed {
 		t.Fatalf("remove: %v %v", removed, err)
 	}
@@ -240,7 +250,7 @@ func TestRemove(t *testing.T) {
 	if after := routing(t, ns); after != before {
 		t.Errorf("routing left:\n%s", textdiff.Unified("before apply", "after remove", before, after))
 	}
-	if removed, err := m.Remove(ns.Path, compiler.TableName, d.Routing); err != nil || removed {
+	if removed, err := m.Remove(ns.Handle, d); err != nil || removed {
 		t.Errorf("second remove: %v %v, want a no-op", removed, err)
 	}
 }
@@ -250,11 +260,11 @@ func TestIPv6Off(t *testing.T) {
 	nettest.Require(t, "nft")
 	ns := nettest.New(t)
 	m := quietManager()
-	if _, err := m.Apply(ns.Path, podDesired(t, "default-dualstack")); err != nil {
+	if _, err := m.Apply(ns.Handle, podDesired(t, "default-dualstack")); err != nil {
 		t.Fatal(err)
 	}
-	res, err := m.Apply(ns.Path, podDesired(t, "default-ipv4"))
-	if err != nil || res.Action != ruleset.Replaced || !res.RoutingChanged {
+	res, err := m.Apply(ns.Handle, podDesired(t, "default-ipv4"))
+	if err != nil || res.Action != kernel.Replaced || !res.RoutingChanged {
 		t.Fatalf("%+v %v", res, err)
 	}
 	if r6 := ns.MustRun(t, "ip", "-6", "rule", "show"); strings.Contains(r6, "lookup 100") {
@@ -287,7 +297,7 @@ func TestConcurrentAppliesSameNetns(t *testing.T) {
 		wg.Add(1)
 		go func(name string) {
 			defer wg.Done()
-			res, err := m.Apply(ns.Path, desired[name])
+			res, err := m.Apply(ns.Handle, desired[name])
 			results <- outcome{name, res, err}
 		}(names[i%len(names)])
 	}
@@ -324,10 +334,10 @@ func TestApplyAllParallel(t *testing.T) {
 		ns := nettest.New(t)
 		nss = append(nss, ns)
 		name := []string{"default-dualstack", "redirect-ipv4", "custom-dualstack"}[i%3]
-		jobs = append(jobs, Job{Path: ns.Path, Desired: podDesired(t, name)})
+		jobs = append(jobs, Job{NS: ns.Handle, Desired: podDesired(t, name)})
 	}
 	for i, r := range m.ApplyAll(jobs) {
-		if r.Err != nil || r.Result.Action != ruleset.Created {
+		if r.Err != nil || r.Result.Action != kernel.Created {
 			t.Errorf("job %d: %+v %v", i, r.Result, r.Err)
 		}
 		if got := nftTable(t, nss[i]); got != jobs[i].Desired.Table.Render() {
@@ -343,15 +353,15 @@ func TestErrors(t *testing.T) {
 
 	t.Run("netns missing", func(t *testing.T) {
 		path := "/run/netns/nftmesh-does-not-exist"
-		_, err := m.Apply(path, d)
-		if !errors.Is(err, ErrNetNSGone) || !strings.Contains(err.Error(), path) {
-			t.Errorf("got %v, want ErrNetNSGone naming %s", err, path)
+		_, err := applyPath(m, path, d)
+		if !errors.Is(err, netns.ErrGone) || !strings.Contains(err.Error(), path) {
+			t.Errorf("got %v, want netns.ErrGone naming %s", err, path)
 		}
 	})
 	t.Run("not a netns", func(t *testing.T) {
 		path := filepath.Join(t.TempDir(), "file")
 		os.WriteFile(path, nil, 0o644)
-		_, err := m.Apply(path, d)
+		_, err := applyPath(m, path, d)
 		if err == nil || !strings.Contains(err.Error(), path) || !strings.Contains(err.Error(), "not a network namespace") {
 			t.Errorf("got %v", err)
 		}
@@ -359,7 +369,7 @@ func TestErrors(t *testing.T) {
 	t.Run("kernel rejection leaves the netns as it was", func(t *testing.T) {
 		ns := nettest.New(t)
 		check := foreign(t, ns)
-		if _, err := m.Apply(ns.Path, d); err != nil {
+		if _, err := m.Apply(ns.Handle, d); err != nil {
 			t.Fatal(err)
 		}
 		before, routesBefore := nftTable(t, ns), routing(t, ns)
@@ -369,7 +379,7 @@ func TestErrors(t *testing.T) {
 			{Statements: []ruleset.Statement{ruleset.Redirect{Port: 1}}}}})
 		c := bad.Table.Chain(compiler.ChainManglePrerouting)
 		c.Rules = append(c.Rules, ruleset.Rule{Statements: []ruleset.Statement{ruleset.Verdict{Kind: ruleset.Jump, Chain: "sub"}}})
-		_, err := m.Apply(ns.Path, bad)
+		_, err := m.Apply(ns.Handle, bad)
 		if err == nil || !strings.Contains(err.Error(), ns.Path) || !strings.Contains(err.Error(), "table inet nftmesh") {
 			t.Fatalf("got %v, want an error naming the netns and the table", err)
 		}
@@ -413,7 +423,7 @@ func TestErrors(t *testing.T) {
 	})
 	t.Run("netns deleted mid-apply", func(t *testing.T) {
 		// Deleting a namespace's name while applies run must give each apply a clean
-		// result: done (the open fd kept the namespace alive) or ErrNetNSGone.
+		// result: done (the open fd kept the namespace alive) or netns.ErrGone.
 		for i := 0; i < 5; i++ {
 			name := fmt.Sprintf("nftmesh-t%d-gone%d", os.Getpid(), i)
 			if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
@@ -426,7 +436,7 @@ func TestErrors(t *testing.T) {
 				wg.Add(1)
 				go func() {
 					defer wg.Done()
-					_, err := m.Apply(path, d)
+					_, err := applyPath(m, path, d)
 					errs <- err
 				}()
 			}
@@ -434,7 +444,7 @@ func TestErrors(t *testing.T) {
 			wg.Wait()
 			close(errs)
 			for err := range errs {
-				if err != nil && !errors.Is(err, ErrNetNSGone) && !strings.Contains(err.Error(), path) {
+				if err != nil && !errors.Is(err, netns.ErrGone) && !strings.Contains(err.Error(), path) {
 					t.Errorf("apply during delete: %v", err)
 				}
 			}
@@ -451,12 +461,12 @@ func TestHostPodIPs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := m.Apply(ns.Path, host); err != nil {
+	if _, err := m.Apply(ns.Handle, host); err != nil {
 		t.Fatal(err)
 	}
 	ip4, ip6 := netip.MustParseAddr("10.244.0.7"), netip.MustParseAddr("fd00:10:244::7")
 	elements := func() string {
-		s, err := Show(ns.Path, compiler.TableName)
+		s, err := Show(ns.Handle, compiler.TableName)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -488,9 +498,9 @@ func TestHostPodIPs(t *testing.T) {
 		var changed bool
 		var err error
 		if s.op == "add" {
-			changed, err = m.AddPodIP(ns.Path, s.ip, s.uid)
+			changed, err = m.AddPodIP(ns.Handle, s.ip, s.uid)
 		} else {
-			changed, err = m.RemovePodIP(ns.Path, s.ip, s.uid)
+			changed, err = m.RemovePodIP(ns.Handle, s.ip, s.uid)
 		}
 		if err != nil {
 			t.Fatalf("step %d %s %s %s: %v", i, s.op, s.ip, s.uid, err)
@@ -511,16 +521,16 @@ func TestHostPodIPs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if res, err := m.Apply(ns.Path, changed); err != nil || res.Action != ruleset.Replaced {
+	if res, err := m.Apply(ns.Handle, changed); err != nil || res.Action != kernel.Replaced {
 		t.Fatalf("%+v %v", res, err)
 	}
 	if got := elements(); got != "elements = { fd00:10:244::7 }" {
 		t.Errorf("elements after host replace: %q", got)
 	}
-	if _, err := m.AddPodIP(ns.Path, netip.Addr{}, "x"); err == nil {
+	if _, err := m.AddPodIP(ns.Handle, netip.Addr{}, "x"); err == nil {
 		t.Error("invalid IP accepted")
 	}
-	if _, err := m.AddPodIP(ns.Path, ip4, ""); err == nil {
+	if _, err := m.AddPodIP(ns.Handle, ip4, ""); err == nil {
 		t.Error("empty UID accepted")
 	}
 	check("pod IP changes")
@@ -533,7 +543,7 @@ func TestSocketCache(t *testing.T) {
 	a, b := nettest.New(t), nettest.New(t)
 	d := podDesired(t, "default-dualstack")
 	for _, ns := range []*nettest.Netns{a, b, a} {
-		if _, err := m.Apply(ns.Path, d); err != nil {
+		if _, err := m.Apply(ns.Handle, d); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -544,10 +554,10 @@ func TestSocketCache(t *testing.T) {
 	for _, s := range m.socks {
 		first = s
 	}
-	if _, err := m.Apply(a.Path, d); err != nil {
+	if _, err := m.Apply(a.Handle, d); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := m.Apply(b.Path, d); err != nil {
+	if _, err := m.Apply(b.Handle, d); err != nil {
 		t.Fatal(err)
 	}
 	reused := false
@@ -557,7 +567,7 @@ func TestSocketCache(t *testing.T) {
 	if !reused {
 		t.Error("sockets were made again for a cached namespace")
 	}
-	if _, err := m.Remove(a.Path, compiler.TableName, d.Routing); err != nil {
+	if _, err := m.Remove(a.Handle, d); err != nil {
 		t.Fatal(err)
 	}
 	if n := len(m.socks); n != 1 {
@@ -568,7 +578,7 @@ func TestSocketCache(t *testing.T) {
 		t.Errorf("%d namespaces cached after Close", n)
 	}
 	// A manager still works after Close: it makes sockets again.
-	if res, err := m.Apply(b.Path, d); err != nil || res.Action != ruleset.Unchanged {
+	if res, err := m.Apply(b.Handle, d); err != nil || res.Action != kernel.Unchanged {
 		t.Errorf("apply after Close: %+v %v", res, err)
 	}
 	m.Close()

@@ -1,13 +1,10 @@
 package dataplane
 
 import (
-	"os"
 	"time"
 
-	"golang.org/x/sys/unix"
-
-	"github.com/nftmesh/nftmesh/internal/nlraw"
-	"github.com/nftmesh/nftmesh/ruleset"
+	"github.com/nftmesh/nftmesh/internal/netns"
+	"github.com/nftmesh/nftmesh/kernel"
 )
 
 // A Manager keeps each namespace's sockets between applies: making them costs a visit to
@@ -21,12 +18,12 @@ import (
 const socketIdle = 30 * time.Second
 
 type nsSockets struct {
-	file  *os.File // our own handle on the namespace
-	nft   *ruleset.Conn
-	rt    *nlraw.Conn // made when a pod apply first needs it
-	used  time.Time   // guarded by Manager.mu, as are inUse and dead
-	inUse int         // applies holding these sockets: never closed under them
-	dead  bool        // dropped while in use: the last user closes
+	ns    *netns.NS // our own handle on the namespace
+	nft   *kernel.Conn
+	rt    *kernel.RoutingConn // made when a pod apply first needs it
+	used  time.Time           // guarded by Manager.mu, as are inUse and dead
+	inUse int                 // applies holding these sockets: never closed under them
+	dead  bool                // dropped while in use: the last user closes
 }
 
 func (s *nsSockets) close() {
@@ -34,13 +31,13 @@ func (s *nsSockets) close() {
 	if s.rt != nil {
 		s.rt.Close()
 	}
-	s.file.Close()
+	s.ns.Close()
 }
 
 // cachedSockets returns the namespace's sockets, making what is missing, and marks them
 // in use until releaseSockets. The caller holds the namespace's turn, so no other apply
 // uses them meanwhile; the sweep and Close never close sockets in use.
-func (m *Manager) cachedSockets(ns *netNS, routing bool) (*nsSockets, error) {
+func (m *Manager) cachedSockets(ns *netns.NS, routing bool) (*nsSockets, error) {
 	now := time.Now()
 	m.mu.Lock()
 	var stale []*nsSockets
@@ -53,7 +50,7 @@ func (m *Manager) cachedSockets(ns *netNS, routing bool) (*nsSockets, error) {
 			}
 		}
 	}
-	s := m.socks[ns.key]
+	s := m.socks[ns.Key()]
 	if s != nil {
 		s.inUse++
 		s.used = now
@@ -77,7 +74,7 @@ func (m *Manager) cachedSockets(ns *netNS, routing bool) (*nsSockets, error) {
 		s.rt = rt
 		return s, nil
 	}
-	fd, err := unix.FcntlInt(uintptr(ns.fd()), unix.F_DUPFD_CLOEXEC, 0)
+	own, err := ns.Dup()
 	if err != nil {
 		nft.Close()
 		if rt != nil {
@@ -85,9 +82,9 @@ func (m *Manager) cachedSockets(ns *netNS, routing bool) (*nsSockets, error) {
 		}
 		return nil, err
 	}
-	s = &nsSockets{file: os.NewFile(uintptr(fd), ns.path), nft: nft, rt: rt, used: now, inUse: 1}
+	s = &nsSockets{ns: own, nft: nft, rt: rt, used: now, inUse: 1}
 	m.mu.Lock()
-	m.socks[ns.key] = s
+	m.socks[ns.Key()] = s
 	m.mu.Unlock()
 	return s, nil
 }
@@ -105,7 +102,7 @@ func (m *Manager) releaseSockets(s *nsSockets) {
 
 // dropSockets forgets the namespace's sockets (after an error their state is unknown;
 // after a remove they are not needed) and closes them once no apply uses them.
-func (m *Manager) dropSockets(key nsKey) {
+func (m *Manager) dropSockets(key netns.Key) {
 	m.mu.Lock()
 	s := m.socks[key]
 	delete(m.socks, key)
@@ -129,7 +126,7 @@ func (m *Manager) Close() error {
 			idle = append(idle, s)
 		}
 	}
-	m.socks = map[nsKey]*nsSockets{}
+	m.socks = map[netns.Key]*nsSockets{}
 	m.mu.Unlock()
 	for _, s := range idle {
 		s.close()

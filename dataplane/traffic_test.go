@@ -10,12 +10,12 @@ package dataplane
 // accepted, so every case asserts exactly where a connection landed: which listener,
 // local, remote, and original destination (SO_ORIGINAL_DST from conntrack).
 //
-// For each traffic class of reference.md section 2, in both capture modes (tproxy,
+// For each traffic class of docs/rules.md#traffic-classes, in both capture modes (tproxy,
 // redirect) and both families, TestTraffic proves where a connection lands, with DNS
 // capture off and then on. Then it proves the tests have teeth: it removes the rule (or
 // the match, or the policy routing) a class depends on, applies that, asserts the class
 // now lands elsewhere or breaks, and applies the intact rules again and asserts the
-// class is healed. The node side (reference.md section 3) is proven the same way.
+// class is healed. The node side (docs/rules.md#node-side-probe-snat) is proven the same way.
 
 import (
 	"fmt"
@@ -129,7 +129,7 @@ func (w *world) applyPod(t *testing.T, mutate func(*ruleset.Desired)) {
 	if mutate != nil {
 		mutate(&d)
 	}
-	if _, err := w.m.Apply(w.topo.Pod.Path, d); err != nil {
+	if _, err := w.m.Apply(w.topo.Pod.Handle, d); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -140,7 +140,7 @@ func (w *world) applyHost(t *testing.T, mutate func(*ruleset.Desired)) {
 	if mutate != nil {
 		mutate(&d)
 	}
-	if _, err := w.m.Apply(w.topo.Node.Path, d); err != nil {
+	if _, err := w.m.Apply(w.topo.Node.Handle, d); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -149,7 +149,7 @@ func (w *world) applyHost(t *testing.T, mutate func(*ruleset.Desired)) {
 func (w *world) enroll(t *testing.T) {
 	t.Helper()
 	for _, f := range w.topo.Families() {
-		if _, err := w.m.AddPodIP(w.topo.Node.Path, f.Pod, "pod-uid"); err != nil {
+		if _, err := w.m.AddPodIP(w.topo.Node.Handle, f.Pod, "pod-uid"); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -339,7 +339,7 @@ var podClasses = []class{
 }
 
 // nodeClasses run with the node ruleset applied in the node namespace and the pod's IPs
-// enrolled (reference.md section 3).
+// enrolled (docs/rules.md#node-side-probe-snat).
 var nodeClasses = []class{
 	{
 		// Kubelet: a connection made in the node namespace, from no particular address.
@@ -544,7 +544,7 @@ var podTeeth = []tooth{
 		name: "policy-routing-removed", class: "spoofed-inbound-to-app",
 		breakIt: func(t *testing.T, w *world) {
 			d := w.podDesired(t)
-			if _, err := w.m.Remove(w.topo.Pod.Path, compiler.TableName, d.Routing); err != nil {
+			if _, err := w.m.Remove(w.topo.Pod.Handle, d); err != nil {
 				t.Fatal(err)
 			}
 			w.applyPod(t, func(d *ruleset.Desired) { d.Routing = nil })
@@ -603,7 +603,7 @@ var nodeTeeth = []tooth{
 		name: "pod-not-enrolled", class: "node-to-pod",
 		breakIt: func(t *testing.T, w *world) {
 			for _, f := range w.topo.Families() {
-				if changed, err := w.m.RemovePodIP(w.topo.Node.Path, f.Pod, "pod-uid"); err != nil || !changed {
+				if changed, err := w.m.RemovePodIP(w.topo.Node.Handle, f.Pod, "pod-uid"); err != nil || !changed {
 					t.Fatalf("remove pod IP %s: %v %v", f.Pod, changed, err)
 				}
 			}

@@ -25,6 +25,7 @@ import (
 
 	"github.com/nftmesh/nftmesh/compiler"
 	"github.com/nftmesh/nftmesh/dataplane"
+	"github.com/nftmesh/nftmesh/internal/netns"
 	"github.com/nftmesh/nftmesh/internal/nettest"
 	"github.com/nftmesh/nftmesh/proxy/identity"
 	"github.com/nftmesh/nftmesh/proxy/workload"
@@ -303,7 +304,7 @@ func (m *Mesh) applyRules() {
 		m.tb.Fatal(err)
 	}
 	for _, n := range []*Node{m.Node1, m.Node2} {
-		if _, err := m.mgr.Apply(n.NS.Path, m.hostDesired); err != nil {
+		if _, err := m.mgr.Apply(n.NS.Handle, m.hostDesired); err != nil {
 			m.tb.Fatalf("%s: %v", n.Name, err)
 		}
 	}
@@ -313,7 +314,7 @@ func (m *Mesh) applyRules() {
 		}
 		m.SetRules(p, true)
 		for _, ip := range []netip.Addr{p.V4, p.V6} {
-			if _, err := m.mgr.AddPodIP(p.Node.NS.Path, ip, p.UID); err != nil {
+			if _, err := m.mgr.AddPodIP(p.Node.NS.Handle, ip, p.UID); err != nil {
 				m.tb.Fatalf("%s: %v", p.Name, err)
 			}
 		}
@@ -329,9 +330,9 @@ func (m *Mesh) SetRules(p *Pod, on bool) {
 	}
 	var err error
 	if on {
-		_, err = m.mgr.Apply(p.NS.Path, m.podDesired)
+		_, err = m.mgr.Apply(p.NS.Handle, m.podDesired)
 	} else {
-		_, err = m.mgr.Remove(p.NS.Path, m.podDesired.Table.Name, m.podDesired.Routing)
+		_, err = m.mgr.Remove(p.NS.Handle, m.podDesired)
 	}
 	if err != nil {
 		m.tb.Fatalf("%s: rules on=%v: %v", p.Name, on, err)
@@ -433,14 +434,14 @@ func (m *Mesh) ProxyArgs(sock string) []string {
 // Ack: its listeners are up when this returns.
 func (m *Mesh) Enroll(agent *zds.Server, uid string, info zds.WorkloadInfo, ns *nettest.Netns) {
 	m.tb.Helper()
-	f, err := os.Open(ns.Path)
+	h, err := netns.Open(ns.Path)
 	if err != nil {
 		m.tb.Fatal(err)
 	}
-	defer f.Close() // the agent keeps ownership; the proxy got a duplicate
+	defer h.Close() // the agent keeps ownership; the proxy got a duplicate
 	ctx, cancel := context.WithTimeout(context.Background(), enrollTimeout)
 	defer cancel()
-	if err := agent.AddWorkload(ctx, uid, info, f); err != nil {
+	if err := agent.AddWorkload(ctx, uid, info, h); err != nil {
 		m.tb.Fatalf("enroll %s: %v", info.Name, err)
 	}
 }

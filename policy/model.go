@@ -1,5 +1,5 @@
 // Package policy is nftmesh's L4 authorization: Istio AuthorizationPolicy objects
-// translated to what a node proxy can enforce on a connection (reference.md section 6),
+// translated to what a node proxy can enforce on a connection (docs/authorization.md),
 // precompiled and indexed so that a decision costs only the few rules that can match it,
 // and explained so that a person can see why a connection was refused.
 //

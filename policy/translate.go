@@ -368,7 +368,7 @@ func sourceL7(s *apiv1beta1.Source) []string {
 	}{
 		{"requestPrincipals", len(s.RequestPrincipals)}, {"notRequestPrincipals", len(s.NotRequestPrincipals)},
 		{"remoteIpBlocks", len(s.RemoteIpBlocks)}, {"notRemoteIpBlocks", len(s.NotRemoteIpBlocks)},
-		// Not L7, but not in the node proxy's L4 model either (reference.md section 6):
+		// Not L7, but not in the node proxy's L4 model either (docs/authorization.md#the-l4-model):
 		// treated like L7, so an ALLOW fails closed instead of matching more than written.
 		{"trustDomains", len(s.TrustDomains)}, {"notTrustDomains", len(s.NotTrustDomains)},
 	} {
@@ -430,7 +430,7 @@ func (t *translator) rule(i int, r *apiv1beta1.Rule) {
 			}
 			where := fmt.Sprintf("from[%d].source", j)
 			if len(s.TrustDomains)+len(s.NotTrustDomains) > 0 {
-				t.warn(i, "%s: trustDomains and notTrustDomains are not part of the node proxy's L4 model (reference.md section 6), so they are handled like L7 fields", where)
+				t.warn(i, "%s: trustDomains and notTrustDomains are not part of the node proxy's L4 model (docs/authorization.md#the-l4-model), so they are handled like L7 fields", where)
 			}
 			if f7 := sourceL7(s); len(f7) > 0 {
 				l7 = append(l7, prefixed(where+".", f7)...)

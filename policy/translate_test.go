@@ -15,7 +15,7 @@ import (
 
 func pfx(s string) netip.Prefix { return netip.MustParsePrefix(s) }
 
-// The mapping of reference.md section 6, field by field.
+// The mapping of docs/authorization.md#mapping-from-authorizationpolicy, field by field.
 func TestTranslateMapping(t *testing.T) {
 	ps := mustParse(t, doc("app", "full", `
 selector:

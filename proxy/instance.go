@@ -7,12 +7,12 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-	"os"
 	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/nftmesh/nftmesh/internal/netns"
 	"github.com/nftmesh/nftmesh/internal/rawio"
 	"github.com/nftmesh/nftmesh/policy"
 	"github.com/nftmesh/nftmesh/proxy/hbone"
@@ -26,7 +26,7 @@ type instance struct {
 	p     *Proxy
 	uid   string
 	info  zds.WorkloadInfo
-	netns *os.File
+	netns *netns.NS
 	id    identity.ID
 	ips   []netip.Addr
 	wl    *workload.Workload // nil when the store does not know the pod
@@ -55,17 +55,15 @@ type liveConn struct {
 	denied   bool     // guarded by instance.mu
 }
 
-func (i *instance) fd() int { return int(i.netns.Fd()) }
-
-// startInstance opens the pod's listeners in netns and serves them. The instance owns
-// netns; on error it has closed it.
-func (p *Proxy) startInstance(uid string, info zds.WorkloadInfo, netns *os.File) (*instance, error) {
+// startInstance opens the pod's listeners in ns and serves them. The instance owns ns;
+// on error it has closed it.
+func (p *Proxy) startInstance(uid string, info zds.WorkloadInfo, ns *netns.NS) (*instance, error) {
 	sa := info.ServiceAccount
 	if sa == "" {
 		sa = "default"
 	}
 	inst := &instance{
-		p: p, uid: uid, info: info, netns: netns,
+		p: p, uid: uid, info: info, netns: ns,
 		id:   identity.ForServiceAccount(p.issuer.TrustDomain(), info.Namespace, sa),
 		live: map[*liveConn]struct{}{},
 	}
@@ -85,7 +83,7 @@ func (p *Proxy) startInstance(uid string, info zds.WorkloadInfo, netns *os.File)
 	}
 	for _, any := range families {
 		for _, port := range []uint16{p.cfg.Mesh.OutboundPort, p.cfg.Mesh.InboundPlaintextPort, p.cfg.Mesh.HBONEPort} {
-			l, err := ListenIn(inst.fd(), netip.AddrPortFrom(any, port), opts)
+			l, err := ListenIn(inst.netns, netip.AddrPortFrom(any, port), opts)
 			if err != nil {
 				// The listeners up so far may have accepted: end their connections and
 				// spares before the namespace goes.
@@ -341,7 +339,7 @@ func (i *instance) dialIn(ctx context.Context, local, remote netip.AddrPort, o S
 		i.nsMu.RUnlock()
 		return nil, errStopped
 	}
-	fd, err := i.spares.take(i.fd(), v6, o)
+	fd, err := i.spares.take(i.netns, v6, o)
 	i.nsMu.RUnlock()
 	if err != nil {
 		return nil, fmt.Errorf("dial %s: %w", remote, err)

@@ -15,11 +15,11 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-	"os"
 	"sync"
 	"time"
 
 	"github.com/nftmesh/nftmesh/compiler"
+	"github.com/nftmesh/nftmesh/internal/netns"
 	"github.com/nftmesh/nftmesh/policy"
 	"github.com/nftmesh/nftmesh/proxy/hbone"
 	"github.com/nftmesh/nftmesh/proxy/identity"
@@ -143,24 +143,24 @@ func (p *Proxy) MarkReady() {
 }
 
 // AddWorkload starts the pod's listeners in its namespace and returns once they are up.
-func (p *Proxy) AddWorkload(ctx context.Context, uid string, info zds.WorkloadInfo, netns *os.File) error {
+func (p *Proxy) AddWorkload(ctx context.Context, uid string, info zds.WorkloadInfo, ns *netns.NS) error {
 	// A pod whose identity cannot be named could never get a certificate: refuse it now,
 	// naming the field, rather than capture its traffic and fail every handshake.
 	if err := checkWorkloadInfo(p.issuer.TrustDomain(), info); err != nil {
-		netns.Close()
+		ns.Close()
 		return fmt.Errorf("pod %s: %w", uid, err)
 	}
 	p.mu.Lock()
 	if p.closing {
 		p.mu.Unlock()
-		netns.Close()
+		ns.Close()
 		return errors.New("proxy is shutting down")
 	}
 	old := p.instances[uid]
-	if p.starting[uid] || old != nil && sameFile(old.netns, netns) {
+	if p.starting[uid] || old != nil && old.netns.Same(ns) {
 		// The agent re-sent a pod we run (after a reconnect): keep the running one.
 		p.mu.Unlock()
-		netns.Close()
+		ns.Close()
 		return nil
 	}
 	if old != nil {
@@ -175,7 +175,7 @@ func (p *Proxy) AddWorkload(ctx context.Context, uid string, info zds.WorkloadIn
 		p.drain(uid, old)
 	}
 
-	inst, err := p.startInstance(uid, info, netns)
+	inst, err := p.startInstance(uid, info, ns)
 	p.mu.Lock()
 	stillWanted := p.starting[uid] && !p.closing // a Del or Shutdown may have come meanwhile
 	delete(p.starting, uid)
@@ -186,7 +186,7 @@ func (p *Proxy) AddWorkload(ctx context.Context, uid string, info zds.WorkloadIn
 		}
 	}
 	p.mu.Unlock()
-	if err != nil { // startInstance closed netns
+	if err != nil { // startInstance closed ns
 		return fmt.Errorf("pod %s/%s (%s): %w", info.Namespace, info.Name, uid, err)
 	}
 	if !stillWanted {
@@ -264,13 +264,6 @@ func (p *Proxy) drain(uid string, inst *instance) {
 		inst.stop(p.drainCtx, p.cfg.ShutdownDeadline)
 		p.log.Info("workload drained", "uid", uid, "pod", pod)
 	}()
-}
-
-// sameFile reports whether a and b are the same file (for namespaces: the same netns).
-func sameFile(a, b *os.File) bool {
-	sa, errA := a.Stat()
-	sb, errB := b.Stat()
-	return errA == nil && errB == nil && os.SameFile(sa, sb)
 }
 
 // SnapshotDone drops the workloads the agent's snapshot did not name.

@@ -23,6 +23,7 @@ import (
 
 	"github.com/nftmesh/nftmesh/compiler"
 	"github.com/nftmesh/nftmesh/dataplane"
+	"github.com/nftmesh/nftmesh/internal/netns"
 	"github.com/nftmesh/nftmesh/internal/nettest"
 	"github.com/nftmesh/nftmesh/policy"
 	"github.com/nftmesh/nftmesh/proxy/identity"
@@ -54,7 +55,7 @@ func newMesh(t *testing.T, capture compiler.CaptureMode) *meshFixture {
 	m := dataplane.NewManager(slog.New(slog.NewTextHandler(io.Discard, nil)), 0)
 	t.Cleanup(func() { m.Close() }) // its cached sockets in the test's namespaces
 	for _, ns := range []*nettest.Netns{tp.Pod, tp.Remote} {
-		if _, err := m.Apply(ns.Path, d); err != nil {
+		if _, err := m.Apply(ns.Handle, d); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -105,7 +106,7 @@ func newMesh(t *testing.T, capture compiler.CaptureMode) *meshFixture {
 		uid, name, sa string
 		ns            *nettest.Netns
 	}{{"u-sleep", "sleep", "sleep", tp.Pod}, {"u-httpbin", "httpbin", "httpbin", tp.Remote}} {
-		file, err := os.Open(w.ns.Path)
+		file, err := netns.Open(w.ns.Path)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -521,7 +522,7 @@ func TestAddWorkloadFailsWhole(t *testing.T) {
 	defer squatter.Close()
 	time.Sleep(100 * time.Millisecond)
 	baseG, baseFD := runtime.NumGoroutine(), fdCount(t)
-	file, err := os.Open(ns.Path)
+	file, err := netns.Open(ns.Path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -673,7 +674,7 @@ func TestAddWorkloadChecksInfo(t *testing.T) {
 		{zds.WorkloadInfo{Name: "p"}, "workload_info.namespace is empty"},
 		{zds.WorkloadInfo{Name: "p", Namespace: "demo", ServiceAccount: "a/b"}, `service_account "a/b"`},
 	} {
-		file, err := os.Open(ns.Path)
+		file, err := netns.Open(ns.Path)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -726,7 +727,7 @@ func TestReAddNewNamespace(t *testing.T) {
 	info := zds.WorkloadInfo{Name: "recreated", Namespace: "demo", ServiceAccount: "sleep"}
 	add := func(ns *nettest.Netns) {
 		t.Helper()
-		file, err := os.Open(ns.Path)
+		file, err := netns.Open(ns.Path)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -14,11 +14,11 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/nftmesh/nftmesh/internal/netnsexec"
+	"github.com/nftmesh/nftmesh/internal/netns"
 )
 
 // Every socket the proxy opens for a pod lives in the pod's network namespace and carries
-// the proxy mark, so the pod's rules never capture it. Sockets are made on a netnsexec
+// the proxy mark, so the pod's rules never capture it. Sockets are made on a netns.Do
 // worker (a visit of microseconds; dials from a pod take spares made eight at a time);
 // binding, connecting and all I/O then happen on ordinary goroutines, through the
 // runtime poller.
@@ -69,10 +69,10 @@ func (o SockOpts) apply(fd int, v6 bool) error {
 	return nil
 }
 
-// ListenIn opens a TCP listener in the namespace of nsFD.
-func ListenIn(nsFD int, addr netip.AddrPort, o SockOpts) (*net.TCPListener, error) {
+// ListenIn opens a TCP listener in namespace ns.
+func ListenIn(ns *netns.NS, addr netip.AddrPort, o SockOpts) (*net.TCPListener, error) {
 	var l net.Listener
-	err := netnsexec.Do(nsFD, func() error {
+	err := ns.Do(func() error {
 		lc := net.ListenConfig{Control: func(network, address string, c syscall.RawConn) error {
 			var oerr error
 			if err := c.Control(func(fd uintptr) { oerr = o.apply(int(fd), addr.Addr().Is6()) }); err != nil {
@@ -94,11 +94,11 @@ func ListenIn(nsFD int, addr netip.AddrPort, o SockOpts) (*net.TCPListener, erro
 	return l.(*net.TCPListener), nil
 }
 
-// DialIn connects to remote from a socket in the namespace of nsFD, bound to local when
+// DialIn connects to remote from a socket in namespace ns, bound to local when
 // local is valid (with Transparent, any address: the proxy speaks for the client).
-func DialIn(ctx context.Context, nsFD int, local, remote netip.AddrPort, o SockOpts) (*net.TCPConn, error) {
+func DialIn(ctx context.Context, ns *netns.NS, local, remote netip.AddrPort, o SockOpts) (*net.TCPConn, error) {
 	v6 := isV6(remote)
-	fds, err := socketsIn(nsFD, v6, o, 1)
+	fds, err := socketsIn(ns, v6, o, 1)
 	if err != nil {
 		return nil, fmt.Errorf("dial %s: %w", remote, err)
 	}
@@ -107,15 +107,15 @@ func DialIn(ctx context.Context, nsFD int, local, remote netip.AddrPort, o SockO
 
 func isV6(ap netip.AddrPort) bool { return ap.Addr().Is6() && !ap.Addr().Is4In6() }
 
-// socketsIn makes up to n TCP sockets with options o in the namespace of nsFD, in one
+// socketsIn makes up to n TCP sockets with options o in namespace ns, in one
 // visit: fewer when it runs out of descriptors part way, an error when it makes none.
-func socketsIn(nsFD int, v6 bool, o SockOpts, n int) ([]int, error) {
+func socketsIn(ns *netns.NS, v6 bool, o SockOpts, n int) ([]int, error) {
 	domain := unix.AF_INET
 	if v6 {
 		domain = unix.AF_INET6
 	}
 	fds := make([]int, 0, n)
-	err := netnsexec.Do(nsFD, func() error {
+	err := ns.Do(func() error {
 		for range n {
 			fd, err := unix.Socket(domain, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
 			if err != nil {
@@ -163,7 +163,7 @@ func connectSocket(ctx context.Context, fd int, v6 bool, local, remote netip.Add
 }
 
 // spareSockets keeps sockets made ahead of need in one pod's namespace. Making sockets
-// there takes a visit to a netnsexec thread: a hand-off to a locked thread and back,
+// there takes a visit to a netns.Do thread: a hand-off to a locked thread and back,
 // which costs more than the sockets. A visit makes spareBatch sockets, so seven dials in
 // eight make none. At most spareBatch-1 wait per kind (a burst of dials that all find the
 // stock empty must not leave hundreds behind). Spares hold the namespace alive: close
@@ -181,9 +181,9 @@ type spareKey struct {
 
 const spareBatch = 8
 
-// take returns a spare socket for family v6 and options o, made in nsFD's namespace now
+// take returns a spare socket for family v6 and options o, made in namespace ns now
 // (with the next spares) if there is none. The caller owns it.
-func (s *spareSockets) take(nsFD int, v6 bool, o SockOpts) (int, error) {
+func (s *spareSockets) take(ns *netns.NS, v6 bool, o SockOpts) (int, error) {
 	k := spareKey{v6, o}
 	s.mu.Lock()
 	if s.closed {
@@ -197,7 +197,7 @@ func (s *spareSockets) take(nsFD int, v6 bool, o SockOpts) (int, error) {
 		return fd, nil
 	}
 	s.mu.Unlock()
-	fds, err := socketsIn(nsFD, v6, o, spareBatch)
+	fds, err := socketsIn(ns, v6, o, spareBatch)
 	if err != nil {
 		return -1, err
 	}

@@ -12,12 +12,13 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/nftmesh/nftmesh/internal/netns"
 	"github.com/nftmesh/nftmesh/internal/nettest"
 )
 
 func TestMain(m *testing.M) { os.Exit(nettest.RunGuarded(m)) }
 
-func sockNS(t *testing.T) (*nettest.Netns, int) {
+func sockNS(t *testing.T) (*nettest.Netns, *netns.NS) {
 	t.Helper()
 	nettest.Require(t, "nft")
 	ns := nettest.New(t)
@@ -30,19 +31,19 @@ func sockNS(t *testing.T) (*nettest.Netns, int) {
 	} {
 		ns.MustRun(t, cmd[0], cmd[1:]...)
 	}
-	f, err := os.Open(ns.Path)
+	h, err := netns.Open(ns.Path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { f.Close() })
-	return ns, int(f.Fd())
+	t.Cleanup(func() { h.Close() })
+	return ns, h
 }
 
 func TestListenDialOriginalDst(t *testing.T) {
-	ns, fd := sockNS(t)
+	ns, h := sockNS(t)
 	for _, fam := range []struct{ ip, nfFamily, listen string }{{"10.99.0.1", "ip", "0.0.0.0"}, {"fd00:99::1", "ip6", "::"}} {
 		t.Run(fam.nfFamily, func(t *testing.T) {
-			l, err := ListenIn(fd, netip.AddrPortFrom(netip.MustParseAddr(fam.listen), 0), SockOpts{Mark: 0x539, Transparent: true, ReusePort: true})
+			l, err := ListenIn(h, netip.AddrPortFrom(netip.MustParseAddr(fam.listen), 0), SockOpts{Mark: 0x539, Transparent: true, ReusePort: true})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -58,7 +59,7 @@ func TestListenDialOriginalDst(t *testing.T) {
 			defer cancel()
 			dst := netip.AddrPortFrom(netip.MustParseAddr(fam.ip), 9999)
 			// Unmarked: redirected to the listener.
-			c, err := DialIn(ctx, fd, netip.AddrPort{}, dst, SockOpts{})
+			c, err := DialIn(ctx, h, netip.AddrPort{}, dst, SockOpts{})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -73,7 +74,7 @@ func TestListenDialOriginalDst(t *testing.T) {
 				t.Errorf("original destination %v %v, want %v", got, err, dst)
 			}
 			// Marked: not redirected, and nothing listens on 9999.
-			_, err = DialIn(ctx, fd, netip.AddrPort{}, dst, SockOpts{Mark: 0x539})
+			_, err = DialIn(ctx, h, netip.AddrPort{}, dst, SockOpts{Mark: 0x539})
 			if !errors.Is(err, unix.ECONNREFUSED) {
 				t.Errorf("marked dial: %v, want connection refused", err)
 			}
@@ -82,8 +83,8 @@ func TestListenDialOriginalDst(t *testing.T) {
 }
 
 func TestTransparentBindAndTimeout(t *testing.T) {
-	_, fd := sockNS(t)
-	l, err := ListenIn(fd, netip.MustParseAddrPort("10.99.0.1:0"), SockOpts{})
+	_, h := sockNS(t)
+	l, err := ListenIn(h, netip.MustParseAddrPort("10.99.0.1:0"), SockOpts{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -91,14 +92,14 @@ func TestTransparentBindAndTimeout(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	spoofed := netip.MustParseAddrPort("10.99.0.77:0")
-	if _, err := DialIn(ctx, fd, spoofed, AddrPortOf(l.Addr()), SockOpts{}); !errors.Is(err, unix.EADDRNOTAVAIL) {
+	if _, err := DialIn(ctx, h, spoofed, AddrPortOf(l.Addr()), SockOpts{}); !errors.Is(err, unix.EADDRNOTAVAIL) {
 		t.Errorf("binding a foreign address without IP_TRANSPARENT: %v, want EADDRNOTAVAIL", err)
 	}
 	// With it the bind works (the SYN goes out; nothing routes the answer back here).
 	short, cancel2 := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel2()
 	start := time.Now()
-	_, err = DialIn(short, fd, spoofed, AddrPortOf(l.Addr()), SockOpts{Transparent: true, FreeBind: true, Mark: 0x539})
+	_, err = DialIn(short, h, spoofed, AddrPortOf(l.Addr()), SockOpts{Transparent: true, FreeBind: true, Mark: 0x539})
 	if errors.Is(err, unix.EADDRNOTAVAIL) || err == nil {
 		t.Errorf("transparent dial: %v, want a timeout after a successful bind", err)
 	}
@@ -115,8 +116,8 @@ func itoa(p uint16) string {
 // them; each is in the pod's namespace with its options; close closes the spares and
 // refuses later takes.
 func TestSpareSockets(t *testing.T) {
-	_, nsFD := sockNS(t)
-	l, err := ListenIn(nsFD, netip.MustParseAddrPort("10.99.0.1:0"), SockOpts{})
+	_, h := sockNS(t)
+	l, err := ListenIn(h, netip.MustParseAddrPort("10.99.0.1:0"), SockOpts{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -129,7 +130,7 @@ func TestSpareSockets(t *testing.T) {
 		return len(s.free[spareKey{false, o}])
 	}
 	for i := range spareBatch + 1 {
-		fd, err := s.take(nsFD, false, marked)
+		fd, err := s.take(h, false, marked)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -165,7 +166,7 @@ func TestSpareSockets(t *testing.T) {
 			t.Errorf("spare %d still open after close: %v", fd, err)
 		}
 	}
-	if _, err := s.take(nsFD, false, marked); !errors.Is(err, errStopped) {
+	if _, err := s.take(h, false, marked); !errors.Is(err, errStopped) {
 		t.Errorf("take after close: %v, want errStopped", err)
 	}
 }
@@ -173,7 +174,7 @@ func TestSpareSockets(t *testing.T) {
 // TestSpareSocketsBounded: a burst of dials that all find the stock empty (each visiting
 // the namespace) leaves at most spareBatch-1 spares behind.
 func TestSpareSocketsBounded(t *testing.T) {
-	_, nsFD := sockNS(t)
+	_, h := sockNS(t)
 	var s spareSockets
 	defer s.close()
 	const burst = 32
@@ -181,7 +182,7 @@ func TestSpareSocketsBounded(t *testing.T) {
 	var wg sync.WaitGroup
 	for range burst {
 		wg.Go(func() {
-			fd, err := s.take(nsFD, false, SockOpts{})
+			fd, err := s.take(h, false, SockOpts{})
 			if err != nil {
 				t.Error(err)
 				return

@@ -11,7 +11,7 @@ import (
 	"github.com/nftmesh/nftmesh/proxy/workload"
 )
 
-// Metrics are Istio's standard TCP metrics (reference.md section 7), so dashboards made
+// Metrics are Istio's standard TCP metrics (docs/telemetry.md#metrics), so dashboards made
 // for ztunnel work unchanged.
 type Metrics struct {
 	opened, closed, sent, received *prometheus.CounterVec

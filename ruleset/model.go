@@ -2,8 +2,9 @@
 //
 // A Table holds named sets and chains; a Rule is a list of typed matches followed by
 // typed statements. There are no free-form rule strings: every construct renders to
-// canonical nft text (Render) and, later, translates to netlink expressions, from the
-// same values. The model knows nothing of Kubernetes or of the intent that produced it.
+// canonical nft text (Render), and package kernel translates the same values to netlink
+// expressions. The model knows nothing of Kubernetes or of the intent that produced it,
+// nor of the kernel: this package is the standard library only, and builds anywhere.
 package ruleset
 
 import (

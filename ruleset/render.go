@@ -1,6 +1,7 @@
 package ruleset
 
 import (
+	"crypto/sha256"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -37,16 +38,31 @@ func (t *Table) Render() string {
 	return b.String()
 }
 
+// ContentHash is a digest of the rendered table: equal tables, equal hashes.
+func (t *Table) ContentHash() string {
+	sum := sha256.Sum256([]byte(t.Render()))
+	return fmt.Sprintf("%x", sum[:12])
+}
+
+// Render returns the set's block as Table.Render prints it inside the table: tab
+// indented, elements sorted, ending in a newline.
+func (s *Set) Render() string {
+	var b strings.Builder
+	renderSet(&b, s)
+	return b.String()
+}
+
 func renderSet(b *strings.Builder, s *Set) {
 	fmt.Fprintf(b, "\tset %s {\n\t\ttype %s\n", s.Name, s.Type)
-	if elems := s.elementStrings(); len(elems) > 0 {
+	if elems := s.ElementStrings(); len(elems) > 0 {
 		fmt.Fprintf(b, "\t\telements = { %s }\n", strings.Join(elems, ", "))
 	}
 	b.WriteString("\t}\n")
 }
 
-// elementStrings returns the elements in canonical (sorted) order.
-func (s *Set) elementStrings() []string {
+// ElementStrings returns the elements as Render prints them, in canonical (sorted)
+// order: equal element sets, equal slices.
+func (s *Set) ElementStrings() []string {
 	var out []string
 	switch s.Type {
 	case SetTypeInetService:
@@ -69,7 +85,7 @@ func renderChain(b *strings.Builder, c *Chain) {
 	fmt.Fprintf(b, "\tchain %s {\n", c.Name)
 	if c.Base != nil {
 		fmt.Fprintf(b, "\t\ttype %s hook %s priority %d; policy %s;\n",
-			c.Base.Type, c.Base.Hook, c.Base.Priority, c.Base.policy())
+			c.Base.Type, c.Base.Hook, c.Base.Priority, c.Base.EffectivePolicy())
 	}
 	for _, r := range c.Rules {
 		b.WriteString("\t\t")
@@ -79,11 +95,36 @@ func renderChain(b *strings.Builder, c *Chain) {
 	b.WriteString("\t}\n")
 }
 
-func (bc *BaseChain) policy() Policy {
+// EffectivePolicy is the chain's policy as the kernel holds it: accept when unset.
+func (bc *BaseChain) EffectivePolicy() Policy {
 	if bc.Policy == "" {
 		return PolicyAccept
 	}
 	return bc.Policy
+}
+
+// body is the rule's text without its comment: what package kernel stamps into the
+// rule's user data, to recognise the rule when it reads it back.
+func (r Rule) body() string {
+	c := r
+	c.Comment = ""
+	return c.String()
+}
+
+// RuleBodies renders every rule's body (its text without the comment), indexed
+// [chain][rule] like t.Chains[chain].Rules[rule]. An applier renders them once per apply
+// and passes them on: validation (ValidateBodies), the stamps, the cache key and the
+// comparison with the live table all need them, and rendering is on the path of every
+// apply.
+func (t *Table) RuleBodies() [][]string {
+	rb := make([][]string, len(t.Chains))
+	for ci, c := range t.Chains {
+		rb[ci] = make([]string, len(c.Rules))
+		for i, r := range c.Rules {
+			rb[ci][i] = r.body()
+		}
+	}
+	return rb
 }
 
 // String renders one rule as nft prints it, without the chain. It is on the path of every

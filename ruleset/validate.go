@@ -14,13 +14,27 @@ const MaxCommentLen = 128
 // MaxInterfaceNameLen is IFNAMSIZ less the terminating NUL.
 const MaxInterfaceNameLen = 15
 
+// userDataMax is NFT_USERDATA_MAXLEN: the room for a rule's comment and its stamp.
+const userDataMax = 256
+
+// userDataLen is the length of the user data package kernel writes for a rule: the
+// comment and the stamp (the body) as TLVs of type, length, value and NUL.
+func userDataLen(body, comment string) int {
+	n := 2 + len(body) + 1
+	if comment != "" {
+		n += 2 + len(comment) + 1
+	}
+	return n
+}
+
 var identRE = regexp.MustCompile(`^[a-zA-Z][a-zA-Z0-9_-]{0,63}$`)
 
 // Validate reports every way the table would be rejected by nft or the kernel, or would
 // not print back as rendered, naming the object. It returns nil for a valid table.
-func (t *Table) Validate() error { return t.validate(t.renderBodies()) }
+func (t *Table) Validate() error { return t.ValidateBodies(t.RuleBodies()) }
 
-func (t *Table) validate(rb rendered) error {
+// ValidateBodies is Validate with the rule bodies already rendered by t.RuleBodies.
+func (t *Table) ValidateBodies(rb [][]string) error {
 	var errs []error
 	add := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
 
@@ -56,7 +70,7 @@ func (t *Table) validate(rb rendered) error {
 	}
 	for ci, c := range t.Chains {
 		for i, r := range c.Rules {
-			if err := t.validateRule(c, r, rb.body(ci, i)); err != nil {
+			if err := t.validateRule(c, r, rb[ci][i]); err != nil {
 				add("chain %s: rule %d (%s): %w", c.Name, i+1, r, err)
 			}
 		}

@@ -13,6 +13,7 @@ import (
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/nftmesh/nftmesh/internal/netns"
 	"github.com/nftmesh/nftmesh/zds/zdspb"
 )
 
@@ -26,10 +27,10 @@ const (
 // Handler is the proxy's side of ZDS. The Client calls it from one goroutine, one request at a
 // time, and acks each request with the handler's result.
 type Handler interface {
-	// AddWorkload must return once the workload's listeners are up; netns is owned by the handler
+	// AddWorkload must return once the workload's listeners are up; ns is owned by the handler
 	// from then on, whatever it returns (close it when done). It may name a uid the handler
 	// already has (a new snapshot after a reconnect re-sends every pod, with a fresh descriptor).
-	AddWorkload(ctx context.Context, uid string, info WorkloadInfo, netns *os.File) error
+	AddWorkload(ctx context.Context, uid string, info WorkloadInfo, ns *netns.NS) error
 	// KeepWorkload comes only during a snapshot: keep uid if present; nothing to open.
 	KeepWorkload(ctx context.Context, uid string) error
 	DelWorkload(ctx context.Context, uid string) error
@@ -181,12 +182,18 @@ func (s *clientSession) handle(ctx context.Context, data []byte, files []*os.Fil
 			closeFiles(files)
 			return fmt.Errorf("zds: add %q: %w: need a uid and exactly one netns descriptor, got %d", uid, errMalformed, len(files))
 		}
+		// The descriptor must be a network namespace: anything else (a socket, a mount
+		// namespace) would have the proxy open listeners in the wrong place.
+		ns, err := netns.FromFile(files[0])
+		if err != nil {
+			return fmt.Errorf("zds: add %s: %w: descriptor: %w", uid, errMalformed, err)
+		}
 		// Named even if the handler fails: the agent knows the pod, so an instance the handler
 		// already runs for it survives the snapshot.
 		if !s.snapshotDone {
 			s.named[uid] = true
 		}
-		if err := h.AddWorkload(ctx, uid, infoFromPB(p.Add.GetWorkloadInfo()), files[0]); err != nil {
+		if err := h.AddWorkload(ctx, uid, infoFromPB(p.Add.GetWorkloadInfo()), ns); err != nil {
 			return fmt.Errorf("zds: add %s: %w", uid, err)
 		}
 	case *zdspb.WorkloadRequest_Keep:

@@ -17,8 +17,10 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/nftmesh/nftmesh/internal/netns"
 	"github.com/nftmesh/nftmesh/zds/zdspb"
 )
 
@@ -123,16 +125,42 @@ func sockPath(t *testing.T) string {
 	return filepath.Join(t.TempDir(), "zds.sock")
 }
 
-// openNetNS returns an open file to pass as a "netns". Any descriptor will do on the wire; this
-// one is a real netns, never entered.
-func openNetNS(t *testing.T) *os.File {
+// openNetNS returns a handle on the test's own network namespace, never entered.
+func openNetNS(t *testing.T) *netns.NS {
 	t.Helper()
-	f, err := os.Open("/proc/self/ns/net")
+	ns, err := netns.Open("/proc/self/ns/net")
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { f.Close() })
-	return f
+	t.Cleanup(func() { ns.Close() })
+	return ns
+}
+
+// newNetNS returns a handle on a fresh, empty network namespace, so that descriptors can be
+// told apart by identity. It is made on a thread that then ends: no thread of the test
+// stays in it.
+func newNetNS(t *testing.T) *netns.NS {
+	t.Helper()
+	type result struct {
+		ns  *netns.NS
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread ends with this goroutine
+		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+			ch <- result{err: fmt.Errorf("unshare (needs root): %w", err)}
+			return
+		}
+		ns, err := netns.Open("/proc/thread-self/ns/net")
+		ch <- result{ns, err}
+	}()
+	r := <-ch
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	t.Cleanup(func() { r.ns.Close() })
+	return r.ns
 }
 
 // recHandler records calls and plays a proxy's workload table: it owns the netns files it was
@@ -140,14 +168,14 @@ func openNetNS(t *testing.T) *os.File {
 type recHandler struct {
 	mu        sync.Mutex
 	events    []string
-	workloads map[string]*os.File
+	workloads map[string]*netns.NS
 	infos     map[string]WorkloadInfo
 	fail      map[string]error         // per uid: AddWorkload/DelWorkload/KeepWorkload fail
 	hold      map[string]chan struct{} // per uid: AddWorkload waits for the channel to close
 }
 
 func newRecHandler(t *testing.T) *recHandler {
-	h := &recHandler{workloads: map[string]*os.File{}, infos: map[string]WorkloadInfo{},
+	h := &recHandler{workloads: map[string]*netns.NS{}, infos: map[string]WorkloadInfo{},
 		fail: map[string]error{}, hold: map[string]chan struct{}{}}
 	// Registered before the client starts, so it runs after the client stopped.
 	t.Cleanup(h.closeAll)
@@ -158,7 +186,7 @@ func (h *recHandler) record(format string, args ...any) {
 	h.events = append(h.events, fmt.Sprintf(format, args...))
 }
 
-func (h *recHandler) AddWorkload(ctx context.Context, uid string, info WorkloadInfo, netns *os.File) error {
+func (h *recHandler) AddWorkload(ctx context.Context, uid string, info WorkloadInfo, ns *netns.NS) error {
 	h.mu.Lock()
 	hold := h.hold[uid]
 	h.mu.Unlock()
@@ -172,13 +200,13 @@ func (h *recHandler) AddWorkload(ctx context.Context, uid string, info WorkloadI
 	defer h.mu.Unlock()
 	h.record("add %s", uid)
 	if err := h.fail[uid]; err != nil {
-		netns.Close()
+		ns.Close()
 		return err
 	}
 	if old := h.workloads[uid]; old != nil {
 		old.Close()
 	}
-	h.workloads[uid], h.infos[uid] = netns, info
+	h.workloads[uid], h.infos[uid] = ns, info
 	return nil
 }
 
@@ -244,10 +272,14 @@ func (h *recHandler) Workloads() []string {
 	return uids
 }
 
+// file is the namespace file the handler holds for uid, nil if none.
 func (h *recHandler) file(uid string) *os.File {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	return h.workloads[uid]
+	if ns := h.workloads[uid]; ns != nil {
+		return ns.File()
+	}
+	return nil
 }
 
 func (h *recHandler) waitEvents(t *testing.T, want ...string) {

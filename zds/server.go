@@ -15,6 +15,7 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
+	"github.com/nftmesh/nftmesh/internal/netns"
 	"github.com/nftmesh/nftmesh/zds/zdspb"
 )
 
@@ -27,7 +28,7 @@ var errServerClosed = errors.New("zds server closed")
 type SnapshotEntry struct {
 	UID   string
 	Info  WorkloadInfo
-	NetNS *os.File // nil => Keep (the agent cannot hand the netns over now)
+	NetNS *netns.NS // nil => Keep (the agent cannot hand the netns over now)
 }
 
 // Server is the agent's end of ZDS: it accepts proxy connections and sends them workloads.
@@ -213,11 +214,11 @@ func (s *Server) handshake(conn *net.UnixConn, snapshot func() []SnapshotEntry) 
 			sc.log.Warn("zds: snapshot entry without uid skipped")
 			continue
 		}
-		req, what := keepRequest(e.UID), "keep"
+		req, what, nsFile := keepRequest(e.UID), "keep", (*os.File)(nil)
 		if e.NetNS != nil {
-			req, what = addRequest(e.UID, e.Info), "add"
+			req, what, nsFile = addRequest(e.UID, e.Info), "add", e.NetNS.File()
 		}
-		ack, sent, err := sc.exchange(s.ctx, req, e.NetNS)
+		ack, sent, err := sc.exchange(s.ctx, req, nsFile)
 		switch {
 		case err != nil && !sent && errors.Is(err, errNetNS):
 			// The pod went away while we streamed (its netns closed): leave it out, the proxy
@@ -259,15 +260,15 @@ func delRequest(uid string) *zdspb.WorkloadRequest {
 }
 
 // AddWorkload hands uid's netns to the newest proxy connection and waits for its Ack. The caller
-// keeps ownership of netns. It fails with ErrNoProxy if no proxy is connected, and with an
+// keeps ownership of ns. It fails with ErrNoProxy if no proxy is connected, and with an
 // *AckError if the proxy refused. A connection whose snapshot is still streaming counts: the add
 // queues behind the snapshot. If that connection dies before the add is sent, the next newest is
 // tried.
-func (s *Server) AddWorkload(ctx context.Context, uid string, info WorkloadInfo, netns *os.File) error {
+func (s *Server) AddWorkload(ctx context.Context, uid string, info WorkloadInfo, ns *netns.NS) error {
 	if uid == "" {
 		return errors.New("zds: add: empty uid")
 	}
-	if netns == nil {
+	if ns == nil {
 		return fmt.Errorf("zds: add %s: no netns", uid)
 	}
 	req := addRequest(uid, info)
@@ -276,7 +277,7 @@ func (s *Server) AddWorkload(ctx context.Context, uid string, info WorkloadInfo,
 		if sc == nil {
 			return fmt.Errorf("zds: add %s: %w", uid, ErrNoProxy)
 		}
-		ack, sent, err := sc.request(ctx, req, netns)
+		ack, sent, err := sc.request(ctx, req, ns.File())
 		if err != nil {
 			if !sent && sc.isDropped() && ctx.Err() == nil {
 				continue // dropped conns leave s.conns, so this terminates
@@ -471,7 +472,7 @@ func (sc *serverConn) release() { <-sc.sem }
 
 // request takes the request slot, sends req and waits for its Ack. sent reports whether req
 // reached the socket (if not, the proxy certainly did not act on it).
-func (sc *serverConn) request(ctx context.Context, req *zdspb.WorkloadRequest, netns *os.File) (ack string, sent bool, err error) {
+func (sc *serverConn) request(ctx context.Context, req *zdspb.WorkloadRequest, nsFile *os.File) (ack string, sent bool, err error) {
 	select {
 	case sc.sem <- struct{}{}:
 	case <-sc.done:
@@ -483,7 +484,7 @@ func (sc *serverConn) request(ctx context.Context, req *zdspb.WorkloadRequest, n
 		sc.release()
 		return "", false, sc.lost()
 	}
-	ack, sent, err = sc.exchange(ctx, req, netns)
+	ack, sent, err = sc.exchange(ctx, req, nsFile)
 	if sent && err != nil && ctx.Err() != nil && !sc.isDropped() {
 		// The caller gave up but the Ack is still owed. Keep the slot until it arrives, or the
 		// next request would take it for its own.
@@ -498,10 +499,10 @@ func (sc *serverConn) request(ctx context.Context, req *zdspb.WorkloadRequest, n
 }
 
 // exchange sends req and waits for its Ack. The caller holds the slot.
-func (sc *serverConn) exchange(ctx context.Context, req *zdspb.WorkloadRequest, netns *os.File) (ack string, sent bool, err error) {
+func (sc *serverConn) exchange(ctx context.Context, req *zdspb.WorkloadRequest, nsFile *os.File) (ack string, sent bool, err error) {
 	timeout := sc.s.ackTimeout()
 	sc.pending.Store(true)
-	if err := sc.pc.write(req, netns, time.Now().Add(timeout)); err != nil {
+	if err := sc.pc.write(req, nsFile, time.Now().Add(timeout)); err != nil {
 		sc.pending.Store(false)
 		if !errors.Is(err, errNetNS) {
 			sc.drop(fmt.Errorf("write: %w", err))

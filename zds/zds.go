@@ -1,5 +1,5 @@
 // Package zds implements ZDS, the protocol by which the node agent hands each enrolled pod's
-// network namespace to the node proxy (reference.md section 4), both sides of it: Client is the
+// network namespace to the node proxy (docs/zds.md), both sides of it: Client is the
 // proxy's, Server the agent's.
 //
 // The messages are Istio's (package istio.workload.zds, zdspb here, same field numbers), so

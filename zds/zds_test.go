@@ -19,7 +19,7 @@ import (
 func TestHelloAndSnapshot(t *testing.T) {
 	checkLeaks(t)
 	path := sockPath(t)
-	nsA, nsB := openNetNS(t), openFile(t, "b")
+	nsA, nsB := newNetNS(t), newNetNS(t)
 	infoA := WorkloadInfo{Name: "sleep-1", Namespace: "default", ServiceAccount: "sleep"}
 	s, _ := startServer(t, path, func() []SnapshotEntry {
 		return []SnapshotEntry{
@@ -33,7 +33,7 @@ func TestHelloAndSnapshot(t *testing.T) {
 	waitReady(t, s, 1)
 	h.waitEvents(t, "add a", "add b", "keep c", "snapshot [a b c]")
 
-	if !sameFile(t, h.file("a"), nsA) || !sameFile(t, h.file("b"), nsB) {
+	if !sameFile(t, h.file("a"), nsA.File()) || !sameFile(t, h.file("b"), nsB.File()) {
 		t.Errorf("handler did not receive the snapshot's netns descriptors")
 	}
 	h.mu.Lock()
@@ -43,7 +43,7 @@ func TestHelloAndSnapshot(t *testing.T) {
 		t.Errorf("info %+v, want %+v", gotInfo, infoA)
 	}
 	// The server hands over a duplicate; the agent's own files stay open.
-	if _, err := nsA.Stat(); err != nil {
+	if _, err := nsA.File().Stat(); err != nil {
 		t.Errorf("server closed the caller's netns: %v", err)
 	}
 }
@@ -57,11 +57,11 @@ func TestAddAndDelAfterSnapshot(t *testing.T) {
 	waitReady(t, s, 1)
 
 	ctx := ctxT(t)
-	ns := openFile(t, "x")
+	ns := newNetNS(t)
 	if err := s.AddWorkload(ctx, "x", WorkloadInfo{Name: "x", Namespace: "ns", ServiceAccount: "sa"}, ns); err != nil {
 		t.Fatal(err)
 	}
-	if !sameFile(t, h.file("x"), ns) {
+	if !sameFile(t, h.file("x"), ns.File()) {
 		t.Errorf("handler got another file")
 	}
 	if err := s.DelWorkload(ctx, "x"); err != nil {
@@ -172,7 +172,8 @@ func TestMalformedRequests(t *testing.T) {
 	startClient(t, path, h)
 	p := accept()
 
-	f1, f2 := openNetNS(t), openFile(t, "f2")
+	f1, f2 := openNetNS(t).File(), newNetNS(t).File()
+	plain := openFile(t, "plain")
 	many := make([]*os.File, 40) // more than the client has room for: MSG_CTRUNC
 	for i := range many {
 		many[i] = f1
@@ -201,6 +202,7 @@ func TestMalformedRequests(t *testing.T) {
 		{"add with two fds", mustMarshal(addMsg("a")), []*os.File{f1, f2}, "exactly one netns descriptor, got 2"},
 		{"add with 40 fds", mustMarshal(addMsg("a")), many, "truncated"},
 		{"add with empty uid", mustMarshal(addMsg("")), []*os.File{f1}, "need a uid"},
+		{"add with a plain file", mustMarshal(addMsg("a")), []*os.File{plain}, "not a network namespace"},
 		{"keep with fd", mustMarshal(keep), []*os.File{f1}, "keep with 1 descriptor"},
 		{"del with fd", mustMarshal(delRequest("d")), []*os.File{f1}, "del with 1 descriptor"},
 		{"del with empty uid", mustMarshal(delRequest("")), nil, "empty uid"},
@@ -256,7 +258,7 @@ func TestMalformedRequests(t *testing.T) {
 func TestReconnect(t *testing.T) {
 	checkLeaks(t)
 	path := sockPath(t)
-	nsA, nsB := openFile(t, "a"), openFile(t, "b")
+	nsA, nsB := newNetNS(t), newNetNS(t)
 	s1, stop1 := startServer(t, path, func() []SnapshotEntry {
 		return []SnapshotEntry{{UID: "a", NetNS: nsA}, {UID: "b", NetNS: nsB}}
 	})
@@ -282,7 +284,7 @@ func TestReconnect(t *testing.T) {
 	if _, err := fileB.Stat(); !errors.Is(err, os.ErrClosed) {
 		t.Errorf("drained workload's netns not closed: %v", err)
 	}
-	if !sameFile(t, h.file("a"), nsA) {
+	if !sameFile(t, h.file("a"), nsA.File()) {
 		t.Errorf("kept workload lost its netns")
 	}
 }
@@ -427,7 +429,7 @@ func TestAddDuringSnapshot(t *testing.T) {
 func TestSnapshotSkipsClosedNetNS(t *testing.T) {
 	checkLeaks(t)
 	path := sockPath(t)
-	gone := openFile(t, "gone")
+	gone := newNetNS(t)
 	gone.Close()
 	s, _ := startServer(t, path, func() []SnapshotEntry {
 		return []SnapshotEntry{{UID: "gone", NetNS: gone}, {UID: "k"}}
@@ -469,7 +471,7 @@ func TestClientAgainstRawAgent(t *testing.T) {
 	}
 	for _, st := range steps {
 		if st.fd {
-			p.sendMsg(st.m, ns)
+			p.sendMsg(st.m, ns.File())
 		} else {
 			p.sendMsg(st.m)
 		}
@@ -522,7 +524,7 @@ func TestNoLeaksUnderChurn(t *testing.T) {
 func TestServerAgainstRawProxy(t *testing.T) {
 	checkLeaks(t)
 	path := sockPath(t)
-	ns := openFile(t, "a")
+	ns := newNetNS(t)
 	info := WorkloadInfo{Name: "n", Namespace: "ns", ServiceAccount: "sa"}
 	s, _ := startServer(t, path, func() []SnapshotEntry {
 		return []SnapshotEntry{{UID: "a", Info: info, NetNS: ns}, {UID: "k"}}
@@ -531,7 +533,7 @@ func TestServerAgainstRawProxy(t *testing.T) {
 	p.sendMsg(&zdspb.ZdsHello{Version: zdspb.Version_V1})
 
 	req, files := p.request()
-	if req.GetAdd().GetUid() != "a" || infoFromPB(req.GetAdd().GetWorkloadInfo()) != info || len(files) != 1 || !sameFile(t, files[0], ns) {
+	if req.GetAdd().GetUid() != "a" || infoFromPB(req.GetAdd().GetWorkloadInfo()) != info || len(files) != 1 || !sameFile(t, files[0], ns.File()) {
 		t.Fatalf("first request %v with %d fds, want add a with its netns", req, len(files))
 	}
 	files[0].Close()

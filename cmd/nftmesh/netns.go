@@ -9,6 +9,7 @@ import (
 
 	"github.com/nftmesh/nftmesh/compiler"
 	"github.com/nftmesh/nftmesh/dataplane"
+	"github.com/nftmesh/nftmesh/internal/netns"
 	"github.com/nftmesh/nftmesh/ruleset"
 )
 
@@ -42,7 +43,7 @@ func (f *netnsFlags) path() (string, error) {
 		}
 		return "", errors.New("--netns is required (or --host for the node)")
 	}
-	return dataplane.ResolveNetNS(f.netns), nil
+	return netns.Resolve(f.netns), nil
 }
 
 // desired compiles what --host selects: the node ruleset, or a pod's table and routing.
@@ -95,9 +96,15 @@ func runApply(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "nftmesh apply: %v\n", err)
 		return exitError
 	}
+	ns, err := netns.Open(path)
+	if err != nil {
+		fmt.Fprintf(stderr, "nftmesh apply: %v\n", err)
+		return exitError
+	}
+	defer ns.Close()
 	m := dataplane.NewManager(logger(stderr), 0)
 	defer m.Close()
-	res, err := m.Apply(path, d)
+	res, err := m.Apply(ns, d)
 	if err != nil {
 		fmt.Fprintf(stderr, "nftmesh apply: %v\n", err)
 		return exitError
@@ -128,7 +135,13 @@ func runShow(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "nftmesh show: %v\n", err)
 		return exitError
 	}
-	text, err := dataplane.Show(path, compiler.TableName)
+	ns, err := netns.Open(path)
+	if err != nil {
+		fmt.Fprintf(stderr, "nftmesh show: %v\n", err)
+		return exitError
+	}
+	defer ns.Close()
+	text, err := dataplane.Show(ns, compiler.TableName)
 	if err != nil {
 		fmt.Fprintf(stderr, "nftmesh show: %v\n", err)
 		return exitError
@@ -161,9 +174,15 @@ func runDelete(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "nftmesh delete: %v\n", err)
 		return exitError
 	}
+	ns, err := netns.Open(path)
+	if err != nil {
+		fmt.Fprintf(stderr, "nftmesh delete: %v\n", err)
+		return exitError
+	}
+	defer ns.Close()
 	m := dataplane.NewManager(logger(stderr), 0)
 	defer m.Close()
-	removed, err := m.Remove(path, d.Table.Name, d.Routing)
+	removed, err := m.Remove(ns, d)
 	if err != nil {
 		fmt.Fprintf(stderr, "nftmesh delete: %v\n", err)
 		return exitError
@@ -188,7 +207,13 @@ func diffLive(f *netnsFlags, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "nftmesh diff: %v\n", err)
 		return exitError
 	}
-	out, err := dataplane.Diff(path, d.Table)
+	ns, err := netns.Open(path)
+	if err != nil {
+		fmt.Fprintf(stderr, "nftmesh diff: %v\n", err)
+		return exitError
+	}
+	defer ns.Close()
+	out, err := dataplane.Diff(ns, d.Table)
 	if err != nil {
 		fmt.Fprintf(stderr, "nftmesh diff: %v\n", err)
 		return exitError

@@ -14,6 +14,8 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+
+	"github.com/nftmesh/nftmesh/internal/netns"
 )
 
 var counter atomic.Int64
@@ -22,6 +24,8 @@ var counter atomic.Int64
 type Netns struct {
 	Name string
 	Path string
+	// Handle is open for the test's life, for the APIs that take one (dataplane, zds).
+	Handle *netns.NS
 }
 
 // Require skips the test (or fails it under CI) unless it runs as root with the named
@@ -59,6 +63,12 @@ func New(t testing.TB) *Netns {
 		}
 	})
 	n := &Netns{Name: name, Path: "/run/netns/" + name}
+	h, err := netns.Open(n.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.Handle = h
+	t.Cleanup(func() { h.Close() }) // before the delete above: cleanups run last first
 	n.MustRun(t, "ip", "link", "set", "lo", "up")
 	return n
 }

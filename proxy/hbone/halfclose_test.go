@@ -11,7 +11,7 @@ import (
 	"golang.org/x/net/http2"
 )
 
-// Half-close and reset semantics (§5): END_STREAM one way is FIN the other, RST_STREAM one
+// Half-close and reset semantics (docs/hbone.md#connect): END_STREAM one way is FIN the other, RST_STREAM one
 // way is TCP RST the other.
 
 // TestHalfCloseClientToUpstream: END_STREAM from the client is a FIN upstream; the upstream
@@ -158,7 +158,7 @@ func TestResetUpstreamToClient(t *testing.T) {
 }
 
 // TestResetAfterHalfClose: a client that half-closes, then resets, resets the upstream
-// (§5: RST_STREAM one way is a TCP RST the other) even when the upstream is quiet, and
+// (docs/hbone.md#connect: RST_STREAM one way is a TCP RST the other) even when the upstream is quiet, and
 // the tunnel ends. Nothing else would: the request side is done, and the response side
 // waits on the upstream.
 func TestResetAfterHalfClose(t *testing.T) {

@@ -1,5 +1,5 @@
 // Package hbone is the HBONE transport of the node proxy: TCP tunnelled over mutual-TLS
-// HTTP/2 CONNECT on port 15008, as Istio ambient's ztunnel does it (reference.md §5).
+// HTTP/2 CONNECT on port 15008, as Istio ambient's ztunnel does it (docs/hbone.md).
 //
 // It moves bytes and nothing else. Policy, network namespaces and workload lookup come in
 // through callbacks: the Server's Dialer decides and connects each tunnel, the Pool's Dial
@@ -24,7 +24,7 @@ import (
 	"golang.org/x/net/http2"
 )
 
-// HTTP/2 parameters of reference.md §5.
+// HTTP/2 parameters of docs/hbone.md#http2-settings-and-pooling.
 const (
 	streamWindow       = 4 << 20  // per-stream receive window
 	connWindow         = 16 << 20 // per-connection receive window

@@ -172,7 +172,7 @@ func (p *testPKI) clientTLS(t testing.TB) *tls.Config {
 		Certificates: []tls.Certificate{cert},
 		MinVersion:   tls.VersionTLS13,
 		NextProtos:   []string{"h2"},
-		// No SNI (§5): the server is checked by its SPIFFE id, not a host name.
+		// No SNI (docs/hbone.md#tls): the server is checked by its SPIFFE id, not a host name.
 		InsecureSkipVerify:    true,
 		VerifyPeerCertificate: p.verifySPIFFE(x509.ExtKeyUsageServerAuth, serverID),
 	}

@@ -18,7 +18,7 @@ import (
 	"golang.org/x/net/http2"
 )
 
-// PoolKey says which HBONE connections may carry a tunnel (reference §5): same source
+// PoolKey says which HBONE connections may carry a tunnel (docs/hbone.md#http2-settings-and-pooling): same source
 // identity, same expected destination identity, same destination ip:15008, same source ip.
 type PoolKey struct {
 	SrcID, DstID string
@@ -90,7 +90,7 @@ func (p *Pool) init() {
 		t1 := &http.Transport{
 			HTTP2: &http.HTTP2Config{
 				MaxReceiveBufferPerStream: streamWindow,
-				// x/net adds this to the initial 65535: the total is §5's 16 MiB.
+				// x/net adds this to the initial 65535: the total is the 16 MiB of docs/hbone.md.
 				MaxReceiveBufferPerConnection: connWindow - initialWindow,
 				MaxReadFrameSize:              maxFrameSize,
 				SendPingTimeout:               orDefault(p.ReadIdleTimeout, defaultReadIdle),

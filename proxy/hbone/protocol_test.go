@@ -40,7 +40,7 @@ func dialRaw(t *testing.T, e *env) *rawH2 {
 	return &rawH2{tc: tc, fr: fr}
 }
 
-// TestServerSettings: the server's SETTINGS and connection window are those of §5.
+// TestServerSettings: the server's SETTINGS and connection window are those of docs/hbone.md#http2-settings-and-pooling.
 func TestServerSettings(t *testing.T) {
 	e := newEnv(t)
 	r := dialRaw(t, e)
@@ -77,7 +77,7 @@ func TestServerSettings(t *testing.T) {
 	}
 }
 
-// TestClientSettings: the pool's HTTP/2 client announces §5's windows and frame size.
+// TestClientSettings: the pool's HTTP/2 client announces the windows and frame size of docs/hbone.md.
 func TestClientSettings(t *testing.T) {
 	pki := sharedPKI(t)
 	conf := pki.serverTLS(t)

@@ -79,7 +79,7 @@ func orDefault(d, def time.Duration) time.Duration {
 	return def
 }
 
-// tlsConfig checks the caller's configuration and pins what §5 requires.
+// tlsConfig checks the caller's configuration and pins what docs/hbone.md#tls requires.
 func (s *Server) tlsConfig() (*tls.Config, error) {
 	if s.TLS == nil {
 		return nil, errors.New("hbone: Server.TLS is nil")
@@ -175,7 +175,7 @@ func (s *Server) handshake(c net.Conn, conf *tls.Config) {
 	tc := tls.Server(cc, conf)
 	timeout := orDefault(s.HandshakeTimeout, 10*time.Second)
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
-	// reference §10: the handshake is finished before HTTP/2 looks at the connection.
+	// docs/hbone.md#go-http2-library-pitfalls: the handshake is finished before HTTP/2 looks at the connection.
 	err := tc.HandshakeContext(ctx)
 	cancel()
 	if err == nil {
@@ -206,7 +206,7 @@ func (s *Server) handshake(c net.Conn, conf *tls.Config) {
 	s.mu.Unlock()
 }
 
-// checkServerState enforces §5 whatever the configuration let through (GetConfigForClient
+// checkServerState enforces docs/hbone.md#tls whatever the configuration let through (GetConfigForClient
 // may hand out another config).
 func checkServerState(st tls.ConnectionState) error {
 	switch {

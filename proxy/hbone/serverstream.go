@@ -64,7 +64,7 @@ func (sc *serverConn) onHeaders(f *http2.MetaHeadersFrame) error {
 	return nil
 }
 
-// parseRequest checks CONNECT semantics (RFC 9113 §8.5, reference §5): it returns a status
+// parseRequest checks CONNECT semantics (RFC 9113 §8.5, docs/hbone.md#connect): it returns a status
 // other than 0 when the request must be refused.
 func (sc *serverConn) parseRequest(f *http2.MetaHeadersFrame) (Request, int) {
 	if f.Truncated {
@@ -165,7 +165,7 @@ func (sc *serverConn) abortLocked(st *stream, cause error, sendRST bool, code ht
 		st.cancel()
 	}
 	if st.onAbort != nil {
-		// A reset is a TCP RST upstream (§5) even when no copy is there to see it: after
+		// A reset is a TCP RST upstream (docs/hbone.md#connect) even when no copy is there to see it: after
 		// the client's END_STREAM, the only one left may wait on a quiet upstream forever.
 		go st.onAbort()
 	}

@@ -1,4 +1,4 @@
-package dataplane
+package kernel
 
 import (
 	"encoding/binary"
@@ -6,13 +6,31 @@ import (
 	"fmt"
 	"slices"
 
-	mdnl "github.com/mdlayher/netlink"
-
+	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 
-	"github.com/nftmesh/nftmesh/internal/nlraw"
 	"github.com/nftmesh/nftmesh/ruleset"
 )
+
+// RoutingConn is an rtnetlink connection in one network namespace, for a pod's policy
+// routing (ruleset.Routing): one blocking socket, because the check runs on every apply,
+// changes or not. Not safe for concurrent use; after an error, close it.
+type RoutingConn struct {
+	raw *socket
+}
+
+// NewRoutingConn connects to rtnetlink in the network namespace of the calling thread,
+// like NewConn.
+func NewRoutingConn() (*RoutingConn, error) {
+	raw, err := openSocket(unix.NETLINK_ROUTE)
+	if err != nil {
+		return nil, err
+	}
+	return &RoutingConn{raw: raw}, nil
+}
+
+// Close closes the socket.
+func (c *RoutingConn) Close() error { return c.raw.Close() }
 
 // loopbackIndex is lo's interface index, the same in every network namespace.
 const loopbackIndex = 1
@@ -47,7 +65,7 @@ func tableByte(t int) byte {
 
 // ruleMsg is `ip rule add fwmark Mark/Mask lookup Table pref Priority` (typ RTM_NEWRULE)
 // or its delete (RTM_DELRULE).
-func ruleMsg(typ uint16, f routeFamily, r ruleset.Routing) nlraw.Request {
+func ruleMsg(typ uint16, f routeFamily, r ruleset.Routing) request {
 	hdr := make([]byte, 12) // struct fib_rule_hdr
 	hdr[0] = byte(f.nl)
 	hdr[4] = tableByte(r.Table)
@@ -56,12 +74,12 @@ func ruleMsg(typ uint16, f routeFamily, r ruleset.Routing) nlraw.Request {
 	b = rtattrU32(b, unix.FRA_FWMARK, r.Mark)
 	b = rtattrU32(b, unix.FRA_FWMASK, r.Mask)
 	b = rtattrU32(b, unix.FRA_TABLE, uint32(r.Table))
-	return nlraw.Request{Type: typ, Flags: createFlags(typ), Data: b}
+	return request{Type: typ, Flags: createFlags(typ), Data: b}
 }
 
 // routeMsg is `ip route add local default dev lo table Table` (RTM_NEWROUTE) or its
 // delete (RTM_DELROUTE).
-func routeMsg(typ uint16, f routeFamily, r ruleset.Routing) nlraw.Request {
+func routeMsg(typ uint16, f routeFamily, r ruleset.Routing) request {
 	hdr := make([]byte, 12) // struct rtmsg; dst_len 0: default
 	hdr[0] = byte(f.nl)
 	hdr[4] = tableByte(r.Table)
@@ -70,7 +88,7 @@ func routeMsg(typ uint16, f routeFamily, r ruleset.Routing) nlraw.Request {
 	hdr[7] = unix.RTN_LOCAL
 	b := rtattrU32(hdr, unix.RTA_TABLE, uint32(r.Table))
 	b = rtattrU32(b, unix.RTA_OIF, loopbackIndex)
-	return nlraw.Request{Type: typ, Flags: createFlags(typ), Data: b}
+	return request{Type: typ, Flags: createFlags(typ), Data: b}
 }
 
 func createFlags(typ uint16) uint16 {
@@ -80,12 +98,12 @@ func createFlags(typ uint16) uint16 {
 	return 0
 }
 
-// execute sends the requests in one sendmsg; ignore lists errnos that mean "already so".
-func execute(c *nlraw.Conn, reqs []nlraw.Request, what []string, ignore ...unix.Errno) error {
+// write sends the requests in one sendmsg; ignore lists errnos that mean "already so".
+func (c *RoutingConn) write(reqs []request, what []string, ignore ...unix.Errno) error {
 	if len(reqs) == 0 {
 		return nil
 	}
-	errs, err := c.ExecuteAll(reqs)
+	errs, err := c.raw.executeAll(reqs)
 	if err != nil {
 		return err
 	}
@@ -129,11 +147,11 @@ func hasRoute(routes []routeInfo, f routeFamily, r ruleset.Routing) bool {
 	return false
 }
 
-// listRouting reads every family's rules and routes in two dumps, on a plain blocking
+// list reads every family's rules and routes in two dumps, on a plain blocking
 // socket: this check runs on every apply, changes or not.
-func listRouting(c *nlraw.Conn, r ruleset.Routing) ([]ruleInfo, []routeInfo, error) {
+func (c *RoutingConn) list(r ruleset.Routing) ([]ruleInfo, []routeInfo, error) {
 	hdr := make([]byte, 12) // fib_rule_hdr and rtmsg are both 12 bytes; family 0 = all
-	msgs, err := c.Execute(unix.RTM_GETRULE, mdnl.Dump, hdr)
+	msgs, err := c.raw.execute(unix.RTM_GETRULE, netlink.Dump, hdr)
 	if err != nil {
 		return nil, nil, fmt.Errorf("list rules: %w", err)
 	}
@@ -157,12 +175,12 @@ func listRouting(c *nlraw.Conn, r ruleset.Routing) ([]ruleInfo, []routeInfo, err
 		})
 		rules = append(rules, ri)
 	}
-	// Only table r.Table: with strict checking on the socket (see sockets) the kernel
+	// Only table r.Table: with strict checking on the socket (see openSocket) the kernel
 	// filters the dump itself instead of sending every local and main route.
 	rq := append(make([]byte, 0, 20), hdr...)
 	rq[4] = tableByte(r.Table)
 	rq = rtattrU32(rq, unix.RTA_TABLE, uint32(r.Table))
-	msgs, err = c.Execute(unix.RTM_GETROUTE, mdnl.Dump, rq)
+	msgs, err = c.raw.execute(unix.RTM_GETROUTE, netlink.Dump, rq)
 	if err != nil {
 		return nil, nil, fmt.Errorf("list routes: %w", err)
 	}
@@ -204,16 +222,17 @@ func walkAttrs(b []byte, fn func(typ uint16, value []byte)) {
 	}
 }
 
-// ensureRouting makes the policy routing exactly r: the rule and route for each wanted
-// family, none for an unwanted one, in one read (two dumps) and at most one write. It
-// returns an undo that removes what it added, for when the rest of the apply fails.
-func ensureRouting(c *nlraw.Conn, r ruleset.Routing) (changed bool, undo func(), err error) {
+// Ensure makes the namespace's policy routing exactly r: the rule and route for each
+// wanted family, none for an unwanted one, in one read (two dumps) and at most one
+// write. It returns an undo, never nil, that removes what it added, for when the rest of
+// the apply fails.
+func (c *RoutingConn) Ensure(r ruleset.Routing) (changed bool, undo func(), err error) {
 	undo = func() {}
-	rules, routes, err := listRouting(c, r)
+	rules, routes, err := c.list(r)
 	if err != nil {
 		return false, undo, err
 	}
-	var add, del, undoReqs []nlraw.Request
+	var add, del, undoReqs []request
 	var addWhat, delWhat []string
 	for _, f := range routeFamilies(r) {
 		rule := fmt.Sprintf("%s rule fwmark %#x/%#x lookup %d pref %d", f.name, r.Mark, r.Mask, r.Table, r.Priority)
@@ -233,27 +252,28 @@ func ensureRouting(c *nlraw.Conn, r ruleset.Routing) (changed bool, undo func(),
 			del, delWhat = append(del, routeMsg(unix.RTM_DELROUTE, f, r)), append(delWhat, "delete "+route)
 		}
 	}
-	if err := execute(c, del, delWhat, unix.ENOENT, unix.ESRCH); err != nil {
+	if err := c.write(del, delWhat, unix.ENOENT, unix.ESRCH); err != nil {
 		return true, undo, err
 	}
 	// EEXIST: someone added it since we looked; it is there, as wanted.
-	if err := execute(c, add, addWhat, unix.EEXIST); err != nil {
-		execute(c, undoReqs, make([]string, len(undoReqs)), unix.ENOENT, unix.ESRCH)
+	if err := c.write(add, addWhat, unix.EEXIST); err != nil {
+		c.write(undoReqs, make([]string, len(undoReqs)), unix.ENOENT, unix.ESRCH)
 		return true, undo, err
 	}
 	if len(undoReqs) > 0 {
-		undo = func() { execute(c, undoReqs, make([]string, len(undoReqs)), unix.ENOENT, unix.ESRCH) }
+		undo = func() { c.write(undoReqs, make([]string, len(undoReqs)), unix.ENOENT, unix.ESRCH) }
 	}
 	return len(add)+len(del) > 0, undo, nil
 }
 
-// removeRouting deletes the rule and route of every family; absent ones are fine.
-func removeRouting(c *nlraw.Conn, r ruleset.Routing) (bool, error) {
-	rules, routes, err := listRouting(c, r)
+// Remove deletes the policy routing r, the rule and route of every family; absent ones
+// are fine. It reports whether it deleted anything.
+func (c *RoutingConn) Remove(r ruleset.Routing) (bool, error) {
+	rules, routes, err := c.list(r)
 	if err != nil {
 		return false, err
 	}
-	var del []nlraw.Request
+	var del []request
 	var what []string
 	for _, f := range routeFamilies(r) {
 		if hasRule(rules, f, r) {
@@ -263,5 +283,5 @@ func removeRouting(c *nlraw.Conn, r ruleset.Routing) (bool, error) {
 			del, what = append(del, routeMsg(unix.RTM_DELROUTE, f, r)), append(what, "delete "+f.name+" route")
 		}
 	}
-	return len(del) > 0, execute(c, del, what, unix.ENOENT, unix.ESRCH)
+	return len(del) > 0, c.write(del, what, unix.ENOENT, unix.ESRCH)
 }

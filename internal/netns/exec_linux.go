@@ -1,6 +1,4 @@
-// Package netnsexec runs short functions, such as opening sockets, inside other network
-// namespaces on reusable locked threads.
-package netnsexec
+package netns
 
 import (
 	"errors"
@@ -30,11 +28,12 @@ var (
 	nsCalls       chan nsCall
 )
 
-// Do runs fn on a thread inside the namespace of fd. fn must be short and must not
-// start goroutines that expect to be in the namespace.
-func Do(fd int, fn func() error) error {
-	if fd <= 0 {
-		return fmt.Errorf("invalid netns fd %d", fd)
+// Do runs fn on a thread inside the namespace. fn must be short and must not start
+// goroutines that expect to be in the namespace.
+func (n *NS) Do(fn func() error) error {
+	fd := n.Fd()
+	if fd < 0 {
+		return fmt.Errorf("netns %s: closed", n.name)
 	}
 	nsWorkersOnce.Do(func() {
 		nsCalls = make(chan nsCall)

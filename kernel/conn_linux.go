@@ -1,19 +1,18 @@
-package ruleset
+package kernel
 
 import (
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"net/netip"
-	"slices"
-	"strings"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/userdata"
 	"github.com/mdlayher/netlink"
-
-	"github.com/nftmesh/nftmesh/internal/nlraw"
 	"golang.org/x/sys/unix"
+
+	"github.com/nftmesh/nftmesh/internal/netns"
+	"github.com/nftmesh/nftmesh/ruleset"
 )
 
 // This file reads nftmesh's table back from the kernel and applies a desired table as one
@@ -37,101 +36,49 @@ type Result struct {
 	Writes int
 }
 
-// Live is nftmesh's table as the kernel holds it.
-type Live struct {
-	Name   string
-	Sets   []*LiveSet
-	Chains []*LiveChain
-}
-
-// LiveSet is a set of the live table.
-type LiveSet struct {
-	Name     string
-	Type     SetType // empty when the kernel's key type is not one nftmesh writes
-	Elements []LiveElement
-}
-
-// LiveElement is a set element and its comment (nftmesh keeps the owner there).
-type LiveElement struct {
-	Key     netip.Addr // zero for inet_service sets
-	Port    uint16
-	Comment string
-}
-
-// LiveChain is a chain of the live table.
-type LiveChain struct {
-	Name  string
-	Base  *BaseChain
-	Rules []LiveRule
-}
-
-// LiveRule is a rule as nftmesh stamped it. Foreign is true for a rule without an
-// nftmesh stamp: somebody else wrote it.
-type LiveRule struct {
-	Handle  uint64
-	Body    string
-	Comment string
-	Foreign bool
-}
-
 // Conn is a connection to nftables in one network namespace: one blocking netlink socket,
 // for reads and for the transactions that google/nftables encodes. Not safe for concurrent
 // use; after an error, close it.
 type Conn struct {
-	raw *nlraw.Conn
+	raw *socket
 }
 
 // NewConn connects to nftables in the network namespace of the calling thread: call it on
 // a thread that is inside the target namespace; the socket stays there and the Conn can
 // then be used from any thread.
 func NewConn() (*Conn, error) {
-	raw, err := nlraw.Open(unix.NETLINK_NETFILTER)
+	raw, err := openSocket(unix.NETLINK_NETFILTER)
 	if err != nil {
 		return nil, err
 	}
 	return &Conn{raw: raw}, nil
 }
 
-// DialNetNS connects to nftables in the namespace of nsFD without moving the calling
-// thread: the socket is made on a thread that is ended after. Code that applies often
-// should call NewConn from a thread it keeps in the namespace (package netnsexec).
-func DialNetNS(nsFD int) (*Conn, error) {
-	if nsFD <= 0 {
-		return nil, fmt.Errorf("invalid netns fd %d (0 would mean the current namespace)", nsFD)
-	}
-	var fs unix.Statfs_t
-	if err := unix.Fstatfs(nsFD, &fs); err != nil || fs.Type != unix.NSFS_MAGIC {
-		return nil, fmt.Errorf("fd %d is not a network namespace", nsFD)
-	}
-	raw, err := nlraw.OpenAt(nsFD, unix.NETLINK_NETFILTER)
+// Dial connects to nftables in namespace ns without moving the calling thread (the
+// socket is made on one of ns's visiting threads). Code that also needs rtnetlink should
+// make both in one ns.Do with NewConn and NewRoutingConn.
+func Dial(ns *netns.NS) (*Conn, error) {
+	var c *Conn
+	err := ns.Do(func() (err error) {
+		c, err = NewConn()
+		return err
+	})
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("netns %s: %w", ns, err)
 	}
-	return &Conn{raw: raw}, nil
+	return c, nil
 }
 
 // txConn returns a google/nftables connection that queues and encodes a transaction and
-// hands the finished batch to this Conn's socket (mdlayher/netlink's nltest.Func is the
-// seam): google/nftables remains the encoder, the send is one sendmsg and one receive.
-func (n *Conn) txConn() (*nftables.Conn, error) {
-	return nftables.New(nftables.WithTestDial(func(req []netlink.Message) ([]netlink.Message, error) {
-		// google/nftables reads an answer per message; the batch has been answered whole.
-		ack := []netlink.Message{{Header: netlink.Header{Type: netlink.Error}, Data: make([]byte, 4)}}
-		if req == nil {
-			return ack, nil
-		}
-		if err := n.raw.SendBatch(req); err != nil {
-			return nil, err
-		}
-		return ack, nil
-	}))
-}
+// hands the finished batch to this Conn's socket (see encoder_linux.go): google/nftables
+// remains the encoder, the send is one sendmsg and one receive.
+func (n *Conn) txConn() (*nftables.Conn, error) { return newEncoder(n.raw.sendBatch) }
 
 // Close closes the socket.
 func (n *Conn) Close() error { return n.raw.Close() }
 
 // NetNSCookie identifies the Conn's namespace for as long as the system runs.
-func (n *Conn) NetNSCookie() (uint64, error) { return n.raw.NetNSCookie() }
+func (n *Conn) NetNSCookie() (uint64, error) { return n.raw.netNSCookie() }
 
 func nfgenmsg(family uint8) []byte { return []byte{family, unix.NFNETLINK_V0, 0, 0} }
 
@@ -144,13 +91,13 @@ func (n *Conn) dump(msgType int, attrs []netlink.Attribute) ([]netlink.Message, 
 		}
 		data = append(data, b...)
 	}
-	return n.raw.Execute(uint16(unix.NFNL_SUBSYS_NFTABLES<<8|msgType), netlink.Dump, data)
+	return n.raw.execute(uint16(unix.NFNL_SUBSYS_NFTABLES<<8|msgType), netlink.Dump, data)
 }
 
 // Generation returns the namespace's nftables ruleset generation: it changes with every
 // committed transaction, by anyone.
 func (n *Conn) Generation() (uint32, error) {
-	msgs, err := n.raw.Execute(uint16(unix.NFNL_SUBSYS_NFTABLES<<8|unix.NFT_MSG_GETGEN), 0, nfgenmsg(unix.NFPROTO_UNSPEC))
+	msgs, err := n.raw.execute(uint16(unix.NFNL_SUBSYS_NFTABLES<<8|unix.NFT_MSG_GETGEN), 0, nfgenmsg(unix.NFPROTO_UNSPEC))
 	if err != nil {
 		return 0, err
 	}
@@ -180,15 +127,15 @@ func attrs(m netlink.Message) (*netlink.AttributeDecoder, error) {
 	return ad, nil
 }
 
-var hookNames = map[uint32]Hook{
-	unix.NF_INET_PRE_ROUTING:  HookPrerouting,
-	unix.NF_INET_LOCAL_IN:     HookInput,
-	unix.NF_INET_FORWARD:      HookForward,
-	unix.NF_INET_LOCAL_OUT:    HookOutput,
-	unix.NF_INET_POST_ROUTING: HookPostrouting,
+var hookNames = map[uint32]ruleset.Hook{
+	unix.NF_INET_PRE_ROUTING:  ruleset.HookPrerouting,
+	unix.NF_INET_LOCAL_IN:     ruleset.HookInput,
+	unix.NF_INET_FORWARD:      ruleset.HookForward,
+	unix.NF_INET_LOCAL_OUT:    ruleset.HookOutput,
+	unix.NF_INET_POST_ROUTING: ruleset.HookPostrouting,
 }
 
-var setTypeByMagic = map[uint32]SetType{7: SetTypeIPv4Addr, 8: SetTypeIPv6Addr, 13: SetTypeInetService}
+var setTypeByMagic = map[uint32]ruleset.SetType{7: ruleset.SetTypeIPv4Addr, 8: ruleset.SetTypeIPv6Addr, 13: ruleset.SetTypeInetService}
 
 // ReadLive returns the table named name, or nil when the namespace has none. Set
 // elements are read only when withElements is set.
@@ -311,7 +258,7 @@ func decodeChain(m netlink.Message) (*LiveChain, string, error) {
 	}
 	c := &LiveChain{}
 	var table string
-	var base BaseChain
+	var base ruleset.BaseChain
 	hooked := false
 	for ad.Next() {
 		switch ad.Type() {
@@ -320,11 +267,11 @@ func decodeChain(m netlink.Message) (*LiveChain, string, error) {
 		case unix.NFTA_CHAIN_NAME:
 			c.Name = ad.String()
 		case unix.NFTA_CHAIN_TYPE:
-			base.Type = ChainType(ad.String())
+			base.Type = ruleset.ChainType(ad.String())
 		case unix.NFTA_CHAIN_POLICY:
-			base.Policy = PolicyAccept
+			base.Policy = ruleset.PolicyAccept
 			if ad.Uint32() == 0 { // NF_DROP
-				base.Policy = PolicyDrop
+				base.Policy = ruleset.PolicyDrop
 			}
 		case unix.NFTA_CHAIN_HOOK:
 			hooked = true
@@ -406,128 +353,14 @@ func (n *Conn) readElements(table string, s *LiveSet) ([]LiveElement, error) {
 	return out, nil
 }
 
-// Matches reports whether the live table is exactly the desired one: the same sets (with
-// the same elements, except for sets whose elements are managed at run time), the same
-// chains with the same hooks, and in each chain the same rules, all stamped by nftmesh,
-// in the same order.
-func (l *Live) Matches(t *Table) bool { return l.matches(t, t.renderBodies()) }
-
-func (l *Live) matches(t *Table, rb rendered) bool {
-	if l == nil || l.Name != t.Name || len(l.Sets) != len(t.Sets) || len(l.Chains) != len(t.Chains) {
-		return false
-	}
-	liveSets := map[string]*LiveSet{}
-	for _, s := range l.Sets {
-		liveSets[s.Name] = s
-	}
-	for _, s := range t.Sets {
-		ls := liveSets[s.Name]
-		if ls == nil || ls.Type != s.Type {
-			return false
-		}
-		if !s.Runtime && !slices.Equal(ls.elementStrings(), s.elementStrings()) {
-			return false
-		}
-	}
-	liveChains := map[string]*LiveChain{}
-	for _, c := range l.Chains {
-		liveChains[c.Name] = c
-	}
-	for ci, c := range t.Chains {
-		lc := liveChains[c.Name]
-		if lc == nil || (lc.Base == nil) != (c.Base == nil) || len(lc.Rules) != len(c.Rules) {
-			return false
-		}
-		if c.Base != nil {
-			want := *c.Base
-			want.Policy = c.Base.policy()
-			if *lc.Base != want {
-				return false
-			}
-		}
-		for i, r := range c.Rules {
-			lr := lc.Rules[i]
-			if lr.Foreign || lr.Body != rb.body(ci, i) || lr.Comment != r.Comment {
-				return false
-			}
-		}
-	}
-	return true
-}
-
-func (s *LiveSet) elementStrings() []string {
-	set := &Set{Type: s.Type}
-	for _, e := range s.Elements {
-		if s.Type == SetTypeInetService {
-			set.Ports = append(set.Ports, e.Port)
-		} else {
-			set.Addrs = append(set.Addrs, e.Key)
-		}
-	}
-	return set.elementStrings()
-}
-
-// Render prints the live table in the layout of Table.Render. Rules come from their
-// stamps; a rule nftmesh did not write shows as a comment line with its handle, so that
-// a diff against the desired table points at it.
-func (l *Live) Render() string {
-	t := &Table{Name: l.Name}
-	var b strings.Builder
-	fmt.Fprintf(&b, "table %s %s {\n", Family, t.Name)
-	first := true
-	sep := func() {
-		if !first {
-			b.WriteString("\n")
-		}
-		first = false
-	}
-	for _, s := range l.Sets {
-		sep()
-		typ := s.Type
-		if typ == "" {
-			typ = "unknown"
-		}
-		set := &Set{Name: s.Name, Type: typ}
-		for _, e := range s.Elements {
-			if typ == SetTypeInetService {
-				set.Ports = append(set.Ports, e.Port)
-			} else if e.Key.IsValid() {
-				set.Addrs = append(set.Addrs, e.Key)
-			}
-		}
-		renderSet(&b, set)
-	}
-	for _, c := range l.Chains {
-		sep()
-		fmt.Fprintf(&b, "\tchain %s {\n", c.Name)
-		if c.Base != nil {
-			fmt.Fprintf(&b, "\t\ttype %s hook %s priority %d; policy %s;\n", c.Base.Type, c.Base.Hook, c.Base.Priority, c.Base.policy())
-		}
-		for _, r := range c.Rules {
-			if r.Foreign {
-				fmt.Fprintf(&b, "\t\t# rule handle %d was not written by nftmesh (see nft -a list table inet %s)\n", r.Handle, l.Name)
-				continue
-			}
-			line := r.Body
-			if r.Comment != "" {
-				line += fmt.Sprintf(" comment %q", r.Comment)
-			}
-			fmt.Fprintf(&b, "\t\t%s\n", line)
-		}
-		b.WriteString("\t}\n")
-	}
-	b.WriteString("}\n")
-	return b.String()
-}
-
 // Apply makes nftmesh's table in the Conn's namespace exactly t, in one transaction: a pure
 // add when it is absent, nothing at all when the live table matches, otherwise an
 // add-delete-add replace of the whole table. Elements of Runtime sets are read first and
 // written back in the same transaction, so a replace never drops them. Nothing outside
 // the table is touched; if the kernel rejects the transaction, nothing changes.
-func (n *Conn) Apply(t *Table, cache *Cache) (Result, error) {
-	rb := t.renderBodies()
-	if err := t.validate(rb); err != nil {
+func (n *Conn) Apply(t *ruleset.Table, cache *Cache) (Result, error) {
+	rb := t.RuleBodies()
+	if err := t.ValidateBodies(rb); err != nil {
 		return Result{}, fmt.Errorf("table inet %s: invalid: %w", t.Name, err)
 	}
 	var key cacheKey
@@ -535,7 +368,7 @@ func (n *Conn) Apply(t *Table, cache *Cache) (Result, error) {
 	var gen uint32
 	if cache != nil {
 		// Without SO_NETNS_COOKIE (Linux < 5.14) there is no safe key: no cache.
-		if cookie, err := n.raw.NetNSCookie(); err != nil {
+		if cookie, err := n.raw.netNSCookie(); err != nil {
 			cache = nil
 		} else {
 			key = cacheKey{cookie, t.Name}
@@ -546,7 +379,7 @@ func (n *Conn) Apply(t *Table, cache *Cache) (Result, error) {
 		if gen, err = n.Generation(); err != nil {
 			return Result{}, fmt.Errorf("table inet %s: %w", t.Name, err)
 		}
-		hash = t.contentKey(rb)
+		hash = contentKey(t, rb)
 		if cache.verified(key, gen, hash) {
 			return Result{Action: Unchanged}, nil
 		}
@@ -579,11 +412,25 @@ func (n *Conn) Apply(t *Table, cache *Cache) (Result, error) {
 }
 
 // write queues the transaction on a google/nftables Conn and flushes it as one batch.
-func (n *Conn) write(t *Table, live *Live, rb rendered) (int, error) {
+func (n *Conn) write(t *ruleset.Table, live *Live, rb [][]string) (int, error) {
 	conn, err := n.txConn()
 	if err != nil {
 		return 0, err
 	}
+	writes, err := queueApply(conn, t, live, rb)
+	if err != nil {
+		return 0, err
+	}
+	if err := conn.Flush(); err != nil {
+		return 0, err
+	}
+	return writes, nil
+}
+
+// queueApply queues on conn the transaction that makes the namespace, which holds live
+// (nil: no table), hold exactly t, and returns the number of messages it queued. It only
+// encodes: the caller flushes (the encoding tests record what it queues instead).
+func queueApply(conn *nftables.Conn, t *ruleset.Table, live *Live, rb [][]string) (int, error) {
 	writes := 0
 	nt := nfTable(t.Name)
 	if live != nil {
@@ -623,18 +470,15 @@ func (n *Conn) write(t *Table, live *Live, rb rendered) (int, error) {
 			if err != nil {
 				return 0, fmt.Errorf("chain %s rule %d: %w", c.Name, i+1, err)
 			}
-			conn.AddRule(&nftables.Rule{Table: nt, Chain: chains[c.Name], Exprs: exprs, UserData: ruleUserData(r, rb.body(ci, i))})
+			conn.AddRule(&nftables.Rule{Table: nt, Chain: chains[c.Name], Exprs: exprs, UserData: ruleUserData(r, rb[ci][i])})
 			writes++
 		}
-	}
-	if err := conn.Flush(); err != nil {
-		return 0, err
 	}
 	return writes, nil
 }
 
 // keptElements returns the live elements of a runtime set, comments (owners) included.
-func keptElements(live *Live, s *Set) []nftables.SetElement {
+func keptElements(live *Live, s *ruleset.Set) []nftables.SetElement {
 	var out []nftables.SetElement
 	for _, ls := range live.Sets {
 		if ls.Name != s.Name || ls.Type != s.Type {
@@ -642,7 +486,7 @@ func keptElements(live *Live, s *Set) []nftables.SetElement {
 		}
 		for _, e := range ls.Elements {
 			key := e.Key.AsSlice()
-			if s.Type == SetTypeInetService {
+			if s.Type == ruleset.SetTypeInetService {
 				key = binary.BigEndian.AppendUint16(nil, e.Port)
 			}
 			out = append(out, nftables.SetElement{Key: key, Comment: e.Comment})
@@ -676,7 +520,7 @@ func (n *Conn) Delete(name string) (bool, error) {
 }
 
 // findElement reads the set and returns the element for addr, if any.
-func (n *Conn) findElement(table, set string, addr netip.Addr) (*LiveElement, SetType, error) {
+func (n *Conn) findElement(table, set string, addr netip.Addr) (*LiveElement, ruleset.SetType, error) {
 	live, err := n.readLive(table, false)
 	if err != nil {
 		return nil, "", err
@@ -693,7 +537,7 @@ func (n *Conn) findElement(table, set string, addr netip.Addr) (*LiveElement, Se
 	if ls == nil {
 		return nil, "", fmt.Errorf("set %s does not exist in table inet %s", set, table)
 	}
-	if (ls.Type == SetTypeIPv4Addr) != addr.Is4() || ls.Type == SetTypeInetService {
+	if (ls.Type == ruleset.SetTypeIPv4Addr) != addr.Is4() || ls.Type == ruleset.SetTypeInetService {
 		return nil, "", fmt.Errorf("set %s holds %s, not %s", set, ls.Type, addr)
 	}
 	elems, err := n.readElements(table, ls)

@@ -1,22 +1,24 @@
-package ruleset
+package kernel
 
 import (
 	"net/netip"
-	"os"
 	"strings"
 	"testing"
 
 	"github.com/nftmesh/nftmesh/internal/nettest"
+	"github.com/nftmesh/nftmesh/internal/rulesettest"
+	"github.com/nftmesh/nftmesh/internal/textdiff"
 )
+
+var everyConstruct = rulesettest.EveryConstruct
+
+func lineDiff(want, got string) string {
+	return textdiff.Unified("want", "got", want, got)
+}
 
 func openNS(t *testing.T, ns *nettest.Netns) *Conn {
 	t.Helper()
-	f, err := os.Open(ns.Path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	c, err := DialNetNS(int(f.Fd()))
+	c, err := Dial(ns.Handle)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -226,18 +228,18 @@ func TestCacheSkipsReadsUntilSomethingCommits(t *testing.T) {
 		t.Fatalf("%+v %v", res, err)
 	}
 	// First no-op: a full read that verifies and fills the cache.
-	before := c.raw.Requests
+	before := c.raw.requests
 	if res, err := c.Apply(everyConstruct(), cache); err != nil || res.Action != Unchanged {
 		t.Fatalf("%+v %v", res, err)
 	}
-	if n := c.raw.Requests - before; n < 4 {
+	if n := c.raw.requests - before; n < 4 {
 		t.Errorf("verifying read sent %d requests, want a full read", n)
 	}
-	before = c.raw.Requests
+	before = c.raw.requests
 	if res, err := c.Apply(everyConstruct(), cache); err != nil || res.Action != Unchanged {
 		t.Fatalf("%+v %v", res, err)
 	}
-	if n := c.raw.Requests - before; n != 1 {
+	if n := c.raw.requests - before; n != 1 {
 		t.Errorf("cached no-op sent %d requests, want 1 (the generation)", n)
 	}
 	// A changed table is not answered from the cache.

@@ -1,6 +1,13 @@
-package ruleset
+package kernel
 
-import "sync"
+import (
+	"crypto/sha256"
+	"fmt"
+	"strings"
+	"sync"
+
+	"github.com/nftmesh/nftmesh/ruleset"
+)
 
 // Cache lets a long-running applier skip reading a table back when nothing can have
 // changed it. The kernel bumps a namespace's nftables generation on every committed
@@ -56,4 +63,26 @@ func (c *Cache) Forget(cookie uint64) {
 			delete(c.m, k)
 		}
 	}
+}
+
+// contentKey is a digest of everything Render prints, from already rendered bodies
+// (rb, from t.RuleBodies).
+func contentKey(t *ruleset.Table, rb [][]string) string {
+	h := sha256.New()
+	var b strings.Builder
+	b.WriteString(t.Name)
+	for _, s := range t.Sets {
+		b.WriteString(s.Render())
+	}
+	for ci, c := range t.Chains {
+		b.WriteString("\x00chain " + c.Name)
+		if c.Base != nil {
+			fmt.Fprintf(&b, " %s %s %d %s", c.Base.Type, c.Base.Hook, c.Base.Priority, c.Base.EffectivePolicy())
+		}
+		for i, r := range c.Rules {
+			b.WriteString("\x00" + rb[ci][i] + "\x01" + r.Comment)
+		}
+	}
+	h.Write([]byte(b.String()))
+	return string(h.Sum(nil)[:16])
 }

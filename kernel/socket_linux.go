@@ -1,11 +1,8 @@
-// Package nlraw is a blocking netlink socket for request/response exchanges (dumps,
-// small queries) in one network namespace.
-package nlraw
+package kernel
 
 import (
 	"encoding/binary"
 	"fmt"
-	"runtime"
 	"sync"
 	"sync/atomic"
 
@@ -13,23 +10,24 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Conn is a blocking netlink socket. mdlayher/netlink routes every receive through the runtime poller, which
-// parks and wakes the goroutine per message; for a handful of small request/response
-// exchanges a plain blocking socket is several times cheaper, and the no-op apply is
-// nothing but such exchanges.
-type Conn struct {
+// socket is a blocking netlink socket in one network namespace, for request/response
+// exchanges (dumps, small queries) and batches. mdlayher/netlink routes every receive
+// through the runtime poller, which parks and wakes the goroutine per message; for a
+// handful of small request/response exchanges a plain blocking socket is several times
+// cheaper, and the no-op apply is nothing but such exchanges.
+type socket struct {
 	fd       int
 	seq      atomic.Uint32
-	Requests int // requests sent, for tests that prove a read was skipped
+	requests int // requests sent, for tests that prove a read was skipped
 }
 
 // soNetNSCookie is SO_NETNS_COOKIE (Linux 5.14): a 64-bit id of the socket's network
 // namespace, never reused while the system runs (unlike the nsfs inode).
 const soNetNSCookie = 71
 
-// Open makes a socket of the netlink protocol (unix.NETLINK_NETFILTER,
+// openSocket makes a socket of the netlink protocol (unix.NETLINK_NETFILTER,
 // unix.NETLINK_ROUTE) in the calling thread's network namespace.
-func Open(protocol int) (*Conn, error) {
+func openSocket(protocol int) (*socket, error) {
 	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, protocol)
 	if err != nil {
 		return nil, fmt.Errorf("netlink socket: %w", err)
@@ -50,33 +48,11 @@ func Open(protocol int) (*Conn, error) {
 		unix.Close(fd)
 		return nil, err
 	}
-	return &Conn{fd: fd}, nil
+	return &socket{fd: fd}, nil
 }
 
-// OpenAt makes the socket in the namespace of nsFD, on a goroutine whose thread is
-// locked and never unlocked: the thread ends with it, wherever setns left it.
-func OpenAt(nsFD, protocol int) (*Conn, error) {
-	type result struct {
-		r   *Conn
-		err error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		runtime.LockOSThread()
-		if err := unix.Setns(nsFD, unix.CLONE_NEWNET); err != nil {
-			ch <- result{nil, fmt.Errorf("setns: %w", err)}
-			return
-		}
-		r, err := Open(protocol)
-		ch <- result{r, err}
-	}()
-	res := <-ch
-	return res.r, res.err
-}
-
-// Close closes the socket.
 // Close closes the socket; later calls fail with EBADF instead of reaching a reused fd.
-func (r *Conn) Close() error {
+func (r *socket) Close() error {
 	if r.fd < 0 {
 		return unix.EBADF
 	}
@@ -90,8 +66,8 @@ func (r *Conn) Close() error {
 // exchange; a buffer per open socket would pin megabytes for cached sockets.
 var bufPool = sync.Pool{New: func() any { b := make([]byte, 1<<16); return &b }}
 
-// NetNSCookie identifies the socket's namespace for as long as the system runs.
-func (r *Conn) NetNSCookie() (uint64, error) {
+// netNSCookie identifies the socket's namespace for as long as the system runs.
+func (r *socket) netNSCookie() (uint64, error) {
 	v, err := unix.GetsockoptUint64(r.fd, unix.SOL_SOCKET, soNetNSCookie)
 	if err != nil {
 		return 0, fmt.Errorf("SO_NETNS_COOKIE: %w", err)
@@ -113,8 +89,8 @@ func appendMessage(buf []byte, typ, flags uint16, seq uint32, data []byte) []byt
 	return buf
 }
 
-func (r *Conn) send(buf []byte) error {
-	r.Requests++
+func (r *socket) send(buf []byte) error {
+	r.requests++
 	if err := unix.Sendto(r.fd, buf, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
 		return fmt.Errorf("netlink send: %w", err)
 	}
@@ -122,7 +98,7 @@ func (r *Conn) send(buf []byte) error {
 }
 
 // receive reads messages and hands each to fn until fn says it is done.
-func (r *Conn) receive(fn func(h netlink.Header, body []byte) (done bool, err error)) error {
+func (r *socket) receive(fn func(h netlink.Header, body []byte) (done bool, err error)) error {
 	buf := bufPool.Get().(*[]byte)
 	defer bufPool.Put(buf)
 	for {
@@ -160,13 +136,13 @@ func errno(body []byte) (unix.Errno, error) {
 	return unix.Errno(-int32(binary.NativeEndian.Uint32(body[0:4]))), nil
 }
 
-// Execute sends one request and returns the replies: all parts of a dump, or the one
+// execute sends one request and returns the replies: all parts of a dump, or the one
 // answer to a plain request. A kernel error comes back as an error wrapping the errno. A
 // dump the kernel marks interrupted (the ruleset changed while it was being dumped) is
 // done again, so that callers never see a torn one.
-func (r *Conn) Execute(msgType uint16, flags netlink.HeaderFlags, data []byte) ([]netlink.Message, error) {
+func (r *socket) execute(msgType uint16, flags netlink.HeaderFlags, data []byte) ([]netlink.Message, error) {
 	for attempt := 0; ; attempt++ {
-		out, interrupted, err := r.execute(msgType, flags, data)
+		out, interrupted, err := r.executeOnce(msgType, flags, data)
 		if err != nil || !interrupted {
 			return out, err
 		}
@@ -176,7 +152,7 @@ func (r *Conn) Execute(msgType uint16, flags netlink.HeaderFlags, data []byte) (
 	}
 }
 
-func (r *Conn) execute(msgType uint16, flags netlink.HeaderFlags, data []byte) ([]netlink.Message, bool, error) {
+func (r *socket) executeOnce(msgType uint16, flags netlink.HeaderFlags, data []byte) ([]netlink.Message, bool, error) {
 	seq := r.seq.Add(1)
 	if err := r.send(appendMessage(nil, msgType, uint16(flags|netlink.Request), seq, data)); err != nil {
 		return nil, false, err
@@ -211,3 +187,45 @@ func (r *Conn) execute(msgType uint16, flags netlink.HeaderFlags, data []byte) (
 }
 
 func nlmsgAlign(l int) int { return (l + unix.NLMSG_ALIGNTO - 1) &^ (unix.NLMSG_ALIGNTO - 1) }
+
+// request is one netlink message for executeAll: type, flags (NLM_F_REQUEST|NLM_F_ACK are
+// added) and payload.
+type request struct {
+	Type  uint16
+	Flags uint16
+	Data  []byte
+}
+
+// executeAll sends every request in one sendmsg and reads one ack per request. It returns
+// one error per request (nil: done).
+func (r *socket) executeAll(reqs []request) ([]error, error) {
+	var buf []byte
+	first := r.seq.Load() + 1
+	for _, q := range reqs {
+		buf = appendMessage(buf, q.Type, q.Flags|unix.NLM_F_REQUEST|unix.NLM_F_ACK, r.seq.Add(1), q.Data)
+	}
+	if err := r.send(buf); err != nil {
+		return nil, err
+	}
+	errs := make([]error, len(reqs))
+	got := 0
+	err := r.receive(func(h netlink.Header, body []byte) (bool, error) {
+		i := int(h.Sequence - first)
+		if h.Type != netlink.Error || i < 0 || i >= len(reqs) {
+			return false, nil
+		}
+		e, err := errno(body)
+		if err != nil {
+			return true, err
+		}
+		if e != 0 {
+			errs[i] = e
+		}
+		got++
+		return got == len(reqs), nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return errs, nil
+}

@@ -1,4 +1,4 @@
-package netnsexec
+package netns_test
 
 import (
 	"os"
@@ -7,6 +7,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/nftmesh/nftmesh/internal/netns"
 	"github.com/nftmesh/nftmesh/internal/nettest"
 )
 
@@ -25,12 +26,7 @@ func nsIno(t *testing.T, path string) uint64 {
 // own namespace, made after many visits elsewhere, still see it.
 func TestDoRunsInNamespaceAndComesBack(t *testing.T) {
 	ns := nettest.New(t)
-	f, err := os.Open(ns.Path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	self, err := os.Open("/proc/self/ns/net")
+	self, err := netns.Open("/proc/self/ns/net")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -41,10 +37,10 @@ func TestDoRunsInNamespaceAndComesBack(t *testing.T) {
 	}
 	for i := 0; i < 50; i++ {
 		var inside, back uint64
-		if err := Do(int(f.Fd()), func() error { inside = nsIno(t, "/proc/thread-self/ns/net"); return nil }); err != nil {
+		if err := ns.Handle.Do(func() error { inside = nsIno(t, "/proc/thread-self/ns/net"); return nil }); err != nil {
 			t.Fatal(err)
 		}
-		if err := Do(int(self.Fd()), func() error { back = nsIno(t, "/proc/thread-self/ns/net"); return nil }); err != nil {
+		if err := self.Do(func() error { back = nsIno(t, "/proc/thread-self/ns/net"); return nil }); err != nil {
 			t.Fatal(err)
 		}
 		if inside != target || back != home {
@@ -57,20 +53,18 @@ func TestDoRunsInNamespaceAndComesBack(t *testing.T) {
 }
 
 func TestDoErrors(t *testing.T) {
-	if err := Do(0, func() error { return nil }); err == nil {
-		t.Error("fd 0 accepted")
+	self, err := netns.Open("/proc/self/ns/net")
+	if err != nil {
+		t.Fatal(err)
 	}
-	f, _ := os.Open("/proc/self/status")
-	defer f.Close()
-	if err := Do(int(f.Fd()), func() error { return nil }); err == nil || !strings.Contains(err.Error(), "setns") {
-		t.Errorf("non-namespace fd: %v", err)
-	}
-	self, _ := os.Open("/proc/self/ns/net")
-	defer self.Close()
-	if err := Do(int(self.Fd()), func() error { panic("boom") }); err == nil || !strings.Contains(err.Error(), "boom") {
+	if err := self.Do(func() error { panic("boom") }); err == nil || !strings.Contains(err.Error(), "boom") {
 		t.Errorf("panic not turned into an error: %v", err)
 	}
-	if err := Do(int(self.Fd()), func() error { return nil }); err != nil {
+	if err := self.Do(func() error { return nil }); err != nil {
 		t.Errorf("workers gone after a panic: %v", err)
+	}
+	self.Close()
+	if err := self.Do(func() error { return nil }); err == nil {
+		t.Errorf("Do on a closed handle ran")
 	}
 }

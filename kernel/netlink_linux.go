@@ -1,21 +1,22 @@
-package ruleset
+package kernel
 
 import (
-	"crypto/sha256"
 	"fmt"
 	"net/netip"
-	"strings"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
 	"github.com/google/nftables/userdata"
 	"golang.org/x/sys/unix"
+
+	"github.com/nftmesh/nftmesh/ruleset"
 )
 
 // This file translates the model into github.com/google/nftables objects, the way nft
-// itself encodes each construct, so that `nft list` prints back the rendered text. The
-// tests apply every golden ruleset through it and compare nft's print-back with Render.
+// itself encodes each construct, so that `nft list` prints back the rendered text. Tests
+// apply every construct (here) and every golden ruleset (package dataplane) through it and
+// compare nft's print-back with Render; testdata records the bytes of each golden's batch.
 
 // stampType is the rule user-data TLV where nftmesh keeps the rule's canonical text
 // (comment excluded; the comment has its own TLV, which nft prints). nft ignores TLV
@@ -24,11 +25,10 @@ import (
 // (google/nftables drops tproxy when it reads rules back).
 const stampType userdata.Type = 0x6e // 'n'
 
-// userDataMax is NFT_USERDATA_MAXLEN.
-const userDataMax = 256
-
-// ruleUserData holds the comment and the stamp (the rule's body).
-func ruleUserData(r Rule, body string) []byte {
+// ruleUserData holds the comment and the stamp (the rule's body). Package ruleset's
+// validation counts on this layout (a TLV each) to check that both fit the kernel's
+// NFT_USERDATA_MAXLEN.
+func ruleUserData(r ruleset.Rule, body string) []byte {
 	var ud []byte
 	if r.Comment != "" {
 		ud = userdata.AppendString(ud, userdata.TypeComment, r.Comment)
@@ -36,83 +36,23 @@ func ruleUserData(r Rule, body string) []byte {
 	return userdata.AppendString(ud, stampType, body)
 }
 
-// body is the rule's text without its comment: what the stamp records.
-func (r Rule) body() string {
-	c := r
-	c.Comment = ""
-	return c.String()
-}
-
-// userDataLen is the length ruleUserData will have: each TLV is type, length, value, NUL.
-func userDataLen(body, comment string) int {
-	n := 2 + len(body) + 1
-	if comment != "" {
-		n += 2 + len(comment) + 1
-	}
-	return n
-}
-
-// rendered holds every rule's body, rendered once per apply: validation, the cache key,
-// the comparison with the live table and the stamps all need it.
-type rendered [][]string // [chain][rule]
-
-func (t *Table) renderBodies() rendered {
-	rb := make(rendered, len(t.Chains))
-	for ci, c := range t.Chains {
-		rb[ci] = make([]string, len(c.Rules))
-		for i, r := range c.Rules {
-			rb[ci][i] = r.body()
-		}
-	}
-	return rb
-}
-
-func (rb rendered) body(chain, rule int) string { return rb[chain][rule] }
-
-// ContentHash is a digest of the rendered table: equal tables, equal hashes.
-func (t *Table) ContentHash() string {
-	sum := sha256.Sum256([]byte(t.Render()))
-	return fmt.Sprintf("%x", sum[:12])
-}
-
-// contentKey is a digest of everything Render prints, from already rendered bodies.
-func (t *Table) contentKey(rb rendered) string {
-	h := sha256.New()
-	var b strings.Builder
-	b.WriteString(t.Name)
-	for _, s := range t.Sets {
-		renderSet(&b, s)
-	}
-	for ci, c := range t.Chains {
-		b.WriteString("\x00chain " + c.Name)
-		if c.Base != nil {
-			fmt.Fprintf(&b, " %s %s %d %s", c.Base.Type, c.Base.Hook, c.Base.Priority, c.Base.policy())
-		}
-		for i, r := range c.Rules {
-			b.WriteString("\x00" + rb[ci][i] + "\x01" + r.Comment)
-		}
-	}
-	h.Write([]byte(b.String()))
-	return string(h.Sum(nil)[:16])
-}
-
 var (
-	chainTypes = map[ChainType]nftables.ChainType{
-		ChainTypeFilter: nftables.ChainTypeFilter,
-		ChainTypeNAT:    nftables.ChainTypeNAT,
-		ChainTypeRoute:  nftables.ChainTypeRoute,
+	chainTypes = map[ruleset.ChainType]nftables.ChainType{
+		ruleset.ChainTypeFilter: nftables.ChainTypeFilter,
+		ruleset.ChainTypeNAT:    nftables.ChainTypeNAT,
+		ruleset.ChainTypeRoute:  nftables.ChainTypeRoute,
 	}
-	hooks = map[Hook]*nftables.ChainHook{
-		HookPrerouting:  nftables.ChainHookPrerouting,
-		HookInput:       nftables.ChainHookInput,
-		HookForward:     nftables.ChainHookForward,
-		HookOutput:      nftables.ChainHookOutput,
-		HookPostrouting: nftables.ChainHookPostrouting,
+	hooks = map[ruleset.Hook]*nftables.ChainHook{
+		ruleset.HookPrerouting:  nftables.ChainHookPrerouting,
+		ruleset.HookInput:       nftables.ChainHookInput,
+		ruleset.HookForward:     nftables.ChainHookForward,
+		ruleset.HookOutput:      nftables.ChainHookOutput,
+		ruleset.HookPostrouting: nftables.ChainHookPostrouting,
 	}
-	setTypes = map[SetType]nftables.SetDatatype{
-		SetTypeIPv4Addr:    nftables.TypeIPAddr,
-		SetTypeIPv6Addr:    nftables.TypeIP6Addr,
-		SetTypeInetService: nftables.TypeInetService,
+	setTypes = map[ruleset.SetType]nftables.SetDatatype{
+		ruleset.SetTypeIPv4Addr:    nftables.TypeIPAddr,
+		ruleset.SetTypeIPv6Addr:    nftables.TypeIP6Addr,
+		ruleset.SetTypeInetService: nftables.TypeInetService,
 	}
 )
 
@@ -120,11 +60,11 @@ func nfTable(name string) *nftables.Table {
 	return &nftables.Table{Name: name, Family: nftables.TableFamilyINet}
 }
 
-func nfChain(t *nftables.Table, c *Chain) *nftables.Chain {
+func nfChain(t *nftables.Table, c *ruleset.Chain) *nftables.Chain {
 	nc := &nftables.Chain{Name: c.Name, Table: t}
 	if c.Base != nil {
 		policy := nftables.ChainPolicyAccept
-		if c.Base.policy() == PolicyDrop {
+		if c.Base.EffectivePolicy() == ruleset.PolicyDrop {
 			policy = nftables.ChainPolicyDrop
 		}
 		nc.Type = chainTypes[c.Base.Type]
@@ -137,11 +77,11 @@ func nfChain(t *nftables.Table, c *Chain) *nftables.Chain {
 
 // nfSet returns the set with a batch-local ID: google/nftables would otherwise take one
 // from a package-global counter, which concurrent transactions would race on.
-func nfSet(t *nftables.Table, s *Set, id uint32) *nftables.Set {
+func nfSet(t *nftables.Table, s *ruleset.Set, id uint32) *nftables.Set {
 	return &nftables.Set{Table: t, Name: s.Name, ID: id, KeyType: setTypes[s.Type]}
 }
 
-func setElements(s *Set) []nftables.SetElement {
+func setElements(s *ruleset.Set) []nftables.SetElement {
 	var out []nftables.SetElement
 	for _, a := range s.Addrs {
 		out = append(out, nftables.SetElement{Key: a.AsSlice()})
@@ -157,8 +97,8 @@ func setElements(s *Set) []nftables.SetElement {
 // (meta l4proto) before the first tcp/udp header match, unless the rule already did.
 type exprBuilder struct {
 	exprs  []expr.Any
-	family IPFamily
-	proto  L4Proto
+	family ruleset.IPFamily
+	proto  ruleset.L4Proto
 	sets   map[string]*nftables.Set
 }
 
@@ -175,12 +115,12 @@ func cmpOp(negate bool) expr.CmpOp {
 
 func native32(v uint32) []byte { return binaryutil.NativeEndian.PutUint32(v) }
 
-func (b *exprBuilder) needFamily(f IPFamily) {
+func (b *exprBuilder) needFamily(f ruleset.IPFamily) {
 	if b.family == f {
 		return
 	}
 	proto := byte(unix.NFPROTO_IPV4)
-	if f == IPv6 {
+	if f == ruleset.IPv6 {
 		proto = unix.NFPROTO_IPV6
 	}
 	b.add(&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: reg},
@@ -188,14 +128,14 @@ func (b *exprBuilder) needFamily(f IPFamily) {
 	b.family = f
 }
 
-func l4Number(p L4Proto) byte {
-	if p == UDP {
+func l4Number(p ruleset.L4Proto) byte {
+	if p == ruleset.UDP {
 		return unix.IPPROTO_UDP
 	}
 	return unix.IPPROTO_TCP
 }
 
-func (b *exprBuilder) needProto(p L4Proto) {
+func (b *exprBuilder) needProto(p ruleset.L4Proto) {
 	if b.proto == p {
 		return
 	}
@@ -213,27 +153,27 @@ func (b *exprBuilder) lookup(set string, negate bool) error {
 	return nil
 }
 
-func (b *exprBuilder) loadMark(kind MarkKind) {
-	if kind == CtMark {
+func (b *exprBuilder) loadMark(kind ruleset.MarkKind) {
+	if kind == ruleset.CtMark {
 		b.add(&expr.Ct{Key: expr.CtKeyMARK, Register: reg})
 	} else {
 		b.add(&expr.Meta{Key: expr.MetaKeyMARK, Register: reg})
 	}
 }
 
-func (b *exprBuilder) match(m Match) error {
+func (b *exprBuilder) match(m ruleset.Match) error {
 	switch m := m.(type) {
-	case MetaL4Proto:
+	case ruleset.MetaL4Proto:
 		b.add(&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: reg},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: reg, Data: []byte{l4Number(m.Proto)}})
 		b.proto = m.Proto
-	case Mark:
+	case ruleset.Mark:
 		b.loadMark(m.Kind)
 		if m.Mask != 0xffffffff {
 			b.add(&expr.Bitwise{SourceRegister: reg, DestRegister: reg, Len: 4, Mask: native32(m.Mask), Xor: native32(0)})
 		}
 		b.add(&expr.Cmp{Op: cmpOp(m.Negate), Register: reg, Data: native32(m.Value)})
-	case Interface:
+	case ruleset.Interface:
 		key := expr.MetaKeyIIFNAME
 		if m.Out {
 			key = expr.MetaKeyOIFNAME
@@ -241,24 +181,24 @@ func (b *exprBuilder) match(m Match) error {
 		name := make([]byte, unix.IFNAMSIZ)
 		copy(name, m.Name)
 		b.add(&expr.Meta{Key: key, Register: reg}, &expr.Cmp{Op: cmpOp(m.Negate), Register: reg, Data: name})
-	case SocketUID:
+	case ruleset.SocketUID:
 		b.add(&expr.Meta{Key: expr.MetaKeySKUID, Register: reg})
 		switch m.Op {
-		case "", OpEq, OpNeq:
-			b.add(&expr.Cmp{Op: cmpOp(m.Op == OpNeq), Register: reg, Data: native32(m.UID)})
+		case "", ruleset.OpEq, ruleset.OpNeq:
+			b.add(&expr.Cmp{Op: cmpOp(m.Op == ruleset.OpNeq), Register: reg, Data: native32(m.UID)})
 		default:
 			// Ordered comparisons are byte-wise: compare big-endian, as nft does.
-			ops := map[CmpOp]expr.CmpOp{OpLt: expr.CmpOpLt, OpGt: expr.CmpOpGt, OpLe: expr.CmpOpLte, OpGe: expr.CmpOpGte}
+			ops := map[ruleset.CmpOp]expr.CmpOp{ruleset.OpLt: expr.CmpOpLt, ruleset.OpGt: expr.CmpOpGt, ruleset.OpLe: expr.CmpOpLte, ruleset.OpGe: expr.CmpOpGte}
 			b.add(&expr.Byteorder{SourceRegister: reg, DestRegister: reg, Op: expr.ByteorderHton, Len: 4, Size: 4},
 				&expr.Cmp{Op: ops[m.Op], Register: reg, Data: binaryutil.BigEndian.PutUint32(m.UID)})
 		}
-	case Addr:
+	case ruleset.Addr:
 		b.needFamily(m.Family)
 		offset, size := uint32(12), uint32(4) // ip saddr
-		if m.Family == IPv6 {
+		if m.Family == ruleset.IPv6 {
 			offset, size = 8, 16
 		}
-		if m.Dir == Destination {
+		if m.Dir == ruleset.Destination {
 			offset += size
 		}
 		b.add(&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: reg, Base: expr.PayloadBaseNetworkHeader, Offset: offset, Len: size})
@@ -269,12 +209,12 @@ func (b *exprBuilder) match(m Match) error {
 			b.add(&expr.Bitwise{SourceRegister: reg, DestRegister: reg, Len: size, Mask: prefixMask(m.Prefix), Xor: make([]byte, size)})
 		}
 		b.add(&expr.Cmp{Op: cmpOp(m.Negate), Register: reg, Data: m.Prefix.Masked().Addr().AsSlice()})
-	case Port:
+	case ruleset.Port:
 		if m.Proto != "" {
 			b.needProto(m.Proto)
 		}
 		offset := uint32(2) // dport
-		if m.Dir == SPort {
+		if m.Dir == ruleset.SPort {
 			offset = 0
 		}
 		b.add(&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: reg, Base: expr.PayloadBaseTransportHeader, Offset: offset, Len: 2})
@@ -282,7 +222,7 @@ func (b *exprBuilder) match(m Match) error {
 			return b.lookup(m.Set, m.Negate)
 		}
 		b.add(&expr.Cmp{Op: cmpOp(m.Negate), Register: reg, Data: binaryutil.BigEndian.PutUint16(m.Port)})
-	case CtState:
+	case ruleset.CtState:
 		b.add(&expr.Ct{Key: expr.CtKeySTATE, Register: reg},
 			&expr.Bitwise{SourceRegister: reg, DestRegister: reg, Len: 4, Mask: native32(uint32(m.States)), Xor: native32(0)},
 			&expr.Cmp{Op: expr.CmpOpNeq, Register: reg, Data: native32(0)})
@@ -301,19 +241,27 @@ func prefixMask(p netip.Prefix) []byte {
 	return mask
 }
 
-func nfFamily(f IPFamily) byte {
+// familyOf returns the family of an address, for family-specific statements.
+func familyOf(a netip.Addr) ruleset.IPFamily {
+	if a.Is4() {
+		return ruleset.IPv4
+	}
+	return ruleset.IPv6
+}
+
+func nfFamily(f ruleset.IPFamily) byte {
 	switch f {
-	case IPv4:
+	case ruleset.IPv4:
 		return unix.NFPROTO_IPV4
-	case IPv6:
+	case ruleset.IPv6:
 		return unix.NFPROTO_IPV6
 	}
 	return unix.NFPROTO_UNSPEC
 }
 
-func (b *exprBuilder) statement(s Statement) error {
+func (b *exprBuilder) statement(s ruleset.Statement) error {
 	switch s := s.(type) {
-	case SetMark:
+	case ruleset.SetMark:
 		switch {
 		case s.From == "":
 			b.add(&expr.Immediate{Register: reg, Data: native32(s.Value)})
@@ -324,27 +272,27 @@ func (b *exprBuilder) statement(s Statement) error {
 			b.loadMark(s.From)
 			b.add(&expr.Bitwise{SourceRegister: reg, DestRegister: reg, Len: 4, Mask: native32(^s.Mask), Xor: native32(s.Value)})
 		}
-		if s.Target == CtMark {
+		if s.Target == ruleset.CtMark {
 			b.add(&expr.Ct{Key: expr.CtKeyMARK, Register: reg, SourceRegister: true})
 		} else {
 			b.add(&expr.Meta{Key: expr.MetaKeyMARK, Register: reg, SourceRegister: true})
 		}
-	case SetCtZone:
+	case ruleset.SetCtZone:
 		b.add(&expr.Immediate{Register: reg, Data: binaryutil.NativeEndian.PutUint16(s.Zone)},
 			&expr.Ct{Key: expr.CtKey(unix.NFT_CT_ZONE), Register: reg, SourceRegister: true})
-	case TProxy:
+	case ruleset.TProxy:
 		b.add(&expr.Immediate{Register: reg, Data: binaryutil.BigEndian.PutUint16(s.Port)},
 			&expr.TProxy{Family: nfFamily(s.Family), TableFamily: unix.NFPROTO_INET, RegPort: reg})
-	case Redirect:
+	case ruleset.Redirect:
 		b.add(&expr.Immediate{Register: reg, Data: binaryutil.BigEndian.PutUint16(s.Port)},
 			&expr.Redir{RegisterProtoMin: reg})
-	case SNAT:
+	case ruleset.SNAT:
 		b.add(&expr.Immediate{Register: reg, Data: s.Addr.AsSlice()},
 			&expr.NAT{Type: expr.NATTypeSourceNAT, Family: uint32(nfFamily(familyOf(s.Addr))), RegAddrMin: reg})
-	case Counter:
+	case ruleset.Counter:
 		b.add(&expr.Counter{})
-	case Verdict:
-		kinds := map[VerdictKind]expr.VerdictKind{Accept: expr.VerdictAccept, Drop: expr.VerdictDrop, Return: expr.VerdictReturn, Jump: expr.VerdictJump}
+	case ruleset.Verdict:
+		kinds := map[ruleset.VerdictKind]expr.VerdictKind{ruleset.Accept: expr.VerdictAccept, ruleset.Drop: expr.VerdictDrop, ruleset.Return: expr.VerdictReturn, ruleset.Jump: expr.VerdictJump}
 		b.add(&expr.Verdict{Kind: kinds[s.Kind], Chain: s.Chain})
 	default:
 		return fmt.Errorf("unknown statement %T", s)
@@ -354,7 +302,7 @@ func (b *exprBuilder) statement(s Statement) error {
 
 // ruleExprs translates one rule. sets maps set names to the sets of the same batch (or
 // the live ones).
-func ruleExprs(r Rule, sets map[string]*nftables.Set) ([]expr.Any, error) {
+func ruleExprs(r ruleset.Rule, sets map[string]*nftables.Set) ([]expr.Any, error) {
 	b := exprBuilder{sets: sets}
 	for _, m := range r.Matches {
 		if err := b.match(m); err != nil {

@@ -1,0 +1,17 @@
+// Package kernel is where nftmesh's model (package ruleset) meets the Linux kernel, in
+// one network namespace at a time:
+//
+//   - Conn applies a ruleset.Table as one nftables transaction (nothing when the live
+//     table already matches), deletes it, edits single set elements, and reads the table
+//     back as a Live, which renders and compares against the model;
+//   - Cache lets a long-running applier skip the read while the namespace's nftables
+//     generation has not moved;
+//   - RoutingConn checks, adds and removes a pod's policy routing (ruleset.Routing).
+//
+// google/nftables encodes the objects and expressions; the batch goes out on a blocking
+// netlink socket of our own (see encoder_linux.go for how the two meet). Every socket
+// belongs to the namespace of the thread that made it: NewConn and NewRoutingConn must
+// run on a thread inside the target namespace (netns.NS.Do); Dial does that for a Conn.
+//
+// The package is Linux only; ruleset, the model, builds anywhere.
+package kernel

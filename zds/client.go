@@ -182,16 +182,17 @@ func (s *clientSession) handle(ctx context.Context, data []byte, files []*os.Fil
 			closeFiles(files)
 			return fmt.Errorf("zds: add %q: %w: need a uid and exactly one netns descriptor, got %d", uid, errMalformed, len(files))
 		}
-		// The descriptor must be a network namespace: anything else (a socket, a mount
-		// namespace) would have the proxy open listeners in the wrong place.
-		ns, err := netns.FromFile(files[0])
-		if err != nil {
-			return fmt.Errorf("zds: add %s: %w: descriptor: %w", uid, errMalformed, err)
-		}
 		// Named even if the handler fails: the agent knows the pod, so an instance the handler
 		// already runs for it survives the snapshot.
 		if !s.snapshotDone {
 			s.named[uid] = true
+		}
+		// The descriptor must be a network namespace: anything else (a socket, a mount
+		// namespace) would have the proxy open listeners in the wrong place. The uid is named
+		// all the same, like a handler failure: an instance already running for it stays.
+		ns, err := netns.FromFile(files[0])
+		if err != nil {
+			return fmt.Errorf("zds: add %s: %w: descriptor: %w", uid, errMalformed, err)
 		}
 		if err := h.AddWorkload(ctx, uid, infoFromPB(p.Add.GetWorkloadInfo()), ns); err != nil {
 			return fmt.Errorf("zds: add %s: %w", uid, err)

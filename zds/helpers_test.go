@@ -21,6 +21,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/nftmesh/nftmesh/internal/netns"
+	"github.com/nftmesh/nftmesh/internal/nettest"
 	"github.com/nftmesh/nftmesh/zds/zdspb"
 )
 
@@ -141,6 +142,7 @@ func openNetNS(t *testing.T) *netns.NS {
 // stays in it.
 func newNetNS(t *testing.T) *netns.NS {
 	t.Helper()
+	nettest.Require(t)
 	type result struct {
 		ns  *netns.NS
 		err error

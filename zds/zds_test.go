@@ -247,7 +247,7 @@ func TestMalformedRequests(t *testing.T) {
 	if got := p.ack(); got != "" {
 		t.Fatalf("add after malformed requests: %q", got)
 	}
-	h.waitEvents(t, "snapshot []", "add ok")
+	h.waitEvents(t, "snapshot [a]", "add ok") // a: named by the Add with a plain file
 	if !sameFile(t, h.file("ok"), f2) {
 		t.Errorf("handler got another file")
 	}

@@ -29,11 +29,14 @@ var (
 )
 
 // Do runs fn on a thread inside the namespace. fn must be short and must not start
-// goroutines that expect to be in the namespace.
+// goroutines that expect to be in the namespace. The descriptor is held for the whole call
+// (through the file's SyscallConn), so a concurrent Close cannot free its number for
+// another file, and the work never lands in some other namespace.
 func (n *NS) Do(fn func() error) error {
-	fd := n.Fd()
-	if fd < 0 {
-		return fmt.Errorf("netns %s: closed", n.name)
+	// Errors are not prefixed with the namespace: callers name it as they wrap.
+	rc, err := n.file.SyscallConn()
+	if err != nil {
+		return err
 	}
 	nsWorkersOnce.Do(func() {
 		nsCalls = make(chan nsCall)
@@ -41,9 +44,16 @@ func (n *NS) Do(fn func() error) error {
 			go nsWorker()
 		}
 	})
-	done := make(chan error, 1)
-	nsCalls <- nsCall{fd: fd, fn: fn, done: done}
-	return <-done
+	var callErr error
+	err = rc.Control(func(fd uintptr) {
+		done := make(chan error, 1)
+		nsCalls <- nsCall{fd: int(fd), fn: fn, done: done}
+		callErr = <-done
+	})
+	if err != nil {
+		return err
+	}
+	return callErr
 }
 
 func nsWorker() {

@@ -68,3 +68,20 @@ func TestDoErrors(t *testing.T) {
 		t.Errorf("Do on a closed handle ran")
 	}
 }
+
+// A Close racing a Do must neither run fn in another namespace nor trip the race
+// detector: Do holds the descriptor until fn has run.
+func TestDoRacesClose(t *testing.T) {
+	for range 200 {
+		ns, err := netns.Open("/proc/self/ns/net")
+		if err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan error, 1)
+		go func() { done <- ns.Do(func() error { return nil }) }()
+		ns.Close()
+		if err := <-done; err != nil && !strings.Contains(err.Error(), "closed") {
+			t.Fatalf("Do racing Close: %v", err)
+		}
+	}
+}

@@ -30,6 +30,17 @@ lint:
 fuzz time="30s":
     go test ./compiler -run '^$' -fuzz FuzzParseCompile -fuzztime {{time}}
 
+# Targets: the intent decoder and compiler, the policy decoder and evaluators, the ZDS
+# client's handling of a packet, the HBONE CONNECT request parser. Their seed corpora
+# also run in plain `go test`.
+# Run every fuzz target for `time`, one after another.
+fuzz-all time="30s":
+    go test ./compiler -run '^$' -fuzz '^FuzzIntentRoundTrip$' -fuzztime {{time}}
+    go test ./compiler -run '^$' -fuzz '^FuzzParseCompile$' -fuzztime {{time}}
+    go test ./policy -run '^$' -fuzz '^FuzzParseDecide$' -fuzztime {{time}}
+    go test ./zds -run '^$' -fuzz '^FuzzClientHandle$' -fuzztime {{time}}
+    go test ./proxy/hbone -run '^$' -fuzz '^FuzzParseRequest$' -fuzztime {{time}}
+
 # Regenerate zds/zdspb from zds/zds.proto (Debian's protobuf-compiler, and
 # protoc-gen-go at the version of google.golang.org/protobuf in go.mod).
 proto:

@@ -163,6 +163,12 @@ func Resolve(in Intent) (Config, error) {
 			bad(field, `"lo" cannot be rerouted: the pod's own and the proxy's traffic use it`)
 			continue
 		}
+		// A trailing '*' is a prefix wildcard (as in nft): one that matches "lo" would
+		// reroute it.
+		if prefix, ok := strings.CutSuffix(name, "*"); ok && strings.HasPrefix("lo", prefix) {
+			bad(field, `%q matches "lo", which cannot be rerouted: the pod's own and the proxy's traffic use it`, name)
+			continue
+		}
 		if seen[name] {
 			bad(field, "%q is listed twice", name)
 			continue

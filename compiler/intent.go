@@ -123,12 +123,20 @@ func (n Number) parse() (uint32, error) {
 }
 
 // Parse decodes an intent document strictly: unknown fields (all of them, each with its
-// path), duplicate keys, a wrong apiVersion or kind are errors.
+// path), duplicate keys, a wrong apiVersion or kind are errors. The data holds one intent:
+// a second YAML document (after ---), valid or not, is an error naming it, so that
+// nothing in the file is silently ignored; empty documents (a leading ---, comments)
+// are allowed.
 func Parse(data []byte) (Intent, error) {
 	var in Intent
 	if len(bytes.TrimSpace(data)) == 0 {
 		return in, fmt.Errorf("intent: empty document")
 	}
+	doc, err := oneDocument(data)
+	if err != nil {
+		return in, fmt.Errorf("intent: %w", err)
+	}
+	data = doc
 	var generic any
 	if err := yaml.Unmarshal(data, &generic); err != nil {
 		return in, fmt.Errorf("intent: %w", cleanDecodeError(err))
@@ -146,6 +154,79 @@ func Parse(data []byte) (Intent, error) {
 		return in, fmt.Errorf("intent: kind: %q is not supported (want %q)", in.Kind, Kind)
 	}
 	return in, nil
+}
+
+// oneDocument returns the one document of a YAML stream that has content, with the lines
+// before it blanked so that decode errors keep the file's line numbers. Documents are cut
+// at lines that start with "---" followed by nothing, white space or a comment, or
+// content ("--- {a: 1}").
+func oneDocument(data []byte) ([]byte, error) {
+	type document struct {
+		n, line    int // 1-based
+		sep        int // offset of its "---" line; -1 for the first document
+		start, end int // offsets of its content in data
+	}
+	var docs []document
+	cur := document{n: 1, line: 1, sep: -1}
+	line := 1
+	for off := 0; off < len(data); line++ {
+		next := len(data)
+		if i := bytes.IndexByte(data[off:], '\n'); i >= 0 {
+			next = off + i + 1
+		}
+		if rest, ok := bytes.CutPrefix(data[off:next], []byte("---")); ok && (len(bytes.TrimSpace(rest)) == 0 || rest[0] == ' ' || rest[0] == '\t') {
+			cur.end = off
+			docs = append(docs, cur)
+			cur = document{n: cur.n + 1, line: line, sep: off, start: off + 3}
+		}
+		off = next
+	}
+	cur.end = len(data)
+	docs = append(docs, cur)
+
+	var found *document
+	for i := range docs {
+		d := &docs[i]
+		if empty, err := emptyDocument(data[d.start:d.end]); err == nil && empty {
+			continue
+		}
+		if found != nil {
+			return nil, fmt.Errorf("document %d (line %d): a file holds one intent, and document %d (line %d) is one already",
+				d.n, d.line, found.n, found.line)
+		}
+		found = d
+	}
+	if found == nil {
+		return nil, errors.New("empty document")
+	}
+	// Blank everything before the document (newlines kept), so that line numbers hold;
+	// its "---" stays, for content on the same line.
+	keep := found.start
+	if found.sep >= 0 {
+		keep = found.sep
+	}
+	out := make([]byte, 0, found.end)
+	for _, b := range data[:keep] {
+		if b == '\n' {
+			out = append(out, b)
+		} else {
+			out = append(out, ' ')
+		}
+	}
+	return append(out, data[keep:found.end]...), nil
+}
+
+// emptyDocument reports whether a YAML document holds nothing but white space and
+// comments. A document that does not parse is not empty.
+func emptyDocument(doc []byte) (bool, error) {
+	if len(bytes.TrimSpace(doc)) == 0 {
+		return true, nil
+	}
+	var v any
+	if err := yaml.Unmarshal(doc, &v); err != nil {
+		return false, err
+	}
+	return v == nil, nil
 }
 
 // unknownFields walks a decoded YAML value against the Go type it will fill and names

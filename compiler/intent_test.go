@@ -242,3 +242,50 @@ func FuzzParseCompile(f *testing.F) {
 		}
 	})
 }
+
+// TestOneDocument: an intent file holds one intent. A second document, valid or not, is
+// an error naming it (it used to be ignored silently); empty documents around the one
+// intent (a leading ---, comments) are fine, and decode errors keep the file's line numbers.
+func TestOneDocument(t *testing.T) {
+	good := header + "spec:\n  ports: {outbound: 16001}\n"
+	for _, c := range []struct {
+		name, yaml string
+		want       []string // all in the error
+	}{
+		{"two intents", good + "---\n" + good, []string{"document 2 (line 5)", "document 1 (line 1) is one already"}},
+		{"an invalid second document", good + "---\nspec: {ports: {outbound: banana}}\n", []string{"document 2 (line 5)"}},
+		{"yaml garbage second", good + "--- # next\n: : :\n", []string{"document 2 (line 5)"}},
+		{"content on the separator line", good + "--- {kind: Intent}\n", []string{"document 2 (line 5)"}},
+		{"third after an empty second", good + "---\n# nothing\n---\n" + good, []string{"document 3 (line 7)"}},
+		{"only empty documents", "---\n# c\n---\n", []string{"intent: empty document"}},
+		{"error line kept", "# intent\n---\n" + header + "spec:\n  ports: [1\n", []string{"line 6"}},
+	} {
+		_, err := Parse([]byte(c.yaml))
+		if err == nil {
+			t.Errorf("%s: parsed, want an error", c.name)
+			continue
+		}
+		for _, w := range c.want {
+			if !strings.Contains(err.Error(), w) {
+				t.Errorf("%s: %v, want %q in the error", c.name, err, w)
+			}
+		}
+	}
+	for _, ok := range []string{
+		good,
+		"---\n" + good,
+		"# a comment\n---\n" + good + "---\n",
+		good + "--- # trailing comment only\n# more\n",
+		"--- " + "{apiVersion: nftmesh.dev/v1alpha1, kind: Intent, spec: {ports: {outbound: 16001}}}\n",
+		"spec:\n  ports: {outbound: 16001}\n" + "apiVersion: nftmesh.dev/v1alpha1\nkind: Intent\nmetadata: {name: '---'}\n",
+	} {
+		in, err := Parse([]byte(ok))
+		if err != nil {
+			t.Errorf("%q: %v", ok, err)
+			continue
+		}
+		if in.Spec.Ports.Outbound == nil || *in.Spec.Ports.Outbound != 16001 {
+			t.Errorf("%q: outbound port %v, want 16001", ok, in.Spec.Ports.Outbound)
+		}
+	}
+}

@@ -6,6 +6,7 @@
 package dataplane
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
@@ -46,8 +47,14 @@ type Result struct {
 const DefaultWorkers = 32
 
 // Manager applies rulesets to namespaces: one at a time per namespace, in submission
-// order (the newest intent wins), different namespaces in parallel.
+// order (the newest intent wins), different namespaces in parallel. Across processes
+// (another Manager, a CLI), each namespace's critical section is guarded by a lock file
+// in LockDir (see nslock.go): they never interleave, though their order is the lock's.
 type Manager struct {
+	// LockDir holds the namespace lock files: DefaultLockDir, or $NFTMESH_LOCK_DIR.
+	// Every process that writes a namespace must use the same directory.
+	LockDir string
+
 	log     *slog.Logger
 	workers int
 
@@ -75,7 +82,7 @@ func NewManager(log *slog.Logger, workers int) *Manager {
 	if workers <= 0 {
 		workers = DefaultWorkers
 	}
-	return &Manager{log: log, workers: workers, cache: kernel.NewCache(), state: map[netns.Key]*nsState{}, socks: map[netns.Key]*nsSockets{}}
+	return &Manager{LockDir: lockDirFromEnv(), log: log, workers: workers, cache: kernel.NewCache(), state: map[netns.Key]*nsState{}, socks: map[netns.Key]*nsSockets{}}
 }
 
 // acquire returns the namespace's state, counted as in use, and, when ordered, a new
@@ -148,8 +155,11 @@ func sockets(ns *netns.NS, routing bool) (*kernel.Conn, *kernel.RoutingConn, err
 }
 
 // Apply makes namespace ns hold exactly d: policy routing first (idempotent, harmless
-// without the rules), then the table in one transaction. If the table fails, the
-// routing it added is removed again: nothing is left half-applied.
+// without the rules; any other rule at its priority and any other route in its table
+// are deleted), then the table in one transaction. If the table fails, the routing is
+// put back as it was (what was added is removed, what was deleted is re-added): nothing
+// is left half-applied. Routing and table are written under the namespace's lock, so
+// no other process's apply interleaves with them.
 func (m *Manager) Apply(ns *netns.NS, d ruleset.Desired) (Result, error) {
 	start := time.Now()
 	if d.Table == nil {
@@ -168,13 +178,18 @@ func (m *Manager) Apply(ns *netns.NS, d ruleset.Desired) (Result, error) {
 		return res, err
 	}
 	defer m.releaseSockets(socks)
+	lock, err := m.lockNS(ns)
+	if err != nil {
+		return res, err
+	}
+	defer lock.unlock(false)
 	undo := func() {}
 	if d.Routing != nil {
 		res.RoutingChanged, undo, err = socks.rt.Ensure(*d.Routing)
 		if err != nil {
 			undo()
 			m.dropSockets(ns.Key())
-			return res, fmt.Errorf("netns %s: routing: %w", ns, err)
+			return res, routingError(ns, err)
 		}
 	}
 	res.Result, err = socks.nft.Apply(d.Table, m.cache)
@@ -190,9 +205,19 @@ func (m *Manager) Apply(ns *netns.NS, d ruleset.Desired) (Result, error) {
 	return res, nil
 }
 
+// routingError names the namespace; a loopback that is down gets its own words, since
+// the kernel's (ENETDOWN, "network is down") point nowhere.
+func routingError(ns *netns.NS, err error) error {
+	if errors.Is(err, kernel.ErrLoopbackDown) {
+		return fmt.Errorf("%w in %s: the policy routing needs it (ip link set lo up); nothing was applied", kernel.ErrLoopbackDown, ns)
+	}
+	return fmt.Errorf("netns %s: routing: %w", ns, err)
+}
+
 // Remove deletes from namespace ns what Apply(ns, d) wrote: d's table and, for a pod,
-// its policy routing. What is already gone is skipped. It reports whether it removed
-// anything.
+// all the policy routing nftmesh owns (every rule at d.Routing's priority, every route
+// in its table, whatever intent wrote them). What is already gone is skipped. It
+// reports whether it removed anything.
 func (m *Manager) Remove(ns *netns.NS, d ruleset.Desired) (bool, error) {
 	if d.Table == nil {
 		return false, fmt.Errorf("netns %s: remove: no table", ns)
@@ -211,6 +236,12 @@ func (m *Manager) Remove(ns *netns.NS, d ruleset.Desired) (bool, error) {
 	if rt != nil {
 		defer rt.Close()
 	}
+	lock, err := m.lockNS(ns)
+	if err != nil {
+		return false, err
+	}
+	dropLockFile := false
+	defer func() { lock.unlock(dropLockFile) }()
 	if cookie, err := conn.NetNSCookie(); err == nil {
 		m.cache.Forget(cookie)
 	}
@@ -228,6 +259,7 @@ func (m *Manager) Remove(ns *netns.NS, d ruleset.Desired) (bool, error) {
 	if removed {
 		m.log.Info("removed", "netns", ns.Name(), "table", d.Table.Name)
 	}
+	dropLockFile = d.Routing != nil // a pod's namespace holds nothing of ours now
 	return removed, nil
 }
 
@@ -255,9 +287,37 @@ func Show(ns *netns.NS, table string) (string, error) {
 	return live.Render(), nil
 }
 
-// Diff compares the live table of namespace ns with want: "" when they match, else a
-// unified diff (live first). Runtime set elements are not compared.
-func Diff(ns *netns.NS, want *ruleset.Table) (string, error) {
+// Diff compares namespace ns with want: the live table with want.Table, and, for a pod
+// (want.Routing set), the policy routing nftmesh owns (rules at its priority, routes in
+// its table, rendered one per line as kernel.RoutingConn.Show does) with what
+// want.Routing asks for. It returns "" when both match, else a unified diff (live
+// first) of each that differs, the table's then the routing's. Runtime set elements are
+// not compared.
+func Diff(ns *netns.NS, want ruleset.Desired) (string, error) {
+	if want.Table == nil {
+		return "", fmt.Errorf("netns %s: diff: no table", ns)
+	}
+	out, err := diffTable(ns, want.Table)
+	if err != nil || want.Routing == nil {
+		return out, err
+	}
+	conn, rt, err := sockets(ns, true)
+	if err != nil {
+		return "", err
+	}
+	conn.Close() // only the routing socket is needed here
+	defer rt.Close()
+	live, err := rt.Show(*want.Routing)
+	if err != nil {
+		return "", fmt.Errorf("netns %s: routing: %w", ns, err)
+	}
+	if desired := kernel.RoutingText(*want.Routing); live != desired {
+		out += textdiff.Unified("live "+ns.Name()+" routing", "desired routing", live, desired)
+	}
+	return out, nil
+}
+
+func diffTable(ns *netns.NS, want *ruleset.Table) (string, error) {
 	live, err := readLive(ns, want.Name)
 	if err != nil {
 		return "", err
@@ -358,6 +418,11 @@ func (m *Manager) podIP(host *netns.NS, ip netip.Addr, uid string,
 		return false, err
 	}
 	defer conn.Close()
+	lock, err := m.lockNS(host)
+	if err != nil {
+		return false, err
+	}
+	defer lock.unlock(false)
 	changed, err := op(conn, compiler.TableName, podIPSet(ip), ip, uid)
 	if err != nil {
 		return false, fmt.Errorf("netns %s: pod %s IP %s: %s: %w", host, uid, ip, verb, err)

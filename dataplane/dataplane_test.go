@@ -23,6 +23,22 @@ import (
 )
 
 func TestMain(m *testing.M) {
+	// Re-executed by TestConcurrentAppliesAcrossProcesses: one CLI-like apply.
+	if spec := os.Getenv("NFTMESH_TEST_APPLY_CHILD"); spec != "" {
+		os.Exit(applyChild(spec))
+	}
+	// Lock files go to a directory of this run (children inherit it), not /run/nftmesh.
+	if os.Getenv(LockDirEnv) == "" {
+		dir, err := os.MkdirTemp("", "nftmesh-locks")
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		os.Setenv(LockDirEnv, filepath.Join(dir, "locks"))
+		code := nettest.RunGuarded(m)
+		os.RemoveAll(dir)
+		os.Exit(code)
+	}
 	// Re-executed as an unprivileged user by TestPermissionDenied.
 	if path := os.Getenv("NFTMESH_TEST_APPLY_UNPRIVILEGED"); path != "" {
 		d, err := compiler.PodState(compiler.DefaultIntent(), nil)

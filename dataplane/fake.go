@@ -17,9 +17,12 @@ import (
 // the dataplane (the agent) is tested in milliseconds without root. It keeps Manager's
 // contract where a caller can see it: Apply validates and writes nothing when the state is
 // already there, and a replace keeps a runtime set's elements; Remove reports whether there
-// was anything; a pod IP needs the node's table and belongs to a UID. Namespaces are told
-// apart by handle name (netns.FromFd(fd, name) of any namespace will do in a test). Dump
-// prints the whole state in a fixed order, for golden text.
+// was anything; a pod IP needs the node's table and belongs to a UID; a closed handle or a
+// state without a table is an error. Where it differs: namespaces are told apart by handle
+// name, not by the kernel's key (so that a test without root can make many from its own
+// namespace with netns.FromFd(fd, name)): two names for one namespace are two namespaces
+// here, and Result.Seq is not set. Dump prints the whole state in a fixed order, for golden
+// text. Fail is called with the Fake locked: it must not call the Fake.
 type Fake struct {
 	// Fail, when set, is asked before every operation ("apply", "remove", "add-pod-ip",
 	// "remove-pod-ip") on a namespace; an error it returns fails the operation with nothing
@@ -49,6 +52,10 @@ var (
 func NewFake() *Fake { return &Fake{ns: map[string]*fakeNS{}} }
 
 func (f *Fake) fail(op string, ns *netns.NS) error {
+	// As the Manager: a closed handle cannot reach a namespace.
+	if _, err := ns.File().Stat(); err != nil {
+		return fmt.Errorf("netns %s: %s: %w", ns.Name(), op, err)
+	}
 	if f.Fail == nil {
 		return nil
 	}
@@ -111,8 +118,12 @@ func (f *Fake) Apply(ns *netns.NS, d ruleset.Desired) (Result, error) {
 	return res, nil
 }
 
-// Remove deletes the table and the routing d names, as Manager.Remove.
+// Remove deletes the table d names and, for a pod, all its routing (whatever intent wrote
+// it), as Manager.Remove.
 func (f *Fake) Remove(ns *netns.NS, d ruleset.Desired) (bool, error) {
+	if d.Table == nil {
+		return false, fmt.Errorf("netns %s: remove: no table", ns.Name())
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if err := f.fail("remove", ns); err != nil {

@@ -240,11 +240,36 @@ func TestFakeMatchesManager(t *testing.T) {
 	boolOp("remove pod", func(i Interface, pod, _ *netns.NS) (bool, error) { return i.Remove(pod, custom) })
 	boolOp("remove pod again", func(i Interface, pod, _ *netns.NS) (bool, error) { return i.Remove(pod, custom) })
 	apply("pod again", podNS, def)
+	// The connection mark changes and changes back, with a remove by the old intent between:
+	// the Manager owns all routing at its pref, so each change is a change.
+	apply("other intent, again", podNS, custom)
+	boolOp("remove with the first intent", func(i Interface, pod, _ *netns.NS) (bool, error) { return i.Remove(pod, def) })
+	apply("first intent after the remove", podNS, def)
+	apply("back to the other intent", podNS, custom)
+	apply("IPv4 only", podNS, podDesired(t, "custom-ipv4"))
+	apply("dual-stack again", podNS, custom)
 
 	for _, s := range steps {
 		want := s.run(m, realPod.Handle, realNode.Handle)
 		if got := s.run(f, fakePod, fakeNode); got != want {
 			t.Errorf("%s: Fake answered %+v, Manager %+v", s.name, got, want)
 		}
+	}
+}
+
+// What the Manager refuses, the Fake refuses: a closed handle, a state without a table.
+func TestFakeRefuses(t *testing.T) {
+	f := NewFake()
+	pod := namedNS(t, "pod")
+	d := podDesired(t, "default-dualstack")
+	if _, err := f.Remove(pod, ruleset.Desired{Routing: d.Routing}); err == nil {
+		t.Errorf("Remove without a table accepted")
+	}
+	if _, err := f.Apply(pod, ruleset.Desired{}); err == nil {
+		t.Errorf("Apply without a table accepted")
+	}
+	pod.Close()
+	if _, err := f.Apply(pod, d); err == nil || !strings.Contains(err.Error(), "closed") {
+		t.Errorf("Apply on a closed handle: %v", err)
 	}
 }

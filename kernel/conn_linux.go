@@ -72,7 +72,7 @@ func Dial(ns *netns.NS) (*Conn, error) {
 // txConn returns a google/nftables connection that queues and encodes a transaction and
 // hands the finished batch to this Conn's socket (see encoder_linux.go): google/nftables
 // remains the encoder, the send is one sendmsg and one receive.
-func (n *Conn) txConn() (*nftables.Conn, error) { return newEncoder(n.raw.sendBatch) }
+func (n *Conn) txConn() (*encoder, error) { return newEncoder(n.raw.sendBatch) }
 
 // Close closes the socket.
 func (n *Conn) Close() error { return n.raw.Close() }
@@ -137,13 +137,28 @@ var hookNames = map[uint32]ruleset.Hook{
 
 var setTypeByMagic = map[uint32]ruleset.SetType{7: ruleset.SetTypeIPv4Addr, 8: ruleset.SetTypeIPv6Addr, 13: ruleset.SetTypeInetService}
 
-// ReadLive returns the table named name, or nil when the namespace has none. Set
+// ReadLive returns the table named name, or nil when the namespace has none: its flags,
+// sets, chains and rules, and the other objects it holds (nftmesh writes none). Set
 // elements are read only when withElements is set.
 func (n *Conn) ReadLive(name string, withElements bool) (*Live, error) {
-	return n.readLive(name, withElements)
+	return n.readLive(name, withElements, true)
 }
 
-func (n *Conn) readLive(name string, withElements bool) (*Live, error) {
+// Object types of NFT_MSG_GETOBJ (NFTA_OBJ_TYPE), as nft names them.
+var objectKinds = map[uint32]string{
+	1: "counter", 2: "quota", 3: "ct helper", 4: "limit", 5: "connlimit", 6: "tunnel",
+	7: "ct timeout", 8: "secmark", 9: "ct expectation", 10: "synproxy",
+}
+
+// Flowtable attributes (linux/netfilter/nf_tables.h).
+const (
+	nftaFlowtableTable = 1
+	nftaFlowtableName  = 2
+)
+
+// readLive reads the table; withObjects also reads its stateful objects and flowtables
+// (Apply and ReadLive need them to tell drift; Delete and the element edits do not).
+func (n *Conn) readLive(name string, withElements, withObjects bool) (*Live, error) {
 	tableAttr := func(typ uint16) []netlink.Attribute {
 		return []netlink.Attribute{{Type: typ, Data: []byte(name + "\x00")}}
 	}
@@ -151,22 +166,29 @@ func (n *Conn) readLive(name string, withElements bool) (*Live, error) {
 	if err != nil {
 		return nil, fmt.Errorf("list tables: %w", err)
 	}
-	found := false
+	var live *Live
 	for _, m := range tables {
 		ad, err := attrs(m)
 		if err != nil {
 			return nil, err
 		}
+		var tname string
+		var flags uint32
 		for ad.Next() {
-			if ad.Type() == unix.NFTA_TABLE_NAME && ad.String() == name {
-				found = true
+			switch ad.Type() {
+			case unix.NFTA_TABLE_NAME:
+				tname = ad.String()
+			case unix.NFTA_TABLE_FLAGS:
+				flags = ad.Uint32()
 			}
 		}
+		if tname == name {
+			live = &Live{Name: name, Flags: flags}
+		}
 	}
-	if !found {
+	if live == nil {
 		return nil, nil
 	}
-	live := &Live{Name: name}
 
 	sets, err := n.dump(unix.NFT_MSG_GETSET, tableAttr(unix.NFTA_SET_TABLE))
 	if err != nil {
@@ -248,7 +270,70 @@ func (n *Conn) readLive(name string, withElements bool) (*Live, error) {
 			c.Rules = append(c.Rules, r)
 		}
 	}
+	if withObjects {
+		if live.Objects, err = n.readObjects(name); err != nil {
+			return nil, err
+		}
+	}
 	return live, nil
+}
+
+// readObjects lists the table's stateful objects (counters, quotas, ... of any type) and
+// flowtables: nftmesh writes none, so each is drift.
+func (n *Conn) readObjects(table string) ([]LiveObject, error) {
+	var out []LiveObject
+	objs, err := n.dump(unix.NFT_MSG_GETOBJ, []netlink.Attribute{{Type: unix.NFTA_OBJ_TABLE, Data: []byte(table + "\x00")}})
+	if err != nil {
+		return nil, fmt.Errorf("list objects: %w", err)
+	}
+	for _, m := range objs {
+		ad, err := attrs(m)
+		if err != nil {
+			return nil, err
+		}
+		var t string
+		var o LiveObject
+		for ad.Next() {
+			switch ad.Type() {
+			case unix.NFTA_OBJ_TABLE:
+				t = ad.String()
+			case unix.NFTA_OBJ_NAME:
+				o.Name = ad.String()
+			case unix.NFTA_OBJ_TYPE:
+				typ := ad.Uint32()
+				if o.Kind = objectKinds[typ]; o.Kind == "" {
+					o.Kind = fmt.Sprintf("object of type %d", typ)
+				}
+			}
+		}
+		if t == table {
+			out = append(out, o)
+		}
+	}
+	fts, err := n.dump(unix.NFT_MSG_GETFLOWTABLE, []netlink.Attribute{{Type: nftaFlowtableTable, Data: []byte(table + "\x00")}})
+	if err != nil {
+		return nil, fmt.Errorf("list flowtables: %w", err)
+	}
+	for _, m := range fts {
+		ad, err := attrs(m)
+		if err != nil {
+			return nil, err
+		}
+		var t string
+		o := LiveObject{Kind: "flowtable"}
+		for ad.Next() {
+			switch ad.Type() {
+			case nftaFlowtableTable:
+				t = ad.String()
+			case nftaFlowtableName:
+				o.Name = ad.String()
+			}
+		}
+		if t == table {
+			out = append(out, o)
+		}
+	}
+	return out, nil
 }
 
 func decodeChain(m netlink.Message) (*LiveChain, string, error) {
@@ -384,7 +469,7 @@ func (n *Conn) Apply(t *ruleset.Table, cache *Cache) (Result, error) {
 			return Result{Action: Unchanged}, nil
 		}
 	}
-	live, err := n.readLive(t.Name, true)
+	live, err := n.readLive(t.Name, true, true)
 	if err != nil {
 		return Result{}, fmt.Errorf("table inet %s: read: %w", t.Name, err)
 	}
@@ -404,11 +489,80 @@ func (n *Conn) Apply(t *ruleset.Table, cache *Cache) (Result, error) {
 	if live != nil {
 		action = Replaced
 	}
+	carried := carriedElements(t, live)
+	var before uint32
+	if len(carried) > 0 {
+		if before, err = n.Generation(); err != nil {
+			return Result{}, fmt.Errorf("table inet %s: %w", t.Name, err)
+		}
+	}
 	writes, err := n.write(t, live, rb)
 	if err != nil {
 		return Result{}, fmt.Errorf("table inet %s: %s: kernel rejected the transaction, nothing changed: %w", t.Name, action, err)
 	}
-	return Result{Action: action, Writes: writes}, nil
+	res := Result{Action: action, Writes: writes}
+	if err := n.verifyCarried(t.Name, carried, before); err != nil {
+		return res, fmt.Errorf("table inet %s: %s, but %w", t.Name, action, err)
+	}
+	return res, nil
+}
+
+// carriedElements returns, by set, the runtime elements a replace of live by t carries
+// over.
+func carriedElements(t *ruleset.Table, live *Live) map[string][]LiveElement {
+	if live == nil {
+		return nil
+	}
+	out := map[string][]LiveElement{}
+	for _, s := range t.Sets {
+		if !s.Runtime {
+			continue
+		}
+		for _, ls := range live.Sets {
+			if ls.Name == s.Name && ls.Type == s.Type && len(ls.Elements) > 0 {
+				out[s.Name] = ls.Elements
+			}
+		}
+	}
+	return out
+}
+
+// verifyCarried reads back the sets a replace carried elements over to, and fails unless
+// every element is there with its comment: a replace never reports success with fewer
+// elements than it carried. before is the generation read before the replace; if
+// anyone else committed since (the generation moved by more than our commit), elements
+// may have been removed legitimately and the check is skipped.
+func (n *Conn) verifyCarried(table string, carried map[string][]LiveElement, before uint32) error {
+	if len(carried) == 0 {
+		return nil
+	}
+	after, err := n.Generation()
+	if err != nil {
+		return fmt.Errorf("verifying the carried elements: %w", err)
+	}
+	if after != before+1 {
+		return nil
+	}
+	for set, want := range carried {
+		got, err := n.readElements(table, &LiveSet{Name: set})
+		if err != nil {
+			return fmt.Errorf("verifying set %s: %w", set, err)
+		}
+		have := make(map[LiveElement]bool, len(got))
+		for _, e := range got {
+			have[e] = true
+		}
+		missing := 0
+		for _, e := range want {
+			if !have[e] {
+				missing++
+			}
+		}
+		if missing > 0 {
+			return fmt.Errorf("set %s holds %d of the %d elements carried over (%d missing)", set, len(want)-missing, len(want), missing)
+		}
+	}
+	return nil
 }
 
 // write queues the transaction on a google/nftables Conn and flushes it as one batch.
@@ -417,7 +571,7 @@ func (n *Conn) write(t *ruleset.Table, live *Live, rb [][]string) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	writes, err := queueApply(conn, t, live, rb)
+	writes, err := queueApply(conn.Conn, t, live, rb)
 	if err != nil {
 		return 0, err
 	}
@@ -450,12 +604,25 @@ func queueApply(conn *nftables.Conn, t *ruleset.Table, live *Live, rb [][]string
 		if s.Runtime && live != nil {
 			elems = keptElements(live, s)
 		}
-		if err := conn.AddSet(ns, elems); err != nil {
+		// A message's element list is one netlink attribute, whose length is 16 bits:
+		// more elements go in more messages, like nft does (issue #11: a single list of
+		// 2,000 elements wrapped the length, and the kernel kept 907).
+		chunks := elementChunks(elems)
+		var first []nftables.SetElement
+		if len(chunks) > 0 {
+			first = chunks[0]
+		}
+		if err := conn.AddSet(ns, first); err != nil {
 			return 0, fmt.Errorf("set %s: %w", s.Name, err)
 		}
 		sets[s.Name] = ns
 		writes++
-		if len(elems) > 0 {
+		for i, c := range chunks {
+			if i > 0 {
+				if err := conn.SetAddElements(ns, c); err != nil {
+					return 0, fmt.Errorf("set %s: %w", s.Name, err)
+				}
+			}
 			writes++
 		}
 	}
@@ -475,6 +642,55 @@ func queueApply(conn *nftables.Conn, t *ruleset.Table, live *Live, rb [][]string
 		}
 	}
 	return writes, nil
+}
+
+// maxElementList is the most bytes of elements one NEWSETELEM message carries: the
+// element list attribute's length is 16 bits, and the message's other attributes (table
+// and set names, at most 256 bytes each, and the set id) must fit beside it, so that the
+// whole message stays under maxMessagePayload (checked before every send).
+const maxElementList = 0xffff - 1024
+
+// elementSize is the encoded size of e in an element list (google/nftables' encoding:
+// the element's nest, its key nest holding the value, and its comment in user data),
+// rounded up to whole attributes; never less than the real size.
+func elementSize(e nftables.SetElement) int {
+	size := 4 + 4 + 4 + nlaAlign(len(e.Key)) // element nest, key nest, value
+	if len(e.KeyEnd) > 0 {
+		size += 4 + 4 + nlaAlign(len(e.KeyEnd))
+	}
+	if e.IntervalEnd {
+		size += 8
+	}
+	if e.Timeout != 0 {
+		size += 12
+	}
+	if len(e.Val) > 0 {
+		size += 4 + 4 + nlaAlign(len(e.Val))
+	}
+	if e.Comment != "" {
+		size += 4 + nlaAlign(2+len(e.Comment)+1) // user data: type, length, text, NUL
+	}
+	return size
+}
+
+func nlaAlign(l int) int { return (l + 3) &^ 3 }
+
+// elementChunks splits elems into runs that each fit in one message's element list.
+func elementChunks(elems []nftables.SetElement) [][]nftables.SetElement {
+	var out [][]nftables.SetElement
+	start, size := 0, 0
+	for i, e := range elems {
+		es := elementSize(e)
+		if size+es > maxElementList && i > start {
+			out = append(out, elems[start:i])
+			start, size = i, 0
+		}
+		size += es
+	}
+	if start < len(elems) {
+		out = append(out, elems[start:])
+	}
+	return out
 }
 
 // keptElements returns the live elements of a runtime set, comments (owners) included.
@@ -498,7 +714,7 @@ func keptElements(live *Live, s *ruleset.Set) []nftables.SetElement {
 // Delete removes the table named name from the Conn's namespace. It reports whether
 // there was one; an absent table is not an error.
 func (n *Conn) Delete(name string) (bool, error) {
-	live, err := n.readLive(name, false)
+	live, err := n.readLive(name, false, false)
 	if err != nil {
 		return false, fmt.Errorf("table inet %s: read: %w", name, err)
 	}
@@ -521,7 +737,7 @@ func (n *Conn) Delete(name string) (bool, error) {
 
 // findElement reads the set and returns the element for addr, if any.
 func (n *Conn) findElement(table, set string, addr netip.Addr) (*LiveElement, ruleset.SetType, error) {
-	live, err := n.readLive(table, false)
+	live, err := n.readLive(table, false, false)
 	if err != nil {
 		return nil, "", err
 	}

@@ -116,7 +116,7 @@ func encodeBatch(t *testing.T, c encodeCase) []byte {
 	if err != nil {
 		t.Fatal(err)
 	}
-	writes, err := queueApply(enc, c.table, c.live, c.table.RuleBodies())
+	writes, err := queueApply(enc.Conn, c.table, c.live, c.table.RuleBodies())
 	if err != nil {
 		t.Fatal(err)
 	}

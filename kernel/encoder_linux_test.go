@@ -58,7 +58,7 @@ func TestEncoderSendsOneBatch(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := queueEveryKind(t, enc)
+	want := queueEveryKind(t, enc.Conn)
 	if err := enc.Flush(); err != nil {
 		t.Fatalf("Flush: %v, want success after one ack", err)
 	}
@@ -92,8 +92,9 @@ func TestEncoderSendsOneBatch(t *testing.T) {
 	}
 }
 
-// An error from send comes out of Flush, still matching with errors.Is: Delete tells a
-// table deleted meanwhile (ENOENT) from a failure that way.
+// An error from send comes out of Flush once, as send made it (not once per queued
+// message: issue #11), still matching with errors.Is: Delete tells a table deleted
+// meanwhile (ENOENT) from a failure that way.
 func TestEncoderFlushReturnsSendError(t *testing.T) {
 	for _, sendErr := range []error{unix.ENOENT, unix.EPERM, unix.ENOBUFS, errors.New("netlink send: broken")} {
 		t.Run(sendErr.Error(), func(t *testing.T) {
@@ -105,13 +106,22 @@ func TestEncoderFlushReturnsSendError(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			queueEveryKind(t, enc)
+			queueEveryKind(t, enc.Conn)
 			err = enc.Flush()
 			if !errors.Is(err, sendErr) {
 				t.Errorf("Flush: %v, want an error wrapping %v", err, sendErr)
 			}
+			if err != nil && err.Error() != sendErr.Error() {
+				t.Errorf("Flush: %q, want send's error as is: %q", err, sendErr)
+			}
+			// The encoder is reusable: the next transaction does not see the old error.
+			queueEveryKind(t, enc.Conn)
+			calls, sendErr = 0, nil
+			if err := enc.Flush(); err != nil {
+				t.Errorf("second Flush: %v, want nil", err)
+			}
 			if calls != 1 {
-				t.Errorf("send called %d times, want 1", calls)
+				t.Errorf("send called %d times for the second batch, want 1", calls)
 			}
 		})
 	}

@@ -11,9 +11,40 @@ import (
 
 // Live is nftmesh's table as the kernel holds it.
 type Live struct {
-	Name   string
+	Name string
+	// Flags are the table's flags (NFTA_TABLE_FLAGS); nftmesh sets none, so any is
+	// drift: dormant, for one, turns every chain of the table off.
+	Flags  uint32
 	Sets   []*LiveSet
 	Chains []*LiveChain
+	// Objects are the table's stateful objects and flowtables: nftmesh writes none, so
+	// each is drift.
+	Objects []LiveObject
+}
+
+// LiveObject is an object in the table that nftmesh did not write: a named stateful
+// object (Kind as nft names it: "counter", "quota", "ct helper", ...) or a flowtable.
+type LiveObject struct {
+	Kind string
+	Name string
+}
+
+// tableFlagNames are nft's names of the table flags.
+var tableFlagNames = []string{"dormant", "owner", "persist"}
+
+// flagNames renders table flags as nft does ("dormant"), unknown bits in hex.
+func flagNames(flags uint32) string {
+	var names []string
+	for i, n := range tableFlagNames {
+		if flags&(1<<i) != 0 {
+			names = append(names, n)
+			flags &^= 1 << i
+		}
+	}
+	if flags != 0 {
+		names = append(names, fmt.Sprintf("%#x", flags))
+	}
+	return strings.Join(names, ", ")
 }
 
 // LiveSet is a set of the live table.
@@ -54,6 +85,9 @@ func (l *Live) Matches(t *ruleset.Table) bool { return l.matches(t, t.RuleBodies
 
 func (l *Live) matches(t *ruleset.Table, rb [][]string) bool {
 	if l == nil || l.Name != t.Name || len(l.Sets) != len(t.Sets) || len(l.Chains) != len(t.Chains) {
+		return false
+	}
+	if l.Flags != 0 || len(l.Objects) > 0 {
 		return false
 	}
 	liveSets := map[string]*LiveSet{}
@@ -108,11 +142,18 @@ func (s *LiveSet) elementStrings() []string {
 }
 
 // Render prints the live table in the layout of ruleset.Table.Render. Rules come from their
-// stamps; a rule nftmesh did not write shows as a comment line with its handle, so that
-// a diff against the desired table points at it.
+// stamps; a rule nftmesh did not write shows as a comment line with its handle, and table
+// flags and objects nftmesh did not write show as comment lines at the top, so that a
+// diff against the desired table points at them.
 func (l *Live) Render() string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "table %s %s {\n", ruleset.Family, l.Name)
+	if l.Flags != 0 {
+		fmt.Fprintf(&b, "\t# table flags: %s\n", flagNames(l.Flags))
+	}
+	for _, o := range l.Objects {
+		fmt.Fprintf(&b, "\t# %s %s was not written by nftmesh (see nft list table %s %s)\n", o.Kind, o.Name, ruleset.Family, l.Name)
+	}
 	first := true
 	sep := func() {
 		if !first {

@@ -178,8 +178,15 @@ func (b *exprBuilder) match(m ruleset.Match) error {
 		if m.Out {
 			key = expr.MetaKeyOIFNAME
 		}
-		name := make([]byte, unix.IFNAMSIZ)
-		copy(name, m.Name)
+		var name []byte
+		if prefix, ok := m.Wildcard(); ok {
+			// "eth*" is a prefix match, encoded as nft encodes it: the cmp covers the
+			// prefix's bytes only, without the terminating NUL.
+			name = []byte(prefix)
+		} else {
+			name = make([]byte, unix.IFNAMSIZ)
+			copy(name, m.Name)
+		}
 		b.add(&expr.Meta{Key: key, Register: reg}, &expr.Cmp{Op: cmpOp(m.Negate), Register: reg, Data: name})
 	case ruleset.SocketUID:
 		b.add(&expr.Meta{Key: expr.MetaKeySKUID, Register: reg})

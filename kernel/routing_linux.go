@@ -4,7 +4,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"slices"
+	"net/netip"
+	"strings"
 
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
@@ -15,9 +16,18 @@ import (
 // RoutingConn is an rtnetlink connection in one network namespace, for a pod's policy
 // routing (ruleset.Routing): one blocking socket, because the check runs on every apply,
 // changes or not. Not safe for concurrent use; after an error, close it.
+//
+// nftmesh owns every ip rule at r.Priority and every route in table r.Table, of both
+// families: Ensure makes them exactly the wanted ones (deleting any other rule at that
+// pref and any other route in that table), Remove deletes them all, and Show renders them
+// so that drift can be diffed. Nothing else is read for writing or touched.
 type RoutingConn struct {
 	raw *socket
 }
+
+// ErrLoopbackDown is returned (wrapped) when the kernel refuses the local route because
+// the namespace's lo is down (ENETDOWN): the namespace needs `ip link set lo up`.
+var ErrLoopbackDown = errors.New("loopback is down")
 
 // NewRoutingConn connects to rtnetlink in the network namespace of the calling thread,
 // like NewConn.
@@ -35,16 +45,24 @@ func (c *RoutingConn) Close() error { return c.raw.Close() }
 // loopbackIndex is lo's interface index, the same in every network namespace.
 const loopbackIndex = 1
 
+// Attributes golang.org/x/sys/unix does not name.
+const (
+	fraL3MDEV = 19
+	fraDSCP   = 25
+	rtaNHID   = 30
+)
+
 type routeFamily struct {
 	nl     int // AF_INET, AF_INET6
 	name   string
+	ip     string // ip(8)'s flag: -4, -6
 	wanted bool
 }
 
 func routeFamilies(r ruleset.Routing) []routeFamily {
 	return []routeFamily{
-		{unix.AF_INET, "IPv4", true},
-		{unix.AF_INET6, "IPv6", r.IPv6},
+		{unix.AF_INET, "IPv4", "-4", true},
+		{unix.AF_INET6, "IPv6", "-6", r.IPv6},
 	}
 }
 
@@ -98,58 +116,46 @@ func createFlags(typ uint16) uint16 {
 	return 0
 }
 
-// write sends the requests in one sendmsg; ignore lists errnos that mean "already so".
-func (c *RoutingConn) write(reqs []request, what []string, ignore ...unix.Errno) error {
-	if len(reqs) == 0 {
-		return nil
-	}
-	errs, err := c.raw.executeAll(reqs)
-	if err != nil {
-		return err
-	}
-	var all []error
-	for i, e := range errs {
-		if e != nil && !slices.ContainsFunc(ignore, func(x unix.Errno) bool { return errors.Is(e, x) }) {
-			all = append(all, fmt.Errorf("%s: %w", what[i], e))
-		}
-	}
-	return errors.Join(all...)
+// ruleText and routeText are the one rule and route r wants in each family, as Show
+// renders them (and as `ip rule` and `ip route show table T` print them).
+func ruleText(r ruleset.Routing) string {
+	return fmt.Sprintf("%d: from all fwmark %#x/%#x lookup %s", r.Priority, r.Mark, r.Mask, tableName(r.Table))
 }
 
-// ruleInfo and routeInfo are the parts of the kernel's rules and routes the check needs.
+const routeText = "local default dev lo"
+
+// RoutingText renders the policy routing r as Show renders a namespace's: what a
+// namespace holding exactly r shows.
+func RoutingText(r ruleset.Routing) string {
+	var b strings.Builder
+	for _, f := range routeFamilies(r) {
+		if f.wanted {
+			fmt.Fprintf(&b, "ip %s rule: %s\n", f.ip, ruleText(r))
+			fmt.Fprintf(&b, "ip %s route table %d: %s\n", f.ip, r.Table, routeText)
+		}
+	}
+	return b.String()
+}
+
+// ruleInfo and routeInfo are a rule at r.Priority and a route in r.Table as the kernel
+// dumped them: the family, the canonical text, and the message itself, which deletes
+// exactly this object (RTM_DEL*) or puts it back (RTM_NEW*).
 type ruleInfo struct {
-	family          int
-	mark, mask      uint32
-	hasMark         bool
-	table, priority int
+	family int
+	text   string
+	raw    []byte
 }
 
 type routeInfo struct {
-	family, table, oif int
-	typ, dstLen        uint8
+	family int
+	text   string
+	raw    []byte
 }
 
-func hasRule(rules []ruleInfo, f routeFamily, r ruleset.Routing) bool {
-	for _, x := range rules {
-		if x.family == f.nl && x.hasMark && x.mark == r.Mark && x.mask == r.Mask && x.table == r.Table && x.priority == r.Priority {
-			return true
-		}
-	}
-	return false
-}
-
-func hasRoute(routes []routeInfo, f routeFamily, r ruleset.Routing) bool {
-	for _, x := range routes {
-		if x.family == f.nl && x.table == r.Table && x.typ == unix.RTN_LOCAL && x.dstLen == 0 && x.oif == loopbackIndex {
-			return true
-		}
-	}
-	return false
-}
-
-// list reads every family's rules and routes in two dumps, on a plain blocking
-// socket: this check runs on every apply, changes or not.
-func (c *RoutingConn) list(r ruleset.Routing) ([]ruleInfo, []routeInfo, error) {
+// list reads the rules at r.Priority and the routes in table r.Table, of every family,
+// in two dumps on a plain blocking socket: this check runs on every apply, changes or
+// not. names turns an interface index into its name; nil names only lo.
+func (c *RoutingConn) list(r ruleset.Routing, names map[int]string) ([]ruleInfo, []routeInfo, error) {
 	hdr := make([]byte, 12) // fib_rule_hdr and rtmsg are both 12 bytes; family 0 = all
 	msgs, err := c.raw.execute(unix.RTM_GETRULE, netlink.Dump, hdr)
 	if err != nil {
@@ -157,23 +163,10 @@ func (c *RoutingConn) list(r ruleset.Routing) ([]ruleInfo, []routeInfo, error) {
 	}
 	var rules []ruleInfo
 	for _, m := range msgs {
-		if len(m.Data) < 12 {
+		if len(m.Data) < 12 || rulePriority(m.Data) != r.Priority {
 			continue
 		}
-		ri := ruleInfo{family: int(m.Data[0]), table: int(m.Data[4])}
-		walkAttrs(m.Data[12:], func(typ uint16, v []byte) {
-			switch typ {
-			case unix.FRA_PRIORITY:
-				ri.priority = int(u32(v))
-			case unix.FRA_FWMARK:
-				ri.mark, ri.hasMark = u32(v), true
-			case unix.FRA_FWMASK:
-				ri.mask = u32(v)
-			case unix.FRA_TABLE:
-				ri.table = int(u32(v))
-			}
-		})
-		rules = append(rules, ri)
+		rules = append(rules, ruleInfo{family: int(m.Data[0]), text: renderRule(m.Data), raw: m.Data})
 	}
 	// Only table r.Table: with strict checking on the socket (see openSocket) the kernel
 	// filters the dump itself instead of sending every local and main route.
@@ -186,21 +179,313 @@ func (c *RoutingConn) list(r ruleset.Routing) ([]ruleInfo, []routeInfo, error) {
 	}
 	var routes []routeInfo
 	for _, m := range msgs {
-		if len(m.Data) < 12 {
+		if len(m.Data) < 12 || routeTable(m.Data) != r.Table {
 			continue
 		}
-		ri := routeInfo{family: int(m.Data[0]), dstLen: m.Data[1], table: int(m.Data[4]), typ: m.Data[7]}
-		walkAttrs(m.Data[12:], func(typ uint16, v []byte) {
-			switch typ {
-			case unix.RTA_TABLE:
-				ri.table = int(u32(v))
-			case unix.RTA_OIF:
-				ri.oif = int(u32(v))
-			}
-		})
-		routes = append(routes, ri)
+		routes = append(routes, routeInfo{family: int(m.Data[0]), text: renderRoute(m.Data, names), raw: m.Data})
 	}
 	return rules, routes, nil
+}
+
+func rulePriority(msg []byte) int {
+	p := 0
+	walkAttrs(msg[12:], func(typ uint16, v []byte) {
+		if typ == unix.FRA_PRIORITY {
+			p = int(u32(v))
+		}
+	})
+	return p
+}
+
+func routeTable(msg []byte) int {
+	t := int(msg[4])
+	walkAttrs(msg[12:], func(typ uint16, v []byte) {
+		if typ == unix.RTA_TABLE {
+			t = int(u32(v))
+		}
+	})
+	return t
+}
+
+func tableName(t int) string {
+	switch t {
+	case unix.RT_TABLE_MAIN:
+		return "main"
+	case unix.RT_TABLE_LOCAL:
+		return "local"
+	case unix.RT_TABLE_DEFAULT:
+		return "default"
+	}
+	return fmt.Sprint(t)
+}
+
+func addrText(family int, v []byte) string {
+	if a, ok := netip.AddrFromSlice(v); ok && (family != unix.AF_INET || a.Is4()) {
+		return a.String()
+	}
+	return fmt.Sprintf("%x", v)
+}
+
+func prefixText(family int, v []byte, bits byte) string {
+	if bits == 0 && len(v) == 0 {
+		return "all"
+	}
+	return fmt.Sprintf("%s/%d", addrText(family, v), bits)
+}
+
+func portRange(v []byte) string {
+	if len(v) < 4 {
+		return "?"
+	}
+	lo, hi := binary.NativeEndian.Uint16(v[0:2]), binary.NativeEndian.Uint16(v[2:4])
+	if lo == hi {
+		return fmt.Sprint(lo)
+	}
+	return fmt.Sprintf("%d-%d", lo, hi)
+}
+
+// renderRule prints a dumped rule the way `ip rule` does, with every selector and action
+// the kernel reports that changes what the rule does (not its protocol).
+func renderRule(msg []byte) string {
+	family, dstLen, srcLen, tos, action := int(msg[0]), msg[1], msg[2], msg[3], msg[7]
+	flags := binary.NativeEndian.Uint32(msg[8:12])
+	table := int(msg[4])
+	var pref, gotoTarget uint32
+	var src, dst, iif, oif, mark, mask, other, tail string
+	var hasMark, hasMask, l3mdev bool
+	walkAttrs(msg[12:], func(typ uint16, v []byte) {
+		switch typ {
+		case unix.FRA_PRIORITY:
+			pref = u32(v)
+		case unix.FRA_SRC:
+			src = prefixText(family, v, srcLen)
+		case unix.FRA_DST:
+			dst = prefixText(family, v, dstLen)
+		case unix.FRA_IIFNAME:
+			iif = strings.TrimRight(string(v), "\x00")
+		case unix.FRA_OIFNAME:
+			oif = strings.TrimRight(string(v), "\x00")
+		case unix.FRA_FWMARK:
+			mark, hasMark = fmt.Sprintf("%#x", u32(v)), true
+		case unix.FRA_FWMASK:
+			mask, hasMask = fmt.Sprintf("%#x", u32(v)), true
+		case unix.FRA_TABLE:
+			table = int(u32(v))
+		case unix.FRA_GOTO:
+			gotoTarget = u32(v)
+		case unix.FRA_FLOW:
+			tail += fmt.Sprintf(" realms %#x", u32(v))
+		case unix.FRA_TUN_ID:
+			if len(v) == 8 {
+				other += fmt.Sprintf(" tun_id %d", binary.BigEndian.Uint64(v))
+			}
+		case unix.FRA_UID_RANGE:
+			if len(v) >= 8 {
+				other += fmt.Sprintf(" uidrange %d-%d", u32(v[0:4]), u32(v[4:8]))
+			}
+		case unix.FRA_IP_PROTO:
+			if len(v) > 0 {
+				other += fmt.Sprintf(" ipproto %d", v[0])
+			}
+		case unix.FRA_SPORT_RANGE:
+			other += " sport " + portRange(v)
+		case unix.FRA_DPORT_RANGE:
+			other += " dport " + portRange(v)
+		case fraDSCP:
+			if len(v) > 0 {
+				other += fmt.Sprintf(" dscp %d", v[0])
+			}
+		case fraL3MDEV:
+			l3mdev = len(v) > 0 && v[0] != 0
+		case unix.FRA_SUPPRESS_PREFIXLEN:
+			if n := int32(u32(v)); n >= 0 {
+				tail += fmt.Sprintf(" suppress_prefixlength %d", n)
+			}
+		case unix.FRA_SUPPRESS_IFGROUP:
+			if n := int32(u32(v)); n != -1 {
+				tail += fmt.Sprintf(" suppress_ifgroup %d", n)
+			}
+		}
+	})
+	var b strings.Builder
+	fmt.Fprintf(&b, "%d:", pref)
+	if flags&unix.FIB_RULE_INVERT != 0 {
+		b.WriteString(" not")
+	}
+	if src == "" {
+		src = "all"
+	}
+	b.WriteString(" from " + src)
+	if dst != "" {
+		b.WriteString(" to " + dst)
+	}
+	if tos != 0 {
+		fmt.Fprintf(&b, " tos %#x", tos)
+	}
+	if hasMark || hasMask {
+		b.WriteString(" fwmark " + mark)
+		if mask != "" && mask != "0xffffffff" {
+			b.WriteString("/" + mask)
+		}
+	}
+	if iif != "" {
+		b.WriteString(" iif " + iif)
+	}
+	if oif != "" {
+		b.WriteString(" oif " + oif)
+	}
+	b.WriteString(other)
+	switch {
+	case l3mdev:
+		b.WriteString(" lookup [l3mdev-table]")
+	case action == unix.FR_ACT_TO_TBL:
+		b.WriteString(" lookup " + tableName(table))
+	case action == unix.FR_ACT_GOTO:
+		fmt.Fprintf(&b, " goto %d", gotoTarget)
+	case action == unix.FR_ACT_NOP:
+		b.WriteString(" nop")
+	case action == unix.FR_ACT_BLACKHOLE:
+		b.WriteString(" blackhole")
+	case action == unix.FR_ACT_UNREACHABLE:
+		b.WriteString(" unreachable")
+	case action == unix.FR_ACT_PROHIBIT:
+		b.WriteString(" prohibit")
+	default:
+		fmt.Fprintf(&b, " action %d", action)
+	}
+	b.WriteString(tail)
+	return b.String()
+}
+
+var routeTypes = map[byte]string{
+	unix.RTN_LOCAL: "local", unix.RTN_BROADCAST: "broadcast", unix.RTN_ANYCAST: "anycast",
+	unix.RTN_MULTICAST: "multicast", unix.RTN_BLACKHOLE: "blackhole", unix.RTN_UNREACHABLE: "unreachable",
+	unix.RTN_PROHIBIT: "prohibit", unix.RTN_THROW: "throw", unix.RTN_NAT: "nat", unix.RTN_XRESOLVE: "xresolve",
+}
+
+func devName(names map[int]string, idx int) string {
+	if idx == loopbackIndex {
+		return "lo"
+	}
+	if n, ok := names[idx]; ok {
+		return n
+	}
+	return fmt.Sprintf("if%d", idx)
+}
+
+// renderRoute prints a dumped route the way `ip route show table T` does, leaving out
+// what does not change where a packet goes: protocol, scope, IPv6 preference, cache
+// info, and the metric IPv6 gives a route added without one (1024).
+func renderRoute(msg []byte, names map[int]string) string {
+	family, dstLen, srcLen, tos, typ := int(msg[0]), msg[1], msg[2], msg[3], msg[7]
+	var b strings.Builder
+	if t, ok := routeTypes[typ]; ok {
+		b.WriteString(t + " ")
+	} else if typ != unix.RTN_UNICAST {
+		fmt.Fprintf(&b, "type%d ", typ)
+	}
+	dst := "default"
+	var from, nhid, via, dev, src, metric, metrics, realms, encap, nexthops string
+	walkAttrs(msg[12:], func(a uint16, v []byte) {
+		switch a {
+		case unix.RTA_DST:
+			dst = fmt.Sprintf("%s/%d", addrText(family, v), dstLen)
+		case unix.RTA_SRC:
+			from = fmt.Sprintf(" from %s/%d", addrText(family, v), srcLen)
+		case rtaNHID:
+			nhid = fmt.Sprintf(" nhid %d", u32(v))
+		case unix.RTA_GATEWAY:
+			via = " via " + addrText(family, v)
+		case unix.RTA_VIA:
+			if len(v) > 2 {
+				via = " via " + addrText(int(binary.NativeEndian.Uint16(v[0:2])), v[2:])
+			}
+		case unix.RTA_OIF:
+			dev = " dev " + devName(names, int(u32(v)))
+		case unix.RTA_PREFSRC:
+			src = " src " + addrText(family, v)
+		case unix.RTA_PRIORITY:
+			if m := u32(v); !(family == unix.AF_INET6 && m == 1024) && m != 0 {
+				metric = fmt.Sprintf(" metric %d", m)
+			}
+		case unix.RTA_METRICS:
+			walkAttrs(v, func(x uint16, mv []byte) {
+				if x == unix.RTAX_MTU {
+					metrics += fmt.Sprintf(" mtu %d", u32(mv))
+				} else {
+					metrics += fmt.Sprintf(" rtax%d %d", x, u32(mv))
+				}
+			})
+		case unix.RTA_FLOW:
+			realms = fmt.Sprintf(" realms %#x", u32(v))
+		case unix.RTA_ENCAP:
+			encap = " encap"
+		case unix.RTA_MULTIPATH:
+			for len(v) >= unix.SizeofRtNexthop {
+				l := int(binary.NativeEndian.Uint16(v[0:2]))
+				if l < unix.SizeofRtNexthop || l > len(v) {
+					break
+				}
+				nexthops += " nexthop"
+				walkAttrs(v[unix.SizeofRtNexthop:l], func(x uint16, nv []byte) {
+					if x == unix.RTA_GATEWAY {
+						nexthops += " via " + addrText(family, nv)
+					}
+				})
+				nexthops += fmt.Sprintf(" dev %s weight %d", devName(names, int(int32(binary.NativeEndian.Uint32(v[4:8])))), int(v[3])+1)
+				v = v[min((l+3)&^3, len(v)):]
+			}
+		}
+	})
+	if dstLen != 0 && dst == "default" {
+		dst = fmt.Sprintf("default/%d", dstLen)
+	}
+	b.WriteString(dst)
+	if tos != 0 {
+		fmt.Fprintf(&b, " tos %#x", tos)
+	}
+	for _, x := range []string{from, nhid, via, dev, src, metric, metrics, realms, encap, nexthops} {
+		b.WriteString(x)
+	}
+	return b.String()
+}
+
+// loopbackUp fails with ErrLoopbackDown unless lo is up.
+func (c *RoutingConn) loopbackUp() error {
+	q := make([]byte, unix.SizeofIfInfomsg)
+	binary.NativeEndian.PutUint32(q[4:8], loopbackIndex)
+	msgs, err := c.raw.execute(unix.RTM_GETLINK, 0, q)
+	if err != nil {
+		return fmt.Errorf("read lo: %w", err)
+	}
+	if len(msgs) == 0 || len(msgs[0].Data) < unix.SizeofIfInfomsg {
+		return fmt.Errorf("read lo: no answer")
+	}
+	if binary.NativeEndian.Uint32(msgs[0].Data[8:12])&unix.IFF_UP == 0 {
+		return ErrLoopbackDown
+	}
+	return nil
+}
+
+// linkNames reads every interface's name, for Show.
+func (c *RoutingConn) linkNames() (map[int]string, error) {
+	msgs, err := c.raw.execute(unix.RTM_GETLINK, netlink.Dump, make([]byte, unix.SizeofIfInfomsg))
+	if err != nil {
+		return nil, fmt.Errorf("list links: %w", err)
+	}
+	names := map[int]string{}
+	for _, m := range msgs {
+		if len(m.Data) < unix.SizeofIfInfomsg {
+			continue
+		}
+		idx := int(int32(binary.NativeEndian.Uint32(m.Data[4:8])))
+		walkAttrs(m.Data[unix.SizeofIfInfomsg:], func(typ uint16, v []byte) {
+			if typ == unix.IFLA_IFNAME {
+				names[idx] = strings.TrimRight(string(v), "\x00")
+			}
+		})
+	}
+	return names, nil
 }
 
 func u32(b []byte) uint32 {
@@ -222,66 +507,244 @@ func walkAttrs(b []byte, fn func(typ uint16, value []byte)) {
 	}
 }
 
-// Ensure makes the namespace's policy routing exactly r: the rule and route for each
-// wanted family, none for an unwanted one, in one read (two dumps) and at most one
-// write. It returns an undo, never nil, that removes what it added, for when the rest of
-// the apply fails.
+// Show renders the policy routing nftmesh owns in the namespace, for r's priority and
+// table: every rule at r.Priority and every route in table r.Table, IPv4 then IPv6, one
+// line each, `ip -4 rule: <as ip rule prints it>` and `ip -4 route table T: <as ip route
+// prints it>`. A namespace holding exactly r shows RoutingText(r).
+func (c *RoutingConn) Show(r ruleset.Routing) (string, error) {
+	names, err := c.linkNames()
+	if err != nil {
+		return "", err
+	}
+	rules, routes, err := c.list(r, names)
+	if err != nil {
+		return "", err
+	}
+	var b strings.Builder
+	for _, f := range routeFamilies(r) {
+		for _, x := range rules {
+			if x.family == f.nl {
+				fmt.Fprintf(&b, "ip %s rule: %s\n", f.ip, x.text)
+			}
+		}
+		for _, x := range routes {
+			if x.family == f.nl {
+				fmt.Fprintf(&b, "ip %s route table %d: %s\n", f.ip, r.Table, x.text)
+			}
+		}
+	}
+	for _, x := range rules { // families other than IPv4 and IPv6 (none in practice)
+		if x.family != unix.AF_INET && x.family != unix.AF_INET6 {
+			fmt.Fprintf(&b, "family %d rule: %s\n", x.family, x.text)
+		}
+	}
+	return b.String(), nil
+}
+
+// op is one change in a routing write: the request, what it does (for errors), the
+// errnos that mean "already so", and the request that reverts it.
+type op struct {
+	req    request
+	what   string
+	ignore []unix.Errno
+	revert *request
+}
+
+func deleteRule(raw []byte) request { return request{Type: unix.RTM_DELRULE, Data: raw} }
+
+// restoreRule puts a deleted rule back from its dump: the kernel's own description.
+func restoreRule(raw []byte) *request {
+	return &request{Type: unix.RTM_NEWRULE, Flags: unix.NLM_F_CREATE | unix.NLM_F_EXCL, Data: raw}
+}
+
+// routeKey builds, from a dumped route, a request that deletes exactly it (del) or puts
+// it back (!del). A delete names what identifies the route (prefix, tos, table, type,
+// metric, device, gateway, nexthop) and matches any protocol and scope; a put back also
+// carries what the route holds (source, metrics, multipath, encap). Neither carries what
+// the kernel reports but does not take (cache info, expiry) nor the header's flags.
+func routeKey(raw []byte, del bool) []byte {
+	b := append(make([]byte, 0, len(raw)), raw[:12]...)
+	if del {
+		b[5], b[6] = unix.RTPROT_UNSPEC, unix.RT_SCOPE_NOWHERE
+	}
+	binary.NativeEndian.PutUint32(b[8:12], 0)
+	walkAttrs(raw[12:], func(typ uint16, v []byte) {
+		switch typ {
+		case unix.RTA_DST, unix.RTA_SRC, unix.RTA_OIF, unix.RTA_GATEWAY, unix.RTA_PRIORITY, unix.RTA_TABLE, unix.RTA_VIA, rtaNHID:
+		case unix.RTA_PREFSRC, unix.RTA_METRICS, unix.RTA_MULTIPATH, unix.RTA_FLOW, unix.RTA_ENCAP_TYPE, unix.RTA_ENCAP, unix.RTA_PREF:
+			if del {
+				return
+			}
+		default:
+			return
+		}
+		var h [4]byte
+		binary.NativeEndian.PutUint16(h[0:2], uint16(4+len(v)))
+		binary.NativeEndian.PutUint16(h[2:4], typ)
+		b = append(append(b, h[:]...), v...)
+		for len(b)%4 != 0 {
+			b = append(b, 0)
+		}
+	})
+	return b
+}
+
+func deleteRoute(raw []byte) request {
+	return request{Type: unix.RTM_DELROUTE, Data: routeKey(raw, true)}
+}
+
+func restoreRoute(raw []byte) *request {
+	return &request{Type: unix.RTM_NEWROUTE, Flags: unix.NLM_F_CREATE | unix.NLM_F_EXCL, Data: routeKey(raw, false)}
+}
+
+var (
+	gone    = []unix.Errno{unix.ENOENT, unix.ESRCH}
+	present = []unix.Errno{unix.EEXIST}
+)
+
+// write sends the ops in one sendmsg; the kernel runs them in order. It returns the
+// reverts of the ops that took effect, newest first, and the errors of the others.
+func (c *RoutingConn) write(ops []op) (reverts []request, err error) {
+	if len(ops) == 0 {
+		return nil, nil
+	}
+	reqs := make([]request, len(ops))
+	for i, o := range ops {
+		reqs[i] = o.req
+	}
+	errs, err := c.raw.executeAll(reqs)
+	if err != nil {
+		return nil, err
+	}
+	var all []error
+	for i, e := range errs {
+		ignored := false
+		for _, x := range ops[i].ignore {
+			ignored = ignored || errors.Is(e, x)
+		}
+		switch {
+		case e == nil:
+			if ops[i].revert != nil {
+				reverts = append([]request{*ops[i].revert}, reverts...)
+			}
+		case ignored:
+		case errors.Is(e, unix.ENETDOWN) && ops[i].req.Type == unix.RTM_NEWROUTE:
+			all = append(all, fmt.Errorf("%w: %s: %w", ErrLoopbackDown, ops[i].what, e))
+		default:
+			all = append(all, fmt.Errorf("%s: %w", ops[i].what, e))
+		}
+	}
+	return reverts, errors.Join(all...)
+}
+
+// revert sends reverts, best effort: what is already so is fine.
+func (c *RoutingConn) revert(reverts []request) {
+	if len(reverts) == 0 {
+		return
+	}
+	ops := make([]op, len(reverts))
+	for i, q := range reverts {
+		ops[i] = op{req: q, ignore: []unix.Errno{unix.ENOENT, unix.ESRCH, unix.EEXIST}}
+	}
+	c.write(ops)
+}
+
+// Ensure makes the policy routing nftmesh owns exactly r: for each wanted family the one
+// rule (at r.Priority) and the one route (`local default dev lo` in table r.Table), and
+// nothing else at that priority or in that table, of either family: an old rule with
+// other marks, a route of another type or device, an unreachable default, extra routes,
+// and everything IPv6 when r.IPv6 is off are deleted. It costs two dumps when all is
+// right, and one write (deletes first, then adds) when not.
+//
+// It returns an undo, never nil, that puts the routing back as Ensure found it, for when
+// the rest of the apply fails: it deletes what Ensure added and re-adds what it deleted
+// (from the kernel's own dump of it), so the previous table keeps the routing it was
+// applied with. On error Ensure has already undone itself and the undo does nothing.
 func (c *RoutingConn) Ensure(r ruleset.Routing) (changed bool, undo func(), err error) {
 	undo = func() {}
-	rules, routes, err := c.list(r)
+	rules, routes, err := c.list(r, nil)
 	if err != nil {
 		return false, undo, err
 	}
-	var add, del, undoReqs []request
-	var addWhat, delWhat []string
+	var dels, adds []op
 	for _, f := range routeFamilies(r) {
-		rule := fmt.Sprintf("%s rule fwmark %#x/%#x lookup %d pref %d", f.name, r.Mark, r.Mask, r.Table, r.Priority)
-		route := fmt.Sprintf("%s route local default dev lo table %d", f.name, r.Table)
-		switch {
-		case f.wanted && !hasRule(rules, f, r):
-			add, addWhat = append(add, ruleMsg(unix.RTM_NEWRULE, f, r)), append(addWhat, "add "+rule)
-			undoReqs = append(undoReqs, ruleMsg(unix.RTM_DELRULE, f, r))
-		case !f.wanted && hasRule(rules, f, r):
-			del, delWhat = append(del, ruleMsg(unix.RTM_DELRULE, f, r)), append(delWhat, "delete "+rule)
+		kept := false
+		for _, x := range rules {
+			if x.family != f.nl {
+				continue
+			}
+			if f.wanted && !kept && x.text == ruleText(r) {
+				kept = true
+				continue
+			}
+			dels = append(dels, op{deleteRule(x.raw), fmt.Sprintf("delete %s rule %q", f.name, x.text), gone, restoreRule(x.raw)})
 		}
-		switch {
-		case f.wanted && !hasRoute(routes, f, r):
-			add, addWhat = append(add, routeMsg(unix.RTM_NEWROUTE, f, r)), append(addWhat, "add "+route)
-			undoReqs = append(undoReqs, routeMsg(unix.RTM_DELROUTE, f, r))
-		case !f.wanted && hasRoute(routes, f, r):
-			del, delWhat = append(del, routeMsg(unix.RTM_DELROUTE, f, r)), append(delWhat, "delete "+route)
+		if f.wanted && !kept {
+			undo := ruleMsg(unix.RTM_DELRULE, f, r)
+			adds = append(adds, op{ruleMsg(unix.RTM_NEWRULE, f, r), fmt.Sprintf("add %s rule %q", f.name, ruleText(r)), present, &undo})
+		}
+		kept = false
+		for _, x := range routes {
+			if x.family != f.nl {
+				continue
+			}
+			if f.wanted && !kept && x.text == routeText {
+				kept = true
+				continue
+			}
+			dels = append(dels, op{deleteRoute(x.raw), fmt.Sprintf("delete %s route %q table %d", f.name, x.text, r.Table), gone, restoreRoute(x.raw)})
+		}
+		if f.wanted && !kept {
+			undo := routeMsg(unix.RTM_DELROUTE, f, r)
+			adds = append(adds, op{routeMsg(unix.RTM_NEWROUTE, f, r), fmt.Sprintf("add %s route %q table %d", f.name, routeText, r.Table), present, &undo})
 		}
 	}
-	if err := c.write(del, delWhat, unix.ENOENT, unix.ESRCH); err != nil {
+	for _, x := range rules { // at our priority in a family we do not know: not ours to keep
+		if x.family != unix.AF_INET && x.family != unix.AF_INET6 {
+			dels = append(dels, op{deleteRule(x.raw), fmt.Sprintf("delete family %d rule %q", x.family, x.text), gone, restoreRule(x.raw)})
+		}
+	}
+	if len(dels)+len(adds) == 0 {
+		return false, undo, nil
+	}
+	// The kernel takes an IPv4 local route on a down lo (and refuses an IPv6 one with
+	// ENETDOWN): either way the pod could not work, so look before writing anything.
+	for _, o := range adds {
+		if o.req.Type == unix.RTM_NEWROUTE {
+			if err := c.loopbackUp(); err != nil {
+				return false, undo, err
+			}
+			break
+		}
+	}
+	// Deletes first: the wanted route cannot be added beside an unreachable default.
+	reverts, err := c.write(append(dels, adds...))
+	if err != nil {
+		c.revert(reverts)
 		return true, undo, err
 	}
-	// EEXIST: someone added it since we looked; it is there, as wanted.
-	if err := c.write(add, addWhat, unix.EEXIST); err != nil {
-		c.write(undoReqs, make([]string, len(undoReqs)), unix.ENOENT, unix.ESRCH)
-		return true, undo, err
+	if len(reverts) > 0 {
+		undo = func() { c.revert(reverts) }
 	}
-	if len(undoReqs) > 0 {
-		undo = func() { c.write(undoReqs, make([]string, len(undoReqs)), unix.ENOENT, unix.ESRCH) }
-	}
-	return len(add)+len(del) > 0, undo, nil
+	return true, undo, nil
 }
 
-// Remove deletes the policy routing r, the rule and route of every family; absent ones
-// are fine. It reports whether it deleted anything.
+// Remove deletes the policy routing nftmesh owns for r's priority and table: every rule
+// at r.Priority and every route in table r.Table, of both families, whatever their marks
+// (an older intent's included); absent ones are fine. It reports whether it deleted
+// anything.
 func (c *RoutingConn) Remove(r ruleset.Routing) (bool, error) {
-	rules, routes, err := c.list(r)
+	rules, routes, err := c.list(r, nil)
 	if err != nil {
 		return false, err
 	}
-	var del []request
-	var what []string
-	for _, f := range routeFamilies(r) {
-		if hasRule(rules, f, r) {
-			del, what = append(del, ruleMsg(unix.RTM_DELRULE, f, r)), append(what, "delete "+f.name+" rule")
-		}
-		if hasRoute(routes, f, r) {
-			del, what = append(del, routeMsg(unix.RTM_DELROUTE, f, r)), append(what, "delete "+f.name+" route")
-		}
+	var dels []op
+	for _, x := range rules {
+		dels = append(dels, op{req: deleteRule(x.raw), what: fmt.Sprintf("delete rule %q", x.text), ignore: gone})
 	}
-	return len(del) > 0, c.write(del, what, unix.ENOENT, unix.ESRCH)
+	for _, x := range routes {
+		dels = append(dels, op{req: deleteRoute(x.raw), what: fmt.Sprintf("delete route %q table %d", x.text, r.Table), ignore: gone})
+	}
+	_, err = c.write(dels)
+	return len(dels) > 0, err
 }

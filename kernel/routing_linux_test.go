@@ -1,6 +1,7 @@
 package kernel
 
 import (
+	"errors"
 	"strings"
 	"testing"
 
@@ -71,5 +72,121 @@ func TestRoutingEnsureUndoRemove(t *testing.T) {
 	expect("after Remove", 0, 0)
 	if removed, err := c.Remove(r); err != nil || removed {
 		t.Errorf("second Remove: %v %v, want nothing to remove", removed, err)
+	}
+}
+
+// owned is what `ip` shows of the routing nftmesh owns in the namespace: the rules at
+// pref 32764 and the routes in table 100, both families.
+func owned(t *testing.T, ns *nettest.Netns) string {
+	t.Helper()
+	var b strings.Builder
+	for _, fam := range []string{"-4", "-6"} {
+		for _, l := range strings.Split(ns.MustRun(t, "ip", fam, "rule", "show"), "\n") {
+			if strings.HasPrefix(l, "32764:") {
+				b.WriteString(fam + " rule " + l + "\n")
+			}
+		}
+		out, _ := ns.Run("", "ip", fam, "route", "show", "table", "100")
+		for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
+			if l != "" {
+				b.WriteString(fam + " route " + l + "\n")
+			}
+		}
+	}
+	return b.String()
+}
+
+// Routing drift at nftmesh's pref or in its table is shown by Show, repaired by Ensure
+// (which undo puts back), and removed by Remove, whatever it is.
+func TestRoutingDriftRepaired(t *testing.T) {
+	nettest.Require(t)
+	r := ruleset.Routing{Mark: 0x111, Mask: 0xfff, Table: 100, Priority: 32764, IPv6: true}
+	v4 := r
+	v4.IPv6 = false
+	cases := []struct {
+		name  string
+		r     ruleset.Routing
+		drift []string // ip commands, without "ip"
+		shows string   // a line Show must print for the drift
+	}{
+		{"old mark beside the new", r, []string{"rule add fwmark 0x222/0xfff lookup 100 pref 32764"},
+			"ip -4 rule: 32764: from all fwmark 0x222/0xfff lookup 100"},
+		{"route replaced by a unicast one", r, []string{"route replace default dev lo table 100"},
+			"ip -4 route table 100: default dev lo"},
+		{"unreachable default", r, []string{"route del local default dev lo table 100", "route add unreachable default table 100"},
+			"ip -4 route table 100: unreachable default"},
+		{"IPv6 unreachable default", r, []string{"-6 route del local default dev lo table 100", "-6 route add unreachable default table 100"},
+			"ip -6 route table 100: unreachable default dev lo"},
+		{"wrong device", r, []string{"link add nftm0 type veth peer name nftm1", "link set nftm0 up", "link set nftm1 up", "route replace local default dev nftm0 table 100"},
+			"ip -4 route table 100: local default dev nftm0"},
+		{"extra route", r, []string{"route add 10.9.0.0/16 dev lo table 100", "-6 route add fd00:9::/64 dev lo table 100 metric 7"},
+			"ip -6 route table 100: fd00:9::/64 dev lo metric 7"},
+		{"other rule at the pref", r, []string{"rule add iif lo lookup main pref 32764", "-6 rule add not from fd00::/8 lookup 100 pref 32764"},
+			"ip -4 rule: 32764: from all iif lo lookup main"},
+		{"IPv6 left while IPv6 is off", v4, []string{"-6 rule add fwmark 0x5 lookup 100 pref 32764", "-6 route add local default dev lo table 100"},
+			"ip -6 rule: 32764: from all fwmark 0x5 lookup 100"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			ns := nettest.New(t)
+			c := openRouting(t, ns)
+			if _, _, err := c.Ensure(tc.r); err != nil {
+				t.Fatal(err)
+			}
+			clean := owned(t, ns)
+			if got, err := c.Show(tc.r); err != nil || got != RoutingText(tc.r) {
+				t.Errorf("Show after Ensure: %v\n%s\nwant\n%s", err, got, RoutingText(tc.r))
+			}
+			for _, l := range tc.drift {
+				ns.MustRun(t, "ip", strings.Fields(l)...)
+			}
+			drifted := owned(t, ns)
+			if drifted == clean {
+				t.Fatalf("the drift changed nothing:\n%s", drifted)
+			}
+			if got, err := c.Show(tc.r); err != nil || !strings.Contains(got, tc.shows+"\n") {
+				t.Errorf("Show after the drift: %v, want the line %q:\n%s", err, tc.shows, got)
+			}
+			changed, undo, err := c.Ensure(tc.r)
+			if err != nil || !changed {
+				t.Fatalf("Ensure over the drift: changed %v, %v", changed, err)
+			}
+			if got := owned(t, ns); got != clean {
+				t.Errorf("Ensure did not repair the drift:\n%s\nwant\n%s", got, clean)
+			}
+			if changed, _, err := c.Ensure(tc.r); err != nil || changed {
+				t.Errorf("Ensure after the repair: changed %v, %v; want nothing to do", changed, err)
+			}
+			undo()
+			if got := owned(t, ns); got != drifted {
+				t.Errorf("undo did not put the routing back as Ensure found it:\n%s\nwant\n%s", got, drifted)
+			}
+			if removed, err := c.Remove(tc.r); err != nil || !removed {
+				t.Errorf("Remove: %v %v", removed, err)
+			}
+			if got := owned(t, ns); got != "" {
+				t.Errorf("Remove left routing at nftmesh's pref or table:\n%s", got)
+			}
+		})
+	}
+}
+
+// A namespace whose lo is down cannot hold the local route: Ensure says so and leaves
+// nothing behind.
+func TestRoutingLoopbackDown(t *testing.T) {
+	nettest.Require(t)
+	ns := nettest.New(t)
+	ns.MustRun(t, "ip", "link", "set", "lo", "down")
+	c := openRouting(t, ns)
+	r := ruleset.Routing{Mark: 0x111, Mask: 0xfff, Table: 100, Priority: 32764, IPv6: true}
+	for _, ipv6 := range []bool{true, false} { // the kernel refuses only the IPv6 route
+		r.IPv6 = ipv6
+		_, _, err := c.Ensure(r)
+		if !errors.Is(err, ErrLoopbackDown) {
+			t.Errorf("Ensure with lo down, IPv6 %v: %v, want ErrLoopbackDown", ipv6, err)
+		}
+		if got := owned(t, ns); got != "" {
+			t.Errorf("a failed Ensure left routing:\n%s", got)
+		}
 	}
 }

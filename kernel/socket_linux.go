@@ -19,6 +19,18 @@ type socket struct {
 	fd       int
 	seq      atomic.Uint32
 	requests int // requests sent, for tests that prove a read was skipped
+
+	// big replaces the pooled receive buffer once a datagram did not fit in it.
+	big []byte
+	// truncated counts datagrams that did not fit in the receive buffer (their data is
+	// lost; a dump that lost one is done again with a larger buffer).
+	truncated int
+	lostData  bool // set by receive when a datagram lost data; cleared by its callers
+
+	// Buffer sizes as last read (0: not read yet) and NETLINK_CAP_ACK, set by
+	// prepareLarge before the first large batch; small batches never pay for them.
+	sndbuf, rcvbuf int
+	capAck         bool
 }
 
 // soNetNSCookie is SO_NETNS_COOKIE (Linux 5.14): a 64-bit id of the socket's network
@@ -97,27 +109,53 @@ func (r *socket) send(buf []byte) error {
 	return nil
 }
 
-// receive reads messages and hands each to fn until fn says it is done.
+// receive reads messages and hands each to fn until fn says it is done. A datagram larger
+// than the buffer (the kernel tells its real size: MSG_TRUNC) loses its tail: the
+// messages that fit are handed on, an error message cut short still gives its errno,
+// the buffer grows for the next receive, and lostData is set for the caller.
 func (r *socket) receive(fn func(h netlink.Header, body []byte) (done bool, err error)) error {
-	buf := bufPool.Get().(*[]byte)
-	defer bufPool.Put(buf)
+	var buf []byte
+	if r.big != nil {
+		buf = r.big
+	} else {
+		pooled := bufPool.Get().(*[]byte)
+		defer bufPool.Put(pooled)
+		buf = *pooled
+	}
 	for {
-		n, _, err := unix.Recvfrom(r.fd, *buf, 0)
+		n, _, err := unix.Recvfrom(r.fd, buf, unix.MSG_TRUNC)
 		if err != nil {
 			return fmt.Errorf("netlink receive: %w", err)
 		}
-		b := (*buf)[:n]
+		b := buf[:min(n, len(buf))]
+		if n > len(buf) {
+			r.truncated++
+			r.lostData = true
+			r.big = make([]byte, max(nlmsgAlign(n), 2*len(buf)))
+		}
 		for len(b) >= unix.NLMSG_HDRLEN {
 			l := int(binary.NativeEndian.Uint32(b[0:4]))
-			if l < unix.NLMSG_HDRLEN || l > len(b) {
-				return fmt.Errorf("netlink: malformed message of length %d", l)
-			}
 			h := netlink.Header{
 				Length:   uint32(l),
 				Type:     netlink.HeaderType(binary.NativeEndian.Uint16(b[4:6])),
 				Flags:    netlink.HeaderFlags(binary.NativeEndian.Uint16(b[6:8])),
 				Sequence: binary.NativeEndian.Uint32(b[8:12]),
 				PID:      binary.NativeEndian.Uint32(b[12:16]),
+			}
+			if l < unix.NLMSG_HDRLEN {
+				return fmt.Errorf("netlink: malformed message of length %d", l)
+			}
+			if l > len(b) {
+				if n <= len(buf) {
+					return fmt.Errorf("netlink: malformed message of length %d", l)
+				}
+				// Cut short by the buffer: only an error's errno survives usefully.
+				if h.Type == netlink.Error && len(b) >= unix.NLMSG_HDRLEN+4 {
+					if done, err := fn(h, b[unix.NLMSG_HDRLEN:]); done || err != nil {
+						return err
+					}
+				}
+				break
 			}
 			body := b[unix.NLMSG_HDRLEN:l]
 			b = b[min(nlmsgAlign(l), len(b)):]
@@ -147,13 +185,14 @@ func (r *socket) execute(msgType uint16, flags netlink.HeaderFlags, data []byte)
 			return out, err
 		}
 		if attempt == 4 {
-			return nil, fmt.Errorf("netlink dump: interrupted %d times by concurrent changes", attempt+1)
+			return nil, fmt.Errorf("netlink dump: interrupted %d times by concurrent changes (or answers too large for the buffer)", attempt+1)
 		}
 	}
 }
 
 func (r *socket) executeOnce(msgType uint16, flags netlink.HeaderFlags, data []byte) ([]netlink.Message, bool, error) {
 	seq := r.seq.Add(1)
+	r.lostData = false
 	if err := r.send(appendMessage(nil, msgType, uint16(flags|netlink.Request), seq, data)); err != nil {
 		return nil, false, err
 	}
@@ -182,6 +221,11 @@ func (r *socket) executeOnce(msgType uint16, flags netlink.HeaderFlags, data []b
 	})
 	if err != nil {
 		return nil, false, err
+	}
+	if r.lostData {
+		// Part of the answer did not fit in the buffer, which has grown: ask again.
+		r.lostData = false
+		return nil, true, nil
 	}
 	return out, interrupted, nil
 }

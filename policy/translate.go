@@ -413,6 +413,7 @@ func (t *translator) rule(i int, r *apiv1beta1.Rule) {
 	var l7 []string      // every L7 field of the rule, for the ALLOW case
 	var partial []string // DENY: matches that lost L7 fields but kept L4 ones
 	var emptied []string // DENY: matches left with nothing
+	var odd []string     // values that can never match (or never exclude) a connection
 
 	if len(r.GetFrom()) > 0 {
 		c := Clause{Origin: "from"}
@@ -429,6 +430,8 @@ func (t *translator) rule(i int, r *apiv1beta1.Rule) {
 				NotSourceIPs:       prefixes(s.NotIpBlocks),
 			}
 			where := fmt.Sprintf("from[%d].source", j)
+			odd = append(odd, mappedIPs(where+".ipBlocks", s.IpBlocks, false)...)
+			odd = append(odd, mappedIPs(where+".notIpBlocks", s.NotIpBlocks, true)...)
 			if len(s.TrustDomains)+len(s.NotTrustDomains) > 0 {
 				t.warn(i, "%s: trustDomains and notTrustDomains are not part of the node proxy's L4 model (docs/authorization.md#the-l4-model), so they are handled like L7 fields", where)
 			}
@@ -450,6 +453,8 @@ func (t *translator) rule(i int, r *apiv1beta1.Rule) {
 			o := to.GetOperation()
 			m := Match{DestinationPorts: ports(o.Ports), NotDestinationPorts: ports(o.NotPorts)}
 			where := fmt.Sprintf("to[%d].operation", j)
+			odd = append(odd, zeroPorts(where+".ports", o.Ports, false)...)
+			odd = append(odd, zeroPorts(where+".notPorts", o.NotPorts, true)...)
 			if f7 := operationL7(o); len(f7) > 0 {
 				l7 = append(l7, prefixed(where+".", f7)...)
 				if m.Empty() {
@@ -465,6 +470,15 @@ func (t *translator) rule(i int, r *apiv1beta1.Rule) {
 	for j, cond := range r.GetWhen() {
 		c := Clause{Origin: fmt.Sprintf("when[%d]", j)}
 		var m Match
+		where := fmt.Sprintf("when[%d]", j)
+		switch cond.GetKey() {
+		case "source.ip", "destination.ip":
+			odd = append(odd, mappedIPs(where+".values", cond.Values, false)...)
+			odd = append(odd, mappedIPs(where+".notValues", cond.NotValues, true)...)
+		case "destination.port":
+			odd = append(odd, zeroPorts(where+".values", cond.Values, false)...)
+			odd = append(odd, zeroPorts(where+".notValues", cond.NotValues, true)...)
+		}
 		switch cond.GetKey() {
 		case "source.ip":
 			m.SourceIPs, m.NotSourceIPs = prefixes(cond.Values), prefixes(cond.NotValues)
@@ -477,7 +491,6 @@ func (t *translator) rule(i int, r *apiv1beta1.Rule) {
 		case "destination.port":
 			m.DestinationPorts, m.NotDestinationPorts = ports(cond.Values), ports(cond.NotValues)
 		default:
-			where := fmt.Sprintf("when[%d]", j)
 			l7 = append(l7, where+" ("+cond.GetKey()+")")
 			emptied = append(emptied, fmt.Sprintf("%s: key %s is L7, so the condition never matches at L4", where, cond.GetKey()))
 		}
@@ -491,8 +504,14 @@ func (t *translator) rule(i int, r *apiv1beta1.Rule) {
 			t.warn(i, "dropped: it uses %s, which the node proxy cannot enforce at L4; an ALLOW rule with any such field is removed whole, so connections only this rule would allow are denied (fail closed)", strings.Join(l7, ", "))
 			return
 		}
+		for _, w := range odd {
+			t.warn(i, "%s", w)
+		}
 		p.Rules = append(p.Rules, rule)
 		return
+	}
+	for _, w := range odd {
+		t.warn(i, "%s", w)
 	}
 	for _, w := range partial {
 		t.warn(i, "the L7 fields of %s are removed and its L4 part is kept, so the rule denies more connections than written", w)
@@ -506,6 +525,43 @@ func (t *translator) rule(i int, r *apiv1beta1.Rule) {
 		}
 	}
 	p.Rules = append(p.Rules, rule)
+}
+
+// mappedIPs describes the values of path that are IPv4-mapped IPv6 addresses or ranges
+// (::ffff:10.0.0.0/104). A connection from or to an IPv4 address is compared in its
+// IPv4 form (the proxy unmaps the addresses of dual-stack sockets), so such a value
+// never matches: a DENY with one denies nothing, a not- form excludes nothing.
+func mappedIPs(path string, vs []string, not bool) []string {
+	var out []string
+	for k, v := range vs {
+		p, err := parseIP(v)
+		if err != nil || !p.Addr().Is4In6() || p.Bits() < 96 {
+			continue
+		}
+		v4 := netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96).Masked()
+		effect := "it never matches a connection"
+		if not {
+			effect = "it never excludes a connection"
+		}
+		out = append(out, fmt.Sprintf("%s[%d]: %q is an IPv4-mapped IPv6 address, but IPv4 connections are compared in their IPv4 form, so %s; write %q", path, k, v, effect, prefixString(v4)))
+	}
+	return out
+}
+
+// zeroPorts describes the "0" values of path: no connection has destination port 0.
+func zeroPorts(path string, vs []string, not bool) []string {
+	var out []string
+	for k, v := range vs {
+		if p, err := parsePort(v); err != nil || p != 0 {
+			continue
+		}
+		effect := "it never matches a connection"
+		if not {
+			effect = "it excludes no connection"
+		}
+		out = append(out, fmt.Sprintf("%s[%d]: port %q: no connection has destination port 0, so %s", path, k, v, effect))
+	}
+	return out
 }
 
 // stringMatches for principals, warning about values that can never match.

@@ -80,6 +80,9 @@ func (p *Proxy) startInstance(uid string, info zds.WorkloadInfo, ns *netns.NS) (
 	inst.hbone = &hbone.Server{
 		TLS: identity.ServerTLSConfig(p.issuer, inst.id), Dial: inst.dialInbound, Log: p.log,
 		OnHandshakeError: func(error) { p.metrics.handshakeFailed(info.Name, info.Namespace) },
+		// TLS handshakes in flight: at most hbone.DefaultMaxHandshakes for this pod and
+		// hbone.DefaultNodeHandshakes across the node's pods; the excess is closed unhandshaken.
+		Handshakes: p.handshakes,
 	}
 	for _, any := range families {
 		for _, port := range []uint16{p.cfg.Mesh.OutboundPort, p.cfg.Mesh.InboundPlaintextPort, p.cfg.Mesh.HBONEPort} {

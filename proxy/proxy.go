@@ -84,6 +84,8 @@ type Proxy struct {
 	policies  *policy.Store
 	metrics   *Metrics
 	pool      *hbone.Pool
+	// handshakes bounds inbound TLS handshakes in flight across all of this proxy's pods.
+	handshakes *hbone.Limiter
 
 	draining    sync.WaitGroup  // removed pods' drains, which Shutdown waits for
 	drainCtx    context.Context // their parent: Shutdown's deadline cuts them short
@@ -92,7 +94,7 @@ type Proxy struct {
 	mu        sync.Mutex
 	instances map[string]*instance     // by pod UID
 	byIP      map[netip.Addr]*instance // pod IP -> instance, for outbound HBONE dials
-	starting  map[string]bool          // pods whose AddWorkload is still starting listeners
+	starting  map[string]netns.Key     // pods whose AddWorkload is still starting listeners, and their namespaces
 	closing   bool
 	ready     bool
 }
@@ -106,8 +108,9 @@ func New(cfg Config, issuer identity.Issuer, workloads workload.Store, policies 
 	}
 	p := &Proxy{
 		cfg: cfg.withDefaults(), log: log, issuer: issuer, workloads: workloads, policies: policies, metrics: metrics,
-		instances: map[string]*instance{}, byIP: map[netip.Addr]*instance{}, starting: map[string]bool{},
+		instances: map[string]*instance{}, byIP: map[netip.Addr]*instance{}, starting: map[string]netns.Key{},
 	}
+	p.handshakes = hbone.NewLimiter(hbone.DefaultNodeHandshakes)
 	p.pool = &hbone.Pool{Dial: p.dialHBONE, TLSConfig: p.hboneTLS, Log: log}
 	p.drainCtx, p.drainCancel = context.WithCancel(context.Background())
 	return p
@@ -157,18 +160,26 @@ func (p *Proxy) AddWorkload(ctx context.Context, uid string, info zds.WorkloadIn
 		return errors.New("proxy is shutting down")
 	}
 	old := p.instances[uid]
-	if p.starting[uid] || old != nil && old.netns.Same(ns) {
+	if _, starting := p.starting[uid]; starting || old != nil && old.netns.Same(ns) {
 		// The agent re-sent a pod we run (after a reconnect): keep the running one.
 		p.mu.Unlock()
 		ns.Close()
 		return nil
+	}
+	if other, pod := p.netnsOwnerLocked(ns.Key(), uid); other != "" {
+		// Two pods cannot share a network namespace: the listeners (SO_REUSEPORT) would
+		// split the first pod's connections between two identities. The agent has it wrong
+		// (or missed a Del): refuse, and keep serving the pod that has it.
+		p.mu.Unlock()
+		ns.Close()
+		return fmt.Errorf("pod %s/%s (%s): network namespace %s is already pod %s's%s", info.Namespace, info.Name, uid, ns.Key(), other, pod)
 	}
 	if old != nil {
 		// The same pod in another namespace: kubelet recreated its sandbox, and the rules
 		// now capture in the new one. Serve that one; the old drains, as after a Del.
 		p.removeLocked(uid, old)
 	}
-	p.starting[uid] = true // a concurrent add of the same pod waits for nothing: see above
+	p.starting[uid] = ns.Key() // a concurrent add of the same pod waits for nothing: see above
 	p.mu.Unlock()
 	if old != nil {
 		p.log.Info("workload in a new network namespace: replacing it", "uid", uid, "pod", info.Namespace+"/"+info.Name)
@@ -177,7 +188,8 @@ func (p *Proxy) AddWorkload(ctx context.Context, uid string, info zds.WorkloadIn
 
 	inst, err := p.startInstance(uid, info, ns)
 	p.mu.Lock()
-	stillWanted := p.starting[uid] && !p.closing // a Del or Shutdown may have come meanwhile
+	_, stillWanted := p.starting[uid] // a Del or Shutdown may have come meanwhile
+	stillWanted = stillWanted && !p.closing
 	delete(p.starting, uid)
 	if err == nil && stillWanted {
 		p.instances[uid] = inst
@@ -195,6 +207,22 @@ func (p *Proxy) AddWorkload(ctx context.Context, uid string, info zds.WorkloadIn
 	}
 	p.log.Info("workload added", "uid", uid, "pod", info.Namespace+"/"+info.Name, "ips", inst.ips, "identity", inst.id.String())
 	return nil
+}
+
+// netnsOwnerLocked returns the UID of the pod other than uid that runs or is starting in
+// the namespace key ("" if none), and " (namespace/name)" for a running one; p.mu is held.
+func (p *Proxy) netnsOwnerLocked(key netns.Key, uid string) (owner, pod string) {
+	for u, inst := range p.instances {
+		if u != uid && inst.netns.Key() == key {
+			return u, " (" + inst.info.Namespace + "/" + inst.info.Name + ")"
+		}
+	}
+	for u, k := range p.starting {
+		if u != uid && k == key {
+			return u, " (still starting)"
+		}
+	}
+	return "", ""
 }
 
 func checkWorkloadInfo(trustDomain string, info zds.WorkloadInfo) error {
@@ -344,17 +372,24 @@ func (p *Proxy) hboneTLS(key hbone.PoolKey) (*tls.Config, error) {
 	return identity.ClientTLSConfig(p.issuer, srcID, []identity.ID{dstID}), nil
 }
 
-// Handler returns the readiness endpoint (/healthz/ready).
+// Handler returns the readiness endpoint (/healthz/ready) alone: GET and HEAD; other
+// methods get 405, other paths 404.
 func (p *Proxy) Handler() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("/healthz/ready", func(w http.ResponseWriter, r *http.Request) {
+	p.handleReady(mux)
+	return mux
+}
+
+// handleReady adds the readiness endpoint to mux. ("GET /x" also serves HEAD; the mux
+// answers other methods on the path with 405 and an Allow header.)
+func (p *Proxy) handleReady(mux *http.ServeMux) {
+	mux.HandleFunc("GET /healthz/ready", func(w http.ResponseWriter, r *http.Request) {
 		if !p.Ready() {
 			http.Error(w, "not ready", http.StatusServiceUnavailable)
 			return
 		}
 		w.Write([]byte("ready\n"))
 	})
-	return mux
 }
 
 func isClosed(err error) bool {

@@ -760,6 +760,70 @@ func TestReAddNewNamespace(t *testing.T) {
 	}
 }
 
+// listeners counts the TCP sockets listening on port in ns (with SO_REUSEPORT, two
+// instances in one namespace would be two).
+func listeners(t *testing.T, ns *nettest.Netns, port uint16) int {
+	t.Helper()
+	out, err := ns.Run("", "ss", "-Hltn", fmt.Sprintf("sport = :%d", port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.Count(out, "\n")
+}
+
+// TestTwoPodsOneNamespace: an Add of a second pod UID in a namespace a pod already has is
+// refused with an error naming that pod (its listeners would share the first pod's
+// connections through SO_REUSEPORT, under another identity), and the first pod keeps
+// serving. Once the namespace is free (the first pod moved to a new one), it may be used.
+func TestTwoPodsOneNamespace(t *testing.T) {
+	f := newMesh(t, compiler.CaptureTProxy)
+	add := func(uid, name string, ns *nettest.Netns) error {
+		t.Helper()
+		file, err := netns.Open(ns.Path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return f.proxy.AddWorkload(context.Background(), uid, zds.WorkloadInfo{Name: name, Namespace: "demo", ServiceAccount: "sleep"}, file)
+	}
+	shared, fresh := nettest.New(t), nettest.New(t)
+	for _, ns := range []*nettest.Netns{shared, fresh} {
+		ns.MustRun(t, "ip", "link", "set", "lo", "up")
+	}
+	if err := add("u-first", "first", shared); err != nil {
+		t.Fatal(err)
+	}
+	base := fdCount(t)
+	err := add("u-second", "second", shared)
+	if err == nil || !strings.Contains(err.Error(), "u-second") || !strings.Contains(err.Error(), "already pod u-first's (demo/first)") {
+		t.Fatalf("second pod in the first's namespace: %v, want an error naming u-first", err)
+	}
+	if n := listeners(t, shared, 15001); n != 1 {
+		t.Errorf("%d listeners on 15001 in the shared namespace, want the first pod's alone", n)
+	}
+	if n := settle(base, func() int { return fdCount(t) }); n > base {
+		t.Errorf("descriptors: %d before, %d after the refused add", base, n)
+	}
+	// The same pod re-sent in its namespace is kept; in a new one, it moves.
+	if err := add("u-first", "first", shared); err != nil {
+		t.Errorf("re-sending the first pod: %v", err)
+	}
+	if err := add("u-first", "first", fresh); err != nil {
+		t.Fatalf("the first pod in a new namespace: %v", err)
+	}
+	// Now fresh is the first pod's, and shared is free.
+	if err := add("u-second", "second", fresh); err == nil || !strings.Contains(err.Error(), "u-first") {
+		t.Errorf("second pod in the first's new namespace: %v, want an error naming u-first", err)
+	}
+	if err := add("u-second", "second", shared); err != nil {
+		t.Errorf("second pod in the namespace the first left: %v", err)
+	}
+	for _, ns := range []*nettest.Netns{shared, fresh} {
+		if n := listeners(t, ns, 15001); n != 1 {
+			t.Errorf("%s: %d listeners on 15001, want 1", ns.Name, n)
+		}
+	}
+}
+
 // TestOwnPortsOnlyTheListeners: an app in a captured pod may listen on the proxy's other
 // well-known ports (15000, 15020, 15021): only 15001, 15006 and 15008 are refused, as
 // ztunnel refuses them.

@@ -7,19 +7,26 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"os"
 	"runtime"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/nftmesh/nftmesh/internal/input"
 	"github.com/nftmesh/nftmesh/policy"
 	"github.com/nftmesh/nftmesh/proxy/identity"
 	"github.com/nftmesh/nftmesh/proxy/workload"
 	"github.com/nftmesh/nftmesh/zds"
 )
+
+// MinCertTTL is the shortest workload certificate lifetime the proxy takes. A certificate
+// is served until half its lifetime has passed (the issuer renews it then), so a peer
+// verifying it may see as little as half the TTL left; and its NotBefore is set 5 minutes
+// back for peers whose clocks are behind. A TTL of 10 minutes gives peers whose clocks are
+// ahead the same 5 minutes. Shorter TTLs serve certificates that such peers, or any peer
+// after a slow handshake, find expired.
+const MinCertTTL = 10 * time.Minute
 
 // Options is everything `nftmesh proxy` runs with: where to find the agent, the CA, the
 // workloads and the policies, and where to serve metrics and readiness.
@@ -29,13 +36,13 @@ type Options struct {
 	CACertFile    string // the mesh CA, for minting workload certificates (PEM)
 	CAKeyFile     string
 	TrustDomain   string
-	CertTTL       time.Duration
-	ClusterID     string // source_cluster and destination_cluster in the metrics
-	WorkloadsFile string // static workloads and services (YAML)
-	PoliciesFile  string // AuthorizationPolicies (YAML); "" allows all
+	CertTTL       time.Duration // 0: the issuer's default (24h); else at least MinCertTTL
+	ClusterID     string        // source_cluster and destination_cluster in the metrics
+	WorkloadsFile string        // static workloads and services (YAML)
+	PoliciesFile  string        // AuthorizationPolicies (YAML); "" allows all
 	RootNamespace string
-	MetricsAddr   string // Prometheus /metrics
-	ReadyAddr     string // /healthz/ready
+	MetricsAddr   string // Prometheus /metrics (GET, HEAD)
+	ReadyAddr     string // /healthz/ready (GET, HEAD); equal to MetricsAddr: one listener serves both
 	// ReloadPolicies, when it receives, reads PoliciesFile again (SIGHUP); a file that
 	// fails to load keeps the previous policies.
 	ReloadPolicies <-chan struct{}
@@ -50,13 +57,16 @@ func Run(ctx context.Context, o Options) error {
 		log = slog.Default()
 	}
 	cfg := o.Config.withDefaults()
+	if o.CertTTL != 0 && o.CertTTL < MinCertTTL {
+		return fmt.Errorf("certificate TTL %v is shorter than %v (see MinCertTTL)", o.CertTTL, MinCertTTL)
+	}
 	issuer, err := loadIssuer(o)
 	if err != nil {
 		return err
 	}
 	store, err := loadWorkloads(o.WorkloadsFile)
 	if err != nil {
-		return err
+		return fmt.Errorf("--workloads: %w", err)
 	}
 	popts := policy.Options{RootNamespace: o.RootNamespace}
 	pstore := policy.NewStore(popts)
@@ -64,7 +74,7 @@ func Run(ctx context.Context, o Options) error {
 		if o.PoliciesFile == "" {
 			return nil
 		}
-		data, err := os.ReadFile(o.PoliciesFile)
+		data, err := input.ReadFile(o.PoliciesFile)
 		if err != nil {
 			return err
 		}
@@ -75,23 +85,36 @@ func Run(ctx context.Context, o Options) error {
 		return pstore.Replace(ps)
 	}
 	if err := loadPolicies(); err != nil {
-		return err
+		return fmt.Errorf("--policies: %w", err)
 	}
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	p := New(cfg, issuer, store, pstore, NewMetrics(reg, o.ClusterID), log)
 
-	servers := map[string]http.Handler{
-		o.MetricsAddr: promhttp.HandlerFor(reg, promhttp.HandlerOpts{}),
-		o.ReadyAddr:   p.Handler(),
+	// Metrics and readiness on their own listeners, or on one when both addresses are the
+	// same string: the paths differ, and one port to expose is a fair wish. (Two strings
+	// for one socket address, such as :15020 and 0.0.0.0:15020, fail the second listen.)
+	metricsMux := http.NewServeMux()
+	handleMetrics(metricsMux, reg)
+	readyMux := metricsMux
+	if o.ReadyAddr != o.MetricsAddr {
+		readyMux = http.NewServeMux()
 	}
-	for addr, h := range servers {
-		l, err := net.Listen("tcp", addr)
+	p.handleReady(readyMux)
+	servers := []struct {
+		flag, addr string
+		h          http.Handler
+	}{{"--metrics-addr", o.MetricsAddr, metricsMux}, {"--ready-addr", o.ReadyAddr, readyMux}}
+	if o.ReadyAddr == o.MetricsAddr {
+		servers = servers[:1]
+	}
+	for _, s := range servers {
+		l, err := net.Listen("tcp", s.addr)
 		if err != nil {
-			return err
+			return fmt.Errorf("%s %s: %w", s.flag, s.addr, err)
 		}
-		srv := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
+		srv := &http.Server{Handler: s.h, ReadHeaderTimeout: 5 * time.Second}
 		go srv.Serve(l)
 		defer srv.Close()
 	}
@@ -131,11 +154,11 @@ func loadIssuer(o Options) (*identity.CAIssuer, error) {
 	if o.CACertFile == "" || o.CAKeyFile == "" {
 		return nil, errors.New("a CA certificate and key are required")
 	}
-	certPEM, err := os.ReadFile(o.CACertFile)
+	certPEM, err := input.ReadFile(o.CACertFile)
 	if err != nil {
 		return nil, err
 	}
-	keyPEM, err := os.ReadFile(o.CAKeyFile)
+	keyPEM, err := input.ReadFile(o.CAKeyFile)
 	if err != nil {
 		return nil, err
 	}
@@ -150,7 +173,7 @@ func loadWorkloads(path string) (workload.Store, error) {
 	if path == "" {
 		return nil, errors.New("a workloads file is required")
 	}
-	data, err := os.ReadFile(path)
+	data, err := input.ReadFile(path)
 	if err != nil {
 		return nil, err
 	}

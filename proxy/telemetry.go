@@ -3,10 +3,12 @@ package proxy
 import (
 	"fmt"
 	"log/slog"
+	"net/http"
 	"net/netip"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/nftmesh/nftmesh/proxy/workload"
 )
@@ -52,6 +54,12 @@ func NewMetrics(reg prometheus.Registerer, clusterID string) *Metrics {
 			"Inbound HBONE connections whose TLS handshake failed: no, untrusted or foreign-domain client certificate, TLS version, ALPN, timeout, or the client left.",
 			"destination_workload", "destination_workload_namespace"),
 	}
+}
+
+// handleMetrics serves reg's metrics on mux at /metrics, for GET and HEAD only: other
+// methods get 405, other paths 404 (promhttp alone answers every path and method).
+func handleMetrics(mux *http.ServeMux, reg *prometheus.Registry) {
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 }
 
 // handshakeFailed counts an inbound HBONE connection to workload name/namespace whose TLS

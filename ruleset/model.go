@@ -9,6 +9,7 @@ package ruleset
 
 import (
 	"net/netip"
+	"strings"
 )
 
 // Family is always inet: one table serves IPv4 and IPv6.
@@ -153,11 +154,18 @@ const (
 	CtMark   MarkKind = "ct mark"
 )
 
-// Interface matches `iifname`/`oifname`.
+// Interface matches `iifname`/`oifname`. As in nft, a Name ending in `*` is a
+// wildcard: it matches every interface whose name starts with what precedes the `*`
+// ("eth*" matches "eth0" and "eth1"). A `*` anywhere else is not allowed (Validate).
 type Interface struct {
 	Out    bool // oifname when true, iifname otherwise
 	Name   string
 	Negate bool
+}
+
+// Wildcard reports whether the name is a prefix wildcard, and the prefix it matches.
+func (i Interface) Wildcard() (prefix string, ok bool) {
+	return strings.CutSuffix(i.Name, "*")
 }
 
 // CmpOp compares a number.

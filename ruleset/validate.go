@@ -372,7 +372,11 @@ func (t *Table) validateStatement(c *Chain, ctx *ruleContext, s Statement) error
 
 // ValidateInterfaceName reports whether name can be matched with iifname/oifname: the
 // kernel's rules for interface names (at most 15 bytes, no '/', ':' or white space, not
-// "." or "..").
+// "." or ".."), with nft's one wildcard: a trailing '*' matches every name that starts
+// with what precedes it. A '*' anywhere else, or alone, is an error: nft would read it as
+// a literal character (or refuse it), and two readings of one name is what the rule
+// avoids. So is a backslash, which nft takes for an escape ("eth\\*" is the literal
+// name "eth*").
 func ValidateInterfaceName(name string) error {
 	switch {
 	case name == "":
@@ -381,6 +385,13 @@ func ValidateInterfaceName(name string) error {
 		return fmt.Errorf("interface name %q is longer than %d bytes", name, MaxInterfaceNameLen)
 	case name == "." || name == "..":
 		return fmt.Errorf("interface name %q is not allowed", name)
+	case name == "*":
+		return fmt.Errorf("interface name %q: a wildcard needs a prefix (it would match every interface)", name)
+	case strings.Contains(name, `\*`):
+		return fmt.Errorf("interface name %q: an escaped '*' is not supported (a '*' is only a trailing wildcard)", name)
+	}
+	if i := strings.IndexByte(name, '*'); i >= 0 && i != len(name)-1 {
+		return fmt.Errorf("interface name %q: '*' is only allowed at the end, as a wildcard", name)
 	}
 	for _, r := range name {
 		if r <= ' ' || r == '/' || r == ':' || r == '"' || r == '\\' || r >= 0x7f {

@@ -8,6 +8,7 @@ import (
 	"slices"
 
 	"github.com/nftmesh/nftmesh/compiler"
+	"github.com/nftmesh/nftmesh/internal/input"
 	"github.com/nftmesh/nftmesh/internal/textdiff"
 	"github.com/nftmesh/nftmesh/ruleset"
 )
@@ -21,31 +22,34 @@ type intentFlags struct {
 
 func (f *intentFlags) register(fs *flag.FlagSet) {
 	f.annotations = keyValues{}
-	fs.StringVar(&f.file, "f", "", "intent `FILE` (YAML, kind: Intent); without it, the built-in default intent")
+	fs.StringVar(&f.file, "f", "", "intent `FILE` (YAML, kind: Intent, one document, at most 16 MiB; - reads stdin);\nwithout it, the built-in default intent")
 	fs.StringVar(&f.target, "target", string(compiler.TargetPod), "`TARGET` ruleset: pod (in-pod capture) or host (node probe SNAT)")
 	fs.Var(f.annotations, "pod-annotation", "a pod annotation `KEY=VALUE` applied over the intent's pod section; repeatable\n(ambient.istio.io/bypass-inbound-capture, ambient.istio.io/dns-capture, istio.io/reroute-virtual-interfaces)")
 }
 
-// loadIntent loads the intent file, or the built-in default intent.
+// loadIntent loads the intent file (stdin for "-"), or the built-in default intent.
 func (f *intentFlags) loadIntent() (compiler.Intent, error) {
 	in := compiler.DefaultIntent()
 	if f.file == "" {
 		return in, nil
 	}
-	data, err := os.ReadFile(f.file)
+	data, err := input.ReadFileOr(f.file, stdin)
 	if err != nil {
 		return in, err
 	}
 	if in, err = compiler.Parse(data); err != nil {
-		return in, fmt.Errorf("%s: %w", f.file, err)
+		return in, fmt.Errorf("%s: %w", f.source(), err)
 	}
 	return in, nil
 }
 
 // source names where the intent came from, for errors.
 func (f *intentFlags) source() string {
-	if f.file == "" {
+	switch f.file {
+	case "":
 		return "built-in default intent"
+	case input.Stdin:
+		return "stdin"
 	}
 	return f.file
 }
@@ -58,27 +62,38 @@ func (f *intentFlags) warnUnknownAnnotations(stderr io.Writer) {
 	}
 }
 
-// compile loads the intent and compiles the --target ruleset: for a pod, through
-// compiler.PodState, as the agent does.
-func (f *intentFlags) compile(stderr io.Writer) (*ruleset.Table, error) {
+// state loads the intent and compiles the --target state: for a pod through
+// compiler.PodState, as the agent does. Flags are checked before the intent is read, and
+// the annotations whatever the target, so that their errors name them.
+func (f *intentFlags) state(stderr io.Writer) (ruleset.Desired, error) {
+	target := compiler.Target(f.target)
+	if target != compiler.TargetPod && target != compiler.TargetHost {
+		return ruleset.Desired{}, fmt.Errorf("--target: %q is not %q or %q", f.target, compiler.TargetPod, compiler.TargetHost)
+	}
 	f.warnUnknownAnnotations(stderr)
+	if _, err := compiler.ApplyAnnotations(compiler.PodOverrides{}, f.annotations); err != nil {
+		return ruleset.Desired{}, fmt.Errorf("--pod-annotation: %w", err)
+	}
 	in, err := f.loadIntent()
 	if err != nil {
-		return nil, err
+		return ruleset.Desired{}, err
 	}
 	var d ruleset.Desired
-	switch compiler.Target(f.target) {
-	case compiler.TargetPod:
-		d, err = compiler.PodState(in, f.annotations)
-	case compiler.TargetHost:
+	if target == compiler.TargetHost {
 		d, err = compiler.HostState(in)
-	default:
-		err = fmt.Errorf("--target: %q is not %q or %q", f.target, compiler.TargetPod, compiler.TargetHost)
+	} else {
+		d, err = compiler.PodState(in, f.annotations)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w", f.source(), err)
+		return ruleset.Desired{}, fmt.Errorf("%s: %w", f.source(), err)
 	}
-	return d.Table, nil
+	return d, nil
+}
+
+// compile is state's table.
+func (f *intentFlags) compile(stderr io.Writer) (*ruleset.Table, error) {
+	d, err := f.state(stderr)
+	return d.Table, err
 }
 
 func runCompile(args []string, stdout, stderr io.Writer) int {
@@ -140,8 +155,8 @@ func runDiff(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "nftmesh diff: %v\n", err)
 		return exitError
 	}
-	name := f.file
-	if name == "" {
+	name := f.source()
+	if f.file == "" {
 		name = "default intent"
 	}
 	d := textdiff.Unified(golden, name+" ("+f.target+")", string(want), t.Render())

@@ -21,6 +21,9 @@ const (
 	exitError = 2 // bad flags, bad input, or a failure
 )
 
+// stdin is what an input flag given "-" reads; a variable so tests can feed it.
+var stdin io.Reader = os.Stdin
+
 // version is set at build time with -ldflags "-X main.version=...".
 var version = "dev"
 

@@ -2,10 +2,13 @@ package main
 
 import (
 	"bytes"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/nftmesh/nftmesh/internal/nettest"
 )
 
 func runCLI(args ...string) (stdout, stderr string, code int) {
@@ -70,6 +73,10 @@ func TestErrorsExitTwo(t *testing.T) {
 		{[]string{"compile", "--target", "router"}, `"router"`},
 		{[]string{"compile", "--pod-annotation", "ambient.istio.io/bypass-inbound-capture=yes"}, "bypass-inbound-capture"},
 		{[]string{"compile", "--pod-annotation", "novalue"}, "not key=value"},
+		// The annotation is named, not the intent file, and checked for the node ruleset too.
+		{[]string{"compile", "-f", "../../fixtures/intents/default-ipv4.yaml", "--pod-annotation", "ambient.istio.io/dns-capture=maybe"}, "--pod-annotation: annotation ambient.istio.io/dns-capture"},
+		{[]string{"compile", "--target", "host", "--pod-annotation", "ambient.istio.io/dns-capture=maybe"}, "--pod-annotation: annotation"},
+		{[]string{"compile", "-f", bad, "--target", "router"}, `--target: "router"`},
 		{[]string{"compile", "--nope"}, "-nope"},
 		{[]string{"compile", "stray"}, `"stray"`},
 		{[]string{"diff"}, "--golden or --netns is required"},
@@ -119,3 +126,93 @@ func TestVersion(t *testing.T) {
 		t.Errorf("exit %d, output %q", code, out)
 	}
 }
+
+// withStdin runs f with the CLI's stdin reading data.
+func withStdin(t *testing.T, data string, f func()) {
+	t.Helper()
+	saved := stdin
+	defer func() { stdin = saved }()
+	stdin = strings.NewReader(data)
+	f()
+}
+
+// TestIntentFromStdin: `-f -` reads the intent from stdin wherever an intent file is taken
+// (compile, diff, apply, proxy --intent), as `nftmesh policy -f -` does; errors name stdin.
+func TestIntentFromStdin(t *testing.T) {
+	intent := "../../fixtures/intents/redirect-ipv4.yaml"
+	data, err := os.ReadFile(intent)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, _, _ := runCLI("compile", "-f", intent)
+	withStdin(t, string(data), func() {
+		out, errOut, code := runCLI("compile", "-f", "-")
+		if code != exitOK || out != want {
+			t.Errorf("compile -f -: exit %d, stderr %q; output differs from -f %s:\n%s", code, errOut, intent, out)
+		}
+	})
+	withStdin(t, string(data), func() {
+		out, errOut, code := runCLI("diff", "-f", "-", "--golden", "../../fixtures/golden/redirect-ipv4.pod.nft")
+		if code != exitOK {
+			t.Errorf("diff -f -: exit %d\n%s%s", code, out, errOut)
+		}
+	})
+	withStdin(t, "apiVersion: nftmesh.dev/v1alpha1\nkind: Intent\nspec: {ports: {outbound: 0}}\n", func() {
+		_, errOut, code := runCLI("compile", "-f", "-")
+		if code != exitError || !strings.Contains(errOut, "stdin: spec.ports.outbound") {
+			t.Errorf("compile -f - with a bad intent: exit %d, stderr %q; want stdin and the field named", code, errOut)
+		}
+	})
+	t.Run("apply", func(t *testing.T) {
+		nettest.Require(t, "nft")
+		ns := nettest.New(t)
+		withStdin(t, string(data), func() {
+			out, errOut, code := runCLI("apply", "--netns", ns.Path, "-f", "-")
+			if code != exitOK || !strings.Contains(out, "table inet nftmesh created") {
+				t.Fatalf("apply -f -: exit %d\n%s%s", code, out, errOut)
+			}
+		})
+		if _, _, code := runCLI("diff", "--netns", ns.Path, "-f", intent); code != exitOK {
+			t.Errorf("the table applied from stdin differs from %s: exit %d", intent, code)
+		}
+	})
+}
+
+// TestIntentInputCaps: an intent input larger than 16 MiB (a wrong path such as /dev/zero,
+// or an endless stdin) is an error naming it, read through a limit: the process does not
+// grow with it. A multi-document intent names the extra document.
+func TestIntentInputCaps(t *testing.T) {
+	dir := t.TempDir()
+	big := filepath.Join(dir, "big.yaml")
+	if err := os.WriteFile(big, append([]byte("# padding\n"), bytes.Repeat([]byte("#\n"), 9<<20)...), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	two := filepath.Join(dir, "two.yaml")
+	os.WriteFile(two, []byte("apiVersion: nftmesh.dev/v1alpha1\nkind: Intent\n---\nkind: Nonsense\n"), 0o644)
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"compile", "-f", "/dev/zero"}, "/dev/zero: larger than 16 MiB"},
+		{[]string{"compile", "-f", big}, "big.yaml: larger than 16 MiB"},
+		{[]string{"diff", "-f", "/dev/zero", "--golden", "../../fixtures/golden/default-ipv4.pod.nft"}, "/dev/zero: larger than 16 MiB"},
+		{[]string{"compile", "-f", two}, "two.yaml: intent: document 2 (line 3)"},
+	} {
+		_, errOut, code := runCLI(c.args...)
+		if code != exitError || !strings.Contains(errOut, c.want) {
+			t.Errorf("%v: exit %d, stderr %q; want exit 2 and %q", c.args, code, errOut, c.want)
+		}
+	}
+	withStdin(t, "", func() {
+		stdin = io.MultiReader(strings.NewReader("apiVersion: nftmesh.dev/v1alpha1\n"), zeros{})
+		_, errOut, code := runCLI("compile", "-f", "-")
+		if code != exitError || !strings.Contains(errOut, "stdin: larger than 16 MiB") {
+			t.Errorf("compile -f - with an endless stdin: exit %d, stderr %q", code, errOut)
+		}
+	})
+}
+
+// zeros is an endless reader.
+type zeros struct{}
+
+func (zeros) Read(p []byte) (int, error) { clear(p); return len(p), nil }

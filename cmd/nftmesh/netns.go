@@ -30,7 +30,7 @@ func (f *netnsFlags) register(fs *flag.FlagSet, withIntent bool) {
 	fs.BoolVar(&f.host, "host", false, "act on the node ruleset (probe SNAT, pod IP sets) instead of the pod's")
 	if withIntent {
 		f.annotations = keyValues{}
-		fs.StringVar(&f.file, "f", "", "intent `FILE` (YAML, kind: Intent); without it, the built-in default intent")
+		fs.StringVar(&f.file, "f", "", "intent `FILE` (YAML, kind: Intent, one document, at most 16 MiB; - reads stdin);\nwithout it, the built-in default intent")
 		fs.Var(f.annotations, "pod-annotation", "a pod annotation `KEY=VALUE` applied over the intent's pod section; repeatable")
 	}
 }
@@ -52,21 +52,7 @@ func (f *netnsFlags) desired(stderr io.Writer) (ruleset.Desired, error) {
 	if f.host {
 		f.target = string(compiler.TargetHost)
 	}
-	f.warnUnknownAnnotations(stderr)
-	in, err := f.loadIntent()
-	if err != nil {
-		return ruleset.Desired{}, err
-	}
-	var d ruleset.Desired
-	if f.host {
-		d, err = compiler.HostState(in)
-	} else {
-		d, err = compiler.PodState(in, f.annotations)
-	}
-	if err != nil {
-		return d, fmt.Errorf("%s: %w", f.source(), err)
-	}
-	return d, nil
+	return f.state(stderr)
 }
 
 func logger(stderr io.Writer) *slog.Logger {
@@ -80,7 +66,9 @@ func runApply(args []string, stdout, stderr io.Writer) int {
 	fs := newFlagSet("apply", "apply --netns PATH|NAME [-f intent.yaml] [--pod-annotation k=v ...] | apply --host [--netns PATH|NAME] [-f intent.yaml]",
 		"Compile the intent and make the namespace hold exactly that ruleset: nftmesh's table in one\n"+
 			"atomic transaction (nothing written when it is already identical), and for a pod the policy\n"+
-			"routing (fwmark rule and local route in table 100). Nothing outside nftmesh's table is touched.",
+			"routing (fwmark rule at pref 32764, local route in table 100; any other rule at that pref\n"+
+			"or route in that table is deleted). Nothing else is touched. Applies to one namespace, from\n"+
+			"any number of processes, take turns on a lock file in "+dataplane.DefaultLockDir+" ($"+dataplane.LockDirEnv+").",
 		netnsExitCodes, stdout)
 	f.register(fs, true)
 	if done, code := parseFlags(fs, args, stderr); done {
@@ -157,8 +145,9 @@ func runShow(args []string, stdout, stderr io.Writer) int {
 func runDelete(args []string, stdout, stderr io.Writer) int {
 	var f netnsFlags
 	fs := newFlagSet("delete", "delete --netns PATH|NAME [-f intent.yaml] | delete --host [--netns PATH|NAME]",
-		"Remove nftmesh's table from the namespace and, for a pod, its policy routing (the intent\n"+
-			"gives the mark and table to look for). What is already gone is skipped.",
+		"Remove nftmesh's table from the namespace and, for a pod, its policy routing: every rule at\n"+
+			"the intent's pref and every route in its table, whatever marks they carry. What is already\n"+
+			"gone is skipped.",
 		"0 removed or nothing to remove; 2 bad flags or the namespace could not be changed.", stdout)
 	f.register(fs, true)
 	if done, code := parseFlags(fs, args, stderr); done {
@@ -195,7 +184,9 @@ func runDelete(args []string, stdout, stderr io.Writer) int {
 	return exitOK
 }
 
-// diffLive is `nftmesh diff --netns`: the live table against the compiled one.
+// diffLive is `nftmesh diff --netns`: the live table against the compiled one and, for a
+// pod, the live policy routing (rules at nftmesh's pref, routes in its table) against
+// the intent's.
 func diffLive(f *netnsFlags, stdout, stderr io.Writer) int {
 	path, err := f.path()
 	if err != nil {
@@ -213,7 +204,7 @@ func diffLive(f *netnsFlags, stdout, stderr io.Writer) int {
 		return exitError
 	}
 	defer ns.Close()
-	out, err := dataplane.Diff(ns, d.Table)
+	out, err := dataplane.Diff(ns, d)
 	if err != nil {
 		fmt.Fprintf(stderr, "nftmesh diff: %v\n", err)
 		return exitError

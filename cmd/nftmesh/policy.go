@@ -7,10 +7,12 @@ import (
 	"io"
 	"net/netip"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 
 	"github.com/nftmesh/nftmesh/policy"
+	"github.com/nftmesh/nftmesh/proxy/identity"
 )
 
 // policyStdin is what `-f -` reads; a variable so tests can feed it.
@@ -97,12 +99,19 @@ func (f *policyFlags) register(fs *flag.FlagSet) {
 // load parses every file. Errors come one per line, each naming the file, the
 // document, the object and the field.
 func (f *policyFlags) load() ([]*policy.Policy, error) {
+	ps, _, err := f.loadWithOrigins()
+	return ps, err
+}
+
+// loadWithOrigins is load that also says where each policy came from: "FILE object N".
+func (f *policyFlags) loadWithOrigins() ([]*policy.Policy, []string, error) {
 	if len(f.files) == 0 {
-		return nil, errors.New("-f is required (see --help)")
+		return nil, nil, errors.New("-f is required (see --help)")
 	}
 	var all []*policy.Policy
+	var origins []string
 	var errs []error
-	for _, name := range f.files {
+	for fi, name := range f.files {
 		var data []byte
 		var err error
 		if name == "-" {
@@ -122,9 +131,16 @@ func (f *policyFlags) load() ([]*policy.Policy, error) {
 			}
 			continue
 		}
+		for i := range ps {
+			o := fmt.Sprintf("%s object %d", name, i+1)
+			if slices.Index(f.files, f.files[fi]) != fi || slices.Index(f.files[fi+1:], f.files[fi]) >= 0 {
+				o += fmt.Sprintf(" (-f #%d)", fi+1) // the same file given twice
+			}
+			origins = append(origins, o)
+		}
 		all = append(all, ps...)
 	}
-	return all, errors.Join(errs...)
+	return all, origins, errors.Join(errs...)
 }
 
 func printErrors(stderr io.Writer, cmd string, err error) {
@@ -143,7 +159,8 @@ func runPolicyExplain(args []string, stdout, stderr io.Writer) int {
 			"would, and print the decision, its reason (which policy and rule matched, or why\n"+
 			"none did) and the path: every applicable policy, rule, clause and match, with why\n"+
 			"each failed. Without --src-principal the connection is plaintext (no principal, no\n"+
-			"namespace); without --src-ip its source address matches no ipBlocks.",
+			"namespace); given, it must be a SPIFFE ID. Without --src-ip its source address\n"+
+			"matches no ipBlocks.",
 		"0 allowed; 1 denied; 2 bad flags, unreadable file or invalid policy (the error names\n"+
 			"the object and the field).", stdout)
 	pf.register(fs)
@@ -159,6 +176,14 @@ func runPolicyExplain(args []string, stdout, stderr io.Writer) int {
 	const cmd = "policy explain"
 	conn := policy.Connection{SrcPrincipal: srcPrincipal}
 	var errs []error
+	// Plaintext is the flag left out, never a value that happens to carry no identity.
+	principalSet := false
+	fs.Visit(func(f *flag.Flag) { principalSet = principalSet || f.Name == "src-principal" })
+	if principalSet {
+		if err := checkPrincipal(srcPrincipal); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	if dstNS == "" {
 		errs = append(errs, errors.New("--dst-namespace is required (see --help)"))
 	}
@@ -205,6 +230,18 @@ func runPolicyExplain(args []string, stdout, stderr io.Writer) int {
 	return exitDiff
 }
 
+// checkPrincipal accepts a SPIFFE ID of a service account, with or without its
+// spiffe:// scheme; the error names the flag and the value.
+func checkPrincipal(v string) error {
+	if v == "" {
+		return errors.New(`--src-principal: "" is empty; leave the flag out for a plaintext connection (see --help)`)
+	}
+	if _, err := identity.ParseID("spiffe://" + strings.TrimPrefix(v, "spiffe://")); err != nil {
+		return fmt.Errorf("--src-principal: %q: %v; spiffe:// is optional, and a plaintext connection leaves the flag out", v, strings.TrimPrefix(err.Error(), "identity: "))
+	}
+	return nil
+}
+
 func runPolicyLint(args []string, stdout, stderr io.Writer) int {
 	var pf policyFlags
 	fs := newFlagSet("policy lint", "policy lint -f policies.yaml [--root-namespace NS]",
@@ -217,11 +254,12 @@ func runPolicyLint(args []string, stdout, stderr io.Writer) int {
 	if done, code := parseFlags(fs, args, stderr); done {
 		return code
 	}
-	ps, err := pf.load()
+	ps, origins, err := pf.loadWithOrigins()
 	if err != nil {
 		printErrors(stderr, "policy lint", err)
 		return exitError
 	}
+	policy.WarnDuplicates(ps, origins)
 	warned, ignored := 0, 0
 	for i, p := range ps {
 		if i > 0 {

@@ -113,6 +113,11 @@ func TestPolicyErrors(t *testing.T) {
 		{[]string{"policy", "explain", "-f", badCIDR, "--dst-namespace", "x", "--dst-ip", "nope", "--dst-port", "80"}, `--dst-ip: "nope" is not an IP address`},
 		{[]string{"policy", "explain", "-f", badCIDR, "--dst-namespace", "x", "--dst-ip", "10.0.0.1", "--dst-port", "70000"}, `--dst-port: "70000" is not a port`},
 		{[]string{"policy", "explain", "-f", badCIDR, "--dst-namespace", "x", "--dst-ip", "10.0.0.1", "--dst-port", "80", "--src-ip", "x"}, `--src-ip: "x" is not an IP address`},
+		// --src-principal given but not an identity is an error, not plaintext.
+		{append([]string{"policy", "explain", "-f", badCIDR, "--src-principal", "spiffe://"}, dst...), `--src-principal: "spiffe://": invalid SPIFFE ID`},
+		{append([]string{"policy", "explain", "-f", badCIDR, "--src-principal", ""}, dst...), `--src-principal: "" is empty; leave the flag out for a plaintext connection`},
+		{append([]string{"policy", "explain", "-f", badCIDR, "--src-principal=spiffe://cluster.local/ns/x"}, dst...), `--src-principal: "spiffe://cluster.local/ns/x": invalid SPIFFE ID`},
+		{append([]string{"policy", "explain", "-f", badCIDR, "--src-principal", "cluster.local/ns/x/sa/y/z"}, dst...), `--src-principal: "cluster.local/ns/x/sa/y/z"`},
 		{[]string{"policy", "explain", "--dst-labels", "novalue"}, "not key=value"},
 		{[]string{"policy", "explain", "stray"}, `unexpected argument "stray"`},
 		{[]string{"policy", "lint", "-f", badCIDR}, "AuthorizationPolicy x/bad: spec.rules[0].from[0].source.ipBlocks[0]"},
@@ -184,5 +189,49 @@ func TestPolicyHelp(t *testing.T) {
 	}
 	if out, _, _ := runCLI("--help"); !strings.Contains(out, "  policy    explain and lint L4 authorization policies\n") {
 		t.Errorf("nftmesh --help does not list policy:\n%s", out)
+	}
+}
+
+// lint warns about a namespace/name given twice (the later replaces the earlier), port
+// "0", and IPv4-mapped IPv6 blocks, which never match.
+func TestPolicyLintWarnings(t *testing.T) {
+	seed := policyFixtures + "ambient-demo.yaml"
+	out, errOut, code := runCLI("policy", "lint", "-f", seed, "-f", seed)
+	if code != exitDiff {
+		t.Errorf("the same file twice: exit %d, want 1\n%s%s", code, out, errOut)
+	}
+	for _, w := range []string{
+		"  warning: ambient-demo/allow-sleep-to-httpbin is defined again later (" + seed + " object 1 (-f #2) replaces this one, " + seed + " object 1 (-f #1)), so this one is not enforced\n",
+		"  warning: ambient-demo/allow-sleep-to-httpbin is defined 2 times (here, " + seed + " object 1 (-f #2)); this last one replaces the others\n",
+	} {
+		if !strings.Contains(out, w) {
+			t.Errorf("lint output lacks %q:\n%s", w, out)
+		}
+	}
+	f := filepath.Join(t.TempDir(), "odd.yaml")
+	if err := os.WriteFile(f, []byte(`apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: odd, namespace: app}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source: {ipBlocks: ["::ffff:10.0.0.0/104"]}
+    to:
+    - operation: {ports: ["0"]}
+`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, errOut, code = runCLI("policy", "lint", "-f", f)
+	if code != exitDiff {
+		t.Errorf("exit %d, want 1\n%s%s", code, out, errOut)
+	}
+	for _, w := range []string{
+		`  warning: rule 0: from[0].source.ipBlocks[0]: "::ffff:10.0.0.0/104" is an IPv4-mapped IPv6 address, but IPv4 connections are compared in their IPv4 form, so it never matches a connection; write "10.0.0.0/8"`,
+		`  warning: rule 0: to[0].operation.ports[0]: port "0": no connection has destination port 0, so it never matches a connection`,
+	} {
+		if !strings.Contains(out, w) {
+			t.Errorf("lint output lacks %q:\n%s", w, out)
+		}
 	}
 }

@@ -8,8 +8,11 @@ import (
 	"os"
 	"os/signal"
 	"runtime"
+	"strings"
 	"syscall"
 	"time"
+
+	"k8s.io/apimachinery/pkg/util/validation"
 
 	"github.com/nftmesh/nftmesh/compiler"
 	"github.com/nftmesh/nftmesh/policy"
@@ -27,23 +30,24 @@ func runProxy(args []string, stdout, stderr io.Writer) int {
 			"policies deny are closed); SIGTERM and SIGINT stop accepting and drain until --shutdown-deadline.",
 		"0 after a clean shutdown; 2 bad flags, an input that does not load, or a failure to start.", stdout)
 	var o proxy.Options
-	intentFile := fs.String("intent", "", "intent `FILE` (YAML, kind: Intent) the pods' rules come from: its ports and proxy mark;\nwithout it, the built-in default intent")
+	intentFile := fs.String("intent", "", "intent `FILE` (YAML, kind: Intent, one document, at most 16 MiB; - reads stdin) the pods'\nrules come from: its ports and proxy mark; without it, the built-in default intent")
 	fs.StringVar(&o.ZDSSocket, "zds-socket", zds.DefaultSocketPath, "the agent's ZDS `PATH` (unix SOCK_SEQPACKET)")
 	fs.StringVar(&o.CACertFile, "ca-cert", "", "mesh root CA certificate `FILE` (PEM), for minting workload certificates (required)")
 	fs.StringVar(&o.CAKeyFile, "ca-key", "", "mesh root CA key `FILE` (PEM) (required)")
 	fs.StringVar(&o.TrustDomain, "trust-domain", "cluster.local", "SPIFFE trust `DOMAIN`")
 	fs.StringVar(&o.ClusterID, "cluster-id", "Kubernetes", "the workloads' cluster `ID`, for the metrics' source_cluster and destination_cluster (istiod's default)")
-	fs.DurationVar(&o.CertTTL, "cert-ttl", 24*time.Hour, "lifetime of minted workload certificates")
-	fs.StringVar(&o.WorkloadsFile, "workloads", "", "static workloads and services `FILE` (YAML) (required)")
-	fs.StringVar(&o.PoliciesFile, "policies", "", "AuthorizationPolicy `FILE` (YAML, several documents); none: allow all")
-	fs.StringVar(&o.RootNamespace, "root-namespace", policy.DefaultRootNamespace, "the mesh root `NAMESPACE`: its policies without selector are global")
-	fs.StringVar(&o.MetricsAddr, "metrics-addr", ":15020", "Prometheus metrics listen `ADDR` (/metrics)")
-	fs.StringVar(&o.ReadyAddr, "ready-addr", ":15021", "readiness listen `ADDR` (/healthz/ready)")
+	fs.DurationVar(&o.CertTTL, "cert-ttl", 24*time.Hour, "lifetime `DURATION` of minted workload certificates, at least "+fmtDuration(proxy.MinCertTTL)+": they are renewed\nat half their lifetime, and peers whose clocks are ahead must still find them valid")
+	fs.StringVar(&o.WorkloadsFile, "workloads", "", "static workloads and services `FILE` (YAML, at most 16 MiB) (required)")
+	fs.StringVar(&o.PoliciesFile, "policies", "", "AuthorizationPolicy `FILE` (YAML, several documents, at most 16 MiB); none: allow all")
+	fs.StringVar(&o.RootNamespace, "root-namespace", policy.DefaultRootNamespace, "the mesh root `NAMESPACE` (a Kubernetes namespace name): its policies without selector are global")
+	fs.StringVar(&o.MetricsAddr, "metrics-addr", ":15020", "Prometheus metrics listen `ADDR` (GET /metrics); equal to --ready-addr: one listener serves both")
+	fs.StringVar(&o.ReadyAddr, "ready-addr", ":15021", "readiness listen `ADDR` (GET /healthz/ready: 200 after the agent's first snapshot, else 503)")
 	logFormat := fs.String("log-format", "text", "log `FORMAT`: text or json")
-	fs.DurationVar(&o.Config.ShutdownDeadline, "shutdown-deadline", 10*time.Second, "how long to drain connections on shutdown")
+	fs.DurationVar(&o.Config.ShutdownDeadline, "shutdown-deadline", 10*time.Second, "how long to drain connections on shutdown (positive)")
 	workers := fs.Int("workers", 0, "`N` threads running proxy code at once (GOMAXPROCS); 0: the CPUs the process may use,\n"+
 		"which follows a container CPU limit. Each extra worker costs thread wake-ups per packet: give\n"+
-		"the proxy what its node can spare, as ztunnel's worker threads")
+		"the proxy what its node can spare, as ztunnel's worker threads. At most "+fmt.Sprint(maxWorkers())+" here\n"+
+		"(4 × the CPUs the process may run on, and never less than "+fmt.Sprint(minMaxWorkers)+")")
 	if done, code := parseFlags(fs, args, stderr); done {
 		return code
 	}
@@ -64,11 +68,29 @@ func runProxy(args []string, stdout, stderr io.Writer) int {
 	if *workers < 0 {
 		return fail("--workers: %d is negative", *workers)
 	}
+	if limit := maxWorkers(); *workers > limit {
+		return fail("--workers: %d is more than %d, the limit here (4 × the %d CPUs this process may run on, and never less than %d)",
+			*workers, limit, runtime.NumCPU(), minMaxWorkers)
+	}
 	if o.CACertFile == "" || o.CAKeyFile == "" || o.WorkloadsFile == "" {
 		return fail("--ca-cert, --ca-key and --workloads are required (see --help)")
 	}
 	if o.Config.ShutdownDeadline <= 0 {
 		return fail("--shutdown-deadline: %s is not positive", o.Config.ShutdownDeadline)
+	}
+	switch {
+	case o.CertTTL <= 0:
+		return fail("--cert-ttl: %s is not positive", o.CertTTL)
+	case o.CertTTL < proxy.MinCertTTL:
+		return fail("--cert-ttl: %s is shorter than the minimum %s (a certificate is served until half its lifetime)",
+			o.CertTTL, fmtDuration(proxy.MinCertTTL))
+	}
+	if o.RootNamespace == "" {
+		return fail("--root-namespace: empty; give the mesh root namespace (Istio's is %s)", policy.DefaultRootNamespace)
+	}
+	if len(validation.IsDNS1123Label(o.RootNamespace)) > 0 {
+		return fail("--root-namespace: %q is not a namespace name (a DNS label: at most 63 lowercase "+
+			"letters, digits and '-', starting and ending with a letter or digit)", o.RootNamespace)
 	}
 	intent := intentFlags{file: *intentFile}
 	in, err := intent.loadIntent()
@@ -101,4 +123,26 @@ func runProxy(args []string, stdout, stderr io.Writer) int {
 		return fail("%v", err)
 	}
 	return exitOK
+}
+
+// minMaxWorkers is the least --workers limit, whatever the CPUs: room to oversubscribe a
+// small machine on purpose (tests, benchmarks), far below what hurts (each worker is a
+// thread and a scheduler slot; 100,000 took 2.2 GB and never started).
+const minMaxWorkers = 64
+
+// maxWorkers is the most --workers takes: 4 × the CPUs the process may run on (its
+// affinity mask), and at least minMaxWorkers. More workers than CPUs cannot run at once
+// and only add wake-ups; four times leaves room to ride a bursty CPU quota.
+func maxWorkers() int { return max(4*runtime.NumCPU(), minMaxWorkers) }
+
+// fmtDuration prints whole minutes and hours without the zero units (10m, not 10m0s).
+func fmtDuration(d time.Duration) string {
+	s := d.String()
+	if strings.HasSuffix(s, "m0s") {
+		s = strings.TrimSuffix(s, "0s")
+	}
+	if strings.HasSuffix(s, "h0m") {
+		s = strings.TrimSuffix(s, "0m")
+	}
+	return s
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -39,14 +40,56 @@ func TestProxyStartErrors(t *testing.T) {
 		{append(base, "--workloads", good, "--intent", filepath.Join(dir, "absent.yaml")), "--intent: open"},
 		{append(base, "--workloads", good, "--shutdown-deadline", "0s"), "--shutdown-deadline: 0s is not positive"},
 	}
+	// Flags that used to be taken as given. Each case also has an --intent that does not
+	// load, so that a missing check fails the case instead of starting a proxy.
+	twoDocs := filepath.Join(dir, "two.yaml")
+	os.WriteFile(twoDocs, []byte("apiVersion: nftmesh.dev/v1alpha1\nkind: Intent\n---\nkind: Other\n"), 0o644)
+	guarded := append(append([]string{}, base...), "--workloads", good, "--intent", badIntent)
+	for _, tc := range []struct {
+		flags []string
+		want  string
+	}{
+		{[]string{"--workers", "100000"}, fmt.Sprintf("--workers: 100000 is more than %d, the limit here", maxWorkers())},
+		{[]string{"--workers", fmt.Sprint(maxWorkers() + 1)}, "--workers"},
+		{[]string{"--cert-ttl", "1ns"}, "--cert-ttl: 1ns is shorter than the minimum 10m"},
+		{[]string{"--cert-ttl", "9m59s"}, "--cert-ttl: 9m59s is shorter than the minimum 10m"},
+		{[]string{"--cert-ttl", "0s"}, "--cert-ttl: 0s is not positive"},
+		{[]string{"--cert-ttl", "-1h"}, "--cert-ttl: -1h0m0s is not positive"},
+		{[]string{"--shutdown-deadline", "-5s"}, "--shutdown-deadline: -5s is not positive"},
+		{[]string{"--root-namespace", ""}, "--root-namespace: empty"},
+		{[]string{"--root-namespace", "Istio_System"}, `--root-namespace: "Istio_System" is not a namespace name (a DNS label`},
+		{[]string{"--root-namespace", strings.Repeat("a", 64)}, "--root-namespace"},
+	} {
+		cases = append(cases, struct {
+			args []string
+			want string
+		}{append(append([]string{}, guarded...), tc.flags...), tc.want})
+	}
+	// Input files: capped at 16 MiB, read through a limit; one intent document.
+	cases = append(cases, []struct {
+		args []string
+		want string
+	}{
+		{append(base, "--workloads", "/dev/zero"), "--workloads: /dev/zero: larger than 16 MiB"},
+		{append(base, "--workloads", good, "--policies", "/dev/zero"), "--policies: /dev/zero: larger than 16 MiB"},
+		{append(base, "--workloads", good, "--intent", "/dev/zero"), "--intent: /dev/zero: larger than 16 MiB"},
+		{append(base, "--workloads", good, "--intent", twoDocs), "two.yaml: intent: document 2 (line 3)"},
+	}...)
 	for _, tc := range cases {
 		_, errOut, code := runCLI(tc.args...)
 		if code != exitError || !strings.Contains(errOut, tc.want) {
 			t.Errorf("%v: exit %d, stderr %q; want exit 2 and %q", tc.args[1:], code, errOut, tc.want)
 		}
 	}
+	withStdin(t, "apiVersion: nftmesh.dev/v1alpha1\nkind: Intent\nspec: {ports: {hbone: 70000}}\n", func() {
+		_, errOut, code := runCLI(append(base, "--workloads", good, "--intent", "-")...)
+		if code != exitError || !strings.Contains(errOut, "--intent: stdin: spec.ports.hbone") {
+			t.Errorf("--intent - with a bad intent on stdin: exit %d, stderr %q", code, errOut)
+		}
+	})
 	out, _, code := runCLI("proxy", "--help")
-	for _, flag := range []string{"--zds-socket PATH", "--ca-cert FILE", "--workloads FILE", "--policies FILE", "--log-format FORMAT", "--workers N", "--intent FILE", "SIGHUP", "Exit codes"} {
+	for _, flag := range []string{"--zds-socket PATH", "--ca-cert FILE", "--workloads FILE", "--policies FILE", "--log-format FORMAT", "--workers N", "--intent FILE", "SIGHUP", "Exit codes",
+		"--cert-ttl DURATION", "at least 10m", "at most 16 MiB", "- reads stdin", "one listener serves both", fmt.Sprintf("At most %d here", maxWorkers()), "a Kubernetes namespace name"} {
 		if code != exitOK || !strings.Contains(out, flag) {
 			t.Errorf("proxy --help lacks %q", flag)
 		}

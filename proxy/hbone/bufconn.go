@@ -18,11 +18,15 @@ import (
 // gather and go out in large writes instead.
 //
 // Reads: crypto/tls reads about one record per read(2); the buffer below it takes whatever the
-// socket holds in one call.
+// socket holds in one call. The buffer exists only once the handshake is done (buffered):
+// a connection that never completes one, a flood of idle ones, costs no 64 KiB each.
 type bufConn struct {
 	net.Conn
 	rw io.ReadWriter // the socket's raw calls when it is TCP (see rawio), else Conn
-	r  *bufio.Reader
+	r  *bufio.Reader // nil until buffered: reads go straight to the socket
+	// drained, if set, runs in the reading goroutine each time a read finds the buffer
+	// empty, before it goes to the socket: all that has arrived has been read.
+	drained func()
 
 	mu     sync.Mutex // crypto/tls may write alerts and key updates from the reading goroutine
 	corked bool
@@ -41,10 +45,26 @@ func newBufConn(c net.Conn) *bufConn {
 			rw = rc
 		}
 	}
-	return &bufConn{Conn: c, rw: rw, r: bufio.NewReaderSize(rw, readBufSize)}
+	return &bufConn{Conn: c, rw: rw}
 }
 
-func (c *bufConn) Read(p []byte) (int, error) { return c.r.Read(p) }
+// buffered gives the connection its read buffer; the reading goroutine calls it once the
+// handshake is done.
+func (c *bufConn) buffered() {
+	if c.r == nil {
+		c.r = bufio.NewReaderSize(c.rw, readBufSize)
+	}
+}
+
+func (c *bufConn) Read(p []byte) (int, error) {
+	if c.r == nil {
+		return c.rw.Read(p)
+	}
+	if c.drained != nil && c.r.Buffered() == 0 {
+		c.drained()
+	}
+	return c.r.Read(p)
+}
 
 func (c *bufConn) Write(p []byte) (int, error) {
 	c.mu.Lock()

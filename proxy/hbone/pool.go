@@ -368,6 +368,7 @@ func (p *Pool) dialTLS(ctx context.Context, key PoolKey) (tc *tls.Conn, conn net
 		raw.Close()
 		return nil, nil, fmt.Errorf("ALPN %q, want h2", proto)
 	}
+	bc.buffered() // before x/net's reader starts
 	return tc, corkedTLS{Conn: tc, bc: bc}, nil
 }
 

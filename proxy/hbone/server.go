@@ -1,6 +1,7 @@
 package hbone
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -33,6 +34,71 @@ type Dialer func(ctx context.Context, req Request) (net.Conn, int, error)
 // ErrServerClosed is returned by Serve after Shutdown or Close.
 var ErrServerClosed = errors.New("hbone: server closed")
 
+// ErrHandshakeLimit is what OnHandshakeError hears of a connection closed unhandshaken
+// because the server's or the node's limit on TLS handshakes was reached.
+var ErrHandshakeLimit = errors.New("hbone: too many TLS handshakes in flight")
+
+// Defaults of the handshake limits (Server.MaxHandshakes, NewLimiter for the node's).
+const (
+	DefaultMaxHandshakes    = 128  // per server (pod)
+	DefaultNodeHandshakes   = 1024 // shared by a node's servers
+	defaultHandshakeTimeout = 5 * time.Second
+	// handshakeWait is how long an accepted connection may wait for a handshake slot: a
+	// burst of real clients (whose handshakes take milliseconds) gets through; a flood's
+	// excess is closed.
+	handshakeWait = time.Second
+)
+
+// Limiter bounds TLS handshakes in flight, for one Server (Server.MaxHandshakes) or shared
+// by several (Server.Handshakes: a node's pods). A connection takes a slot before its
+// handshake starts and gives it back when the handshake ends. When every slot is taken, as
+// many connections again may wait for one, for a short while (handshakeWait); any more, and
+// those whose wait runs out, are closed at once. So n slots hold at most 2n sockets.
+type Limiter struct {
+	slots   chan struct{}
+	waiting atomic.Int64
+}
+
+// NewLimiter returns a limiter of n handshakes in flight (n <= 0: DefaultNodeHandshakes).
+func NewLimiter(n int) *Limiter {
+	if n <= 0 {
+		n = DefaultNodeHandshakes
+	}
+	return &Limiter{slots: make(chan struct{}, n)}
+}
+
+// InUse is the number of handshakes holding a slot.
+func (l *Limiter) InUse() int { return len(l.slots) }
+
+// acquire takes a slot, waiting until deadline (the zero time: not at all) or stop; false
+// when none came.
+func (l *Limiter) acquire(deadline time.Time, stop <-chan struct{}) bool {
+	select {
+	case l.slots <- struct{}{}:
+		return true
+	default:
+	}
+	if deadline.IsZero() {
+		return false
+	}
+	if l.waiting.Add(1) > int64(cap(l.slots)) {
+		l.waiting.Add(-1)
+		return false
+	}
+	defer l.waiting.Add(-1)
+	t := time.NewTimer(time.Until(deadline))
+	defer t.Stop()
+	select {
+	case l.slots <- struct{}{}:
+		return true
+	case <-t.C:
+	case <-stop:
+	}
+	return false
+}
+
+func (l *Limiter) release() { <-l.slots }
+
 // Server accepts HBONE connections: TLS first, then HTTP/2 CONNECT streams.
 type Server struct {
 	TLS  *tls.Config // must require a client certificate; TLS 1.3 and ALPN h2 are enforced
@@ -42,7 +108,13 @@ type Server struct {
 	MaxConcurrentStreams uint32        // per connection; 0: 100
 	ReadIdleTimeout      time.Duration // PING after this long without a frame; 0: 10 s
 	PingTimeout          time.Duration // close when the PING is not answered in time; 0: 20 s
-	HandshakeTimeout     time.Duration // TLS handshake plus HTTP/2 preface; 0: 10 s
+	HandshakeTimeout     time.Duration // TLS handshake plus HTTP/2 preface; 0: 5 s
+
+	// TLS handshakes in flight are bounded: MaxHandshakes on this server (0:
+	// DefaultMaxHandshakes), and Handshakes, when set, across every server sharing it (a
+	// node's). See Limiter for what happens at the limit.
+	MaxHandshakes int
+	Handshakes    *Limiter
 
 	// OnHandshakeError, when set, hears of every connection whose TLS handshake fails
 	// (no, untrusted or foreign client certificate, TLS version, ALPN, timeout, a client
@@ -53,9 +125,11 @@ type Server struct {
 	mu        sync.Mutex
 	listeners map[net.Listener]struct{}
 	conns     map[*serverConn]struct{}
-	raw       map[net.Conn]struct{} // accepted, still in the TLS handshake
+	raw       map[net.Conn]struct{} // accepted, waiting for or in the TLS handshake
 	closed    bool
-	handlers  atomic.Int64 // running tunnels, across connections
+	done      chan struct{} // closed with closed: ends waits for a handshake slot
+	own       *Limiter      // MaxHandshakes
+	handlers  atomic.Int64  // running tunnels, across connections
 }
 
 func (s *Server) logger() *slog.Logger {
@@ -116,6 +190,8 @@ func (s *Server) Serve(l net.Listener) error {
 		s.listeners = make(map[net.Listener]struct{})
 		s.conns = make(map[*serverConn]struct{})
 		s.raw = make(map[net.Conn]struct{})
+		s.done = make(chan struct{})
+		s.own = NewLimiter(cmp.Or(s.MaxHandshakes, DefaultMaxHandshakes))
 	}
 	s.listeners[l] = struct{}{}
 	s.mu.Unlock()
@@ -169,15 +245,50 @@ func (s *Server) track(c net.Conn) bool {
 	return true
 }
 
+// admit takes the handshake slots a connection needs: the node's first, so that the node's
+// limit bounds every socket waiting for either; false when the connection must be closed.
+func (s *Server) admit() (release func(), ok bool) {
+	deadline := time.Now().Add(handshakeWait)
+	node := s.Handshakes
+	if node != nil && !node.acquire(deadline, s.done) {
+		return nil, false
+	}
+	if !s.own.acquire(deadline, s.done) {
+		if node != nil {
+			node.release()
+		}
+		return nil, false
+	}
+	return func() {
+		s.own.release()
+		if node != nil {
+			node.release()
+		}
+	}, true
+}
+
 func (s *Server) handshake(c net.Conn, conf *tls.Config) {
+	release, ok := s.admit()
+	if !ok {
+		s.mu.Lock()
+		delete(s.raw, c)
+		closed := s.closed
+		s.mu.Unlock()
+		c.Close()
+		if !closed && s.OnHandshakeError != nil {
+			s.OnHandshakeError(ErrHandshakeLimit)
+		}
+		return
+	}
 	log := s.logger().With("peer", c.RemoteAddr().String())
 	cc := newBufConn(c)
 	tc := tls.Server(cc, conf)
-	timeout := orDefault(s.HandshakeTimeout, 10*time.Second)
+	timeout := orDefault(s.HandshakeTimeout, defaultHandshakeTimeout)
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	// docs/hbone.md#go-http2-library-pitfalls: the handshake is finished before HTTP/2 looks at the connection.
 	err := tc.HandshakeContext(ctx)
 	cancel()
+	release()
 	if err == nil {
 		err = checkServerState(tc.ConnectionState())
 	}
@@ -225,7 +336,7 @@ func checkServerState(st tls.ConnectionState) error {
 // ctx.Err() when tunnels had to be cut.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Lock()
-	s.closed = true
+	s.closeLocked()
 	for l := range s.listeners {
 		l.Close()
 	}
@@ -260,13 +371,20 @@ func (s *Server) Shutdown(ctx context.Context) error {
 // Close closes the listeners and every connection at once; tunnels are reset.
 func (s *Server) Close() error {
 	s.mu.Lock()
-	s.closed = true
+	s.closeLocked()
 	for l := range s.listeners {
 		l.Close()
 	}
 	s.mu.Unlock()
 	s.closeAll()
 	return nil
+}
+
+func (s *Server) closeLocked() {
+	if !s.closed && s.done != nil {
+		close(s.done)
+	}
+	s.closed = true
 }
 
 func (s *Server) closeAll() {

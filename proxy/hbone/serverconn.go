@@ -3,6 +3,7 @@ package hbone
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -90,6 +91,19 @@ type serverConn struct {
 	pingOut    bool
 	pingAt     time.Duration
 	health     *time.Timer
+	resetTAT   time.Duration // early resets: the GCRA's theoretical arrival time (allowEarlyResetLocked)
+
+	// Read loop only: CONNECTs whose Dialer has not started yet (startPending), and the
+	// frames read since the first of them.
+	pending       []pendingTunnel
+	pendingFrames int
+}
+
+// pendingTunnel is an accepted CONNECT waiting for the read loop to start its Dialer.
+type pendingTunnel struct {
+	ctx context.Context
+	st  *stream
+	req Request
 }
 
 func newServerConn(s *Server, tc *tls.Conn, cork *bufConn, log *slog.Logger) *serverConn {
@@ -119,6 +133,8 @@ func newServerConn(s *Server, tc *tls.Conn, cork *bufConn, log *slog.Logger) *se
 	sc.fr.SetMaxReadFrameSize(maxFrameSize)
 	sc.fr.SetReuseFrames()
 	sc.henc = hpack.NewEncoder(&sc.hbuf)
+	cork.buffered()
+	cork.drained = sc.startPending
 	return sc
 }
 
@@ -190,7 +206,63 @@ func (sc *serverConn) readLoop(prefaceTimeout time.Duration) error {
 			}
 			return err
 		}
+		if len(sc.pending) > 0 {
+			// Dials start when all that arrived has been read (bufConn.drained), or after
+			// this many frames when the input never runs dry.
+			if sc.pendingFrames++; sc.pendingFrames >= maxPendingFrames {
+				sc.startPending()
+			}
+		}
 	}
+}
+
+// maxPendingFrames bounds how long a CONNECT's dial may wait behind a busy connection's input.
+const maxPendingFrames = 64
+
+// startPending starts the Dialer of each pending CONNECT, except those reset meanwhile: a
+// HEADERS and its RST_STREAM read together never reach the app (CVE-2023-44487). It runs
+// in the read loop, before a read would block on the socket.
+func (sc *serverConn) startPending() {
+	if len(sc.pending) == 0 {
+		return
+	}
+	sc.mu.Lock()
+	for i, p := range sc.pending {
+		if p.st.err != nil || sc.closed {
+			p.st.cancel()
+			sc.handlers--
+			sc.srv.handlers.Add(-1)
+		} else {
+			go sc.runTunnel(p.ctx, p.st, p.req)
+		}
+		sc.pending[i] = pendingTunnel{}
+	}
+	sc.pending = sc.pending[:0]
+	sc.pendingFrames = 0
+	sc.maybeFinishLocked()
+	sc.wakeLocked()
+	sc.mu.Unlock()
+}
+
+// Early resets: a client's RST_STREAM on a CONNECT not yet answered. Past a burst of
+// earlyResetBurst x MAX_CONCURRENT_STREAMS and a rate of earlyResetRate x
+// MAX_CONCURRENT_STREAMS a second, the connection ends with GOAWAY ENHANCE_YOUR_CALM.
+const (
+	earlyResetBurst = 2
+	earlyResetRate  = 1
+)
+
+// allowEarlyResetLocked counts one early reset (GCRA: a token bucket kept as one time).
+func (sc *serverConn) allowEarlyResetLocked() bool {
+	interval := time.Second / time.Duration(earlyResetRate*sc.maxStreams)
+	tolerance := time.Duration(earlyResetBurst*sc.maxStreams-1) * interval
+	now := sc.now()
+	tat := max(sc.resetTAT, now)
+	if tat-now > tolerance {
+		return false
+	}
+	sc.resetTAT = tat + interval
+	return true
 }
 
 func (sc *serverConn) processFrame(f http2.Frame) error {
@@ -340,6 +412,7 @@ func (sc *serverConn) teardown(err error) {
 	sc.wstop = true
 	sc.wcond.Broadcast()
 	sc.mu.Unlock()
+	sc.startPending() // drops them all: their streams are aborted
 	sc.raw.Close()
 	<-sc.writerDone
 	if err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {

@@ -58,9 +58,15 @@ func (sc *serverConn) onHeaders(f *http2.MetaHeadersFrame) error {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	st.cancel = cancel
+	st.dialing = true
 	sc.handlers++
 	sc.srv.handlers.Add(1)
-	go sc.runTunnel(ctx, st, req)
+	// Started by startPending, once the frames that came with these HEADERS (a reset,
+	// say) have been read.
+	if len(sc.pending) == 0 {
+		sc.pendingFrames = 0
+	}
+	sc.pending = append(sc.pending, pendingTunnel{ctx: ctx, st: st, req: req})
 	return nil
 }
 
@@ -103,6 +109,7 @@ func (sc *serverConn) respondLocked(st *stream, status int) {
 	}
 	sc.enqueueOrdLocked(wframe{kind: fkHeaders, id: st.id, status: status, end: true})
 	st.localDone = true
+	st.dialing = false
 	// RFC 9113 §8.1: a complete response, then NO_ERROR to stop the request body.
 	sc.abortLocked(st, errRefused, !st.remoteDone, http2.ErrCodeNo)
 }
@@ -139,7 +146,13 @@ func (sc *serverConn) onRSTStream(f *http2.RSTStreamFrame) error {
 		return nil
 	}
 	cause := http2.StreamError{StreamID: f.StreamID, Code: f.ErrCode, Cause: errors.New("reset by peer")}
+	early := st.dialing && st.err == nil
 	sc.abortLocked(st, resetError(cause), false, 0)
+	if early && !sc.allowEarlyResetLocked() {
+		// CVE-2023-44487: CONNECTs opened and reset faster than they can be answered.
+		sc.log.Info("hbone: too many streams reset before their answer; closing connection")
+		return http2.ConnectionError(http2.ErrCodeEnhanceYourCalm)
+	}
 	return nil
 }
 

@@ -31,6 +31,7 @@ type stream struct {
 	recvUnsent int32
 	sendWindow int64 // stream window the peer granted us
 	cancel     context.CancelFunc
+	dialing    bool                      // a CONNECT not yet answered (see onRSTStream)
 	delivering bool                      // someone is writing received data to the upstream
 	tryWrite   func([]byte) (int, error) // the upstream's non-blocking write, once accepted
 	onAbort    func()                    // resets the upstream, once accepted: see abortLocked
@@ -173,6 +174,7 @@ func (st *stream) accept(up net.Conn, onAbort func()) bool {
 		return false
 	}
 	st.tryWrite, st.onAbort = tw, onAbort
+	st.dialing = false
 	sc.enqueueOrdLocked(wframe{kind: fkHeaders, id: st.id, status: http.StatusOK})
 	sc.mu.Unlock()
 	sc.flush()
@@ -238,6 +240,10 @@ func (sc *serverConn) runTunnel(ctx context.Context, st *stream, req Request) {
 		sc.srv.handlers.Add(-1)
 	}()
 
+	if ctx.Err() != nil {
+		log.Debug("hbone: stream reset before dialing")
+		return // nothing to answer: the stream is reset
+	}
 	up, status, err := sc.srv.Dial(ctx, req)
 	if up == nil || err != nil {
 		if up != nil {

@@ -74,10 +74,10 @@ func (m *Manager) lockNS(ns *netns.NS) (*nsLock, error) {
 			return nil, fmt.Errorf("netns %s: lock %s: %w", ns, path, err)
 		}
 		if err := flockWait(fd); err != nil {
+			unix.Close(fd)
 			if errors.Is(err, errLockTimeout) {
 				return nil, fmt.Errorf("netns %s: another nftmesh process has held %s for more than %v", ns, path, lockTimeout)
 			}
-			unix.Close(fd)
 			return nil, fmt.Errorf("netns %s: lock %s: %w", ns, path, err)
 		}
 		// The file may have been deleted (by a Remove holding it) between our open and
@@ -92,34 +92,23 @@ func (m *Manager) lockNS(ns *netns.NS) (*nsLock, error) {
 
 var errLockTimeout = errors.New("lock timeout")
 
-// flockWait takes an exclusive flock on fd, waiting at most lockTimeout. A blocking
-// flock is handed over by the kernel the moment the holder lets go (polling would add
-// its interval to every wait); it cannot be interrupted, so after a timeout it goes on
-// in its goroutine and closes fd, releasing the lock, once it gets it. On timeout fd
-// belongs to that goroutine.
+// flockWait takes an exclusive flock on fd, waiting at most lockTimeout. It polls with
+// LOCK_NB (1 ms, doubling to 20 ms) rather than blocking: a blocking flock cannot be
+// interrupted, so every wait that timed out would leave a thread parked behind a hung
+// holder. The caller keeps fd either way.
 func flockWait(fd int) error {
-	err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB)
-	if !errors.Is(err, unix.EWOULDBLOCK) {
-		return err // taken, or a real error
-	}
-	got := make(chan error, 1)
-	go func() {
-		for {
-			err := unix.Flock(fd, unix.LOCK_EX)
-			if !errors.Is(err, unix.EINTR) {
-				got <- err
-				return
-			}
+	deadline := time.Now().Add(lockTimeout)
+	pause := time.Millisecond
+	for {
+		err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB)
+		if !errors.Is(err, unix.EWOULDBLOCK) && !errors.Is(err, unix.EINTR) {
+			return err // taken, or a real error
 		}
-	}()
-	timer := time.NewTimer(lockTimeout)
-	defer timer.Stop()
-	select {
-	case err := <-got:
-		return err
-	case <-timer.C:
-		go func() { <-got; unix.Close(fd) }()
-		return errLockTimeout
+		if time.Now().After(deadline) {
+			return errLockTimeout
+		}
+		time.Sleep(pause)
+		pause = min(2*pause, 20*time.Millisecond)
 	}
 }
 

@@ -347,6 +347,16 @@ func TestNamespaceLock(t *testing.T) {
 	saved := lockTimeout
 	lockTimeout = 200 * time.Millisecond
 	_, err = m.Apply(ns.Handle, d)
+	// Waits that time out leave nothing behind: no thread parked on the holder.
+	threads := func() int { e, _ := os.ReadDir("/proc/self/task"); return len(e) }
+	before := threads()
+	lockTimeout = 5 * time.Millisecond
+	for range 50 {
+		m.Apply(ns.Handle, d)
+	}
+	if after := threads(); after > before+5 {
+		t.Errorf("threads %d -> %d after 50 timed-out lock waits", before, after)
+	}
 	lockTimeout = saved
 	unix.Close(fd)
 	if err == nil || !strings.Contains(err.Error(), path) || !strings.Contains(err.Error(), "held") {

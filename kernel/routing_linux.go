@@ -124,6 +124,29 @@ func ruleText(r ruleset.Routing) string {
 
 const routeText = "local default dev lo"
 
+// ownedRule reports whether a rule at nftmesh's priority is one nftmesh may have written:
+// a fwmark rule looking up its table (with any mark: an older intent's). Anything else
+// there belongs to someone else (the CNI sbr plugin, for one, adds rules without a
+// priority, which can land on 32764) and is left alone.
+func ownedRule(x ruleInfo, r ruleset.Routing) bool {
+	return strings.HasPrefix(x.text, fmt.Sprintf("%d: from all fwmark ", r.Priority)) &&
+		strings.HasSuffix(x.text, " lookup "+tableName(r.Table))
+}
+
+// ownedRoute reports whether a route in nftmesh's table is one its rule could be meant
+// to reach: a route on lo, or one that drops (unreachable, blackhole, prohibit), the
+// drift a hand edit leaves. A route through a real device is someone
+// else's (sbr's default via the pod's gateway) and is left alone; if it stands where
+// nftmesh's route must go, the apply fails and says so.
+func ownedRoute(x routeInfo) bool {
+	for _, drop := range []string{"unreachable", "blackhole", "prohibit"} {
+		if strings.HasPrefix(x.text, drop) {
+			return true
+		}
+	}
+	return strings.HasSuffix(x.text, " dev lo") || strings.Contains(x.text, " dev lo ")
+}
+
 // RoutingText renders the policy routing r as Show renders a namespace's: what a
 // namespace holding exactly r shows.
 func RoutingText(r ruleset.Routing) string {
@@ -522,20 +545,15 @@ func (c *RoutingConn) Show(r ruleset.Routing) (string, error) {
 	}
 	var b strings.Builder
 	for _, f := range routeFamilies(r) {
-		for _, x := range rules {
-			if x.family == f.nl {
+		for _, x := range rules { // only nftmesh's: the rest is not compared, nor touched
+			if x.family == f.nl && ownedRule(x, r) {
 				fmt.Fprintf(&b, "ip %s rule: %s\n", f.ip, x.text)
 			}
 		}
 		for _, x := range routes {
-			if x.family == f.nl {
+			if x.family == f.nl && ownedRoute(x) {
 				fmt.Fprintf(&b, "ip %s route table %d: %s\n", f.ip, r.Table, x.text)
 			}
-		}
-	}
-	for _, x := range rules { // families other than IPv4 and IPv6 (none in practice)
-		if x.family != unix.AF_INET && x.family != unix.AF_INET6 {
-			fmt.Fprintf(&b, "family %d rule: %s\n", x.family, x.text)
 		}
 	}
 	return b.String(), nil
@@ -670,7 +688,7 @@ func (c *RoutingConn) Ensure(r ruleset.Routing) (changed bool, undo func(), err 
 	for _, f := range routeFamilies(r) {
 		kept := false
 		for _, x := range rules {
-			if x.family != f.nl {
+			if x.family != f.nl || !ownedRule(x, r) {
 				continue
 			}
 			if f.wanted && !kept && x.text == ruleText(r) {
@@ -685,7 +703,7 @@ func (c *RoutingConn) Ensure(r ruleset.Routing) (changed bool, undo func(), err 
 		}
 		kept = false
 		for _, x := range routes {
-			if x.family != f.nl {
+			if x.family != f.nl || !ownedRoute(x) {
 				continue
 			}
 			if f.wanted && !kept && x.text == routeText {
@@ -697,11 +715,6 @@ func (c *RoutingConn) Ensure(r ruleset.Routing) (changed bool, undo func(), err 
 		if f.wanted && !kept {
 			undo := routeMsg(unix.RTM_DELROUTE, f, r)
 			adds = append(adds, op{routeMsg(unix.RTM_NEWROUTE, f, r), fmt.Sprintf("add %s route %q table %d", f.name, routeText, r.Table), present, &undo})
-		}
-	}
-	for _, x := range rules { // at our priority in a family we do not know: not ours to keep
-		if x.family != unix.AF_INET && x.family != unix.AF_INET6 {
-			dels = append(dels, op{deleteRule(x.raw), fmt.Sprintf("delete family %d rule %q", x.family, x.text), gone, restoreRule(x.raw)})
 		}
 	}
 	if len(dels)+len(adds) == 0 {
@@ -740,9 +753,14 @@ func (c *RoutingConn) Remove(r ruleset.Routing) (bool, error) {
 	}
 	var dels []op
 	for _, x := range rules {
-		dels = append(dels, op{req: deleteRule(x.raw), what: fmt.Sprintf("delete rule %q", x.text), ignore: gone})
+		if ownedRule(x, r) {
+			dels = append(dels, op{req: deleteRule(x.raw), what: fmt.Sprintf("delete rule %q", x.text), ignore: gone})
+		}
 	}
 	for _, x := range routes {
+		if !ownedRoute(x) {
+			continue
+		}
 		dels = append(dels, op{req: deleteRoute(x.raw), what: fmt.Sprintf("delete route %q table %d", x.text, r.Table), ignore: gone})
 	}
 	_, err = c.write(dels)

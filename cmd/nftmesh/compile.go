@@ -4,7 +4,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"os"
 	"slices"
 
 	"github.com/nftmesh/nftmesh/compiler"
@@ -145,7 +144,7 @@ func runDiff(args []string, stdout, stderr io.Writer) int {
 	if f.host {
 		f.target = string(compiler.TargetHost)
 	}
-	want, err := os.ReadFile(golden)
+	want, err := input.ReadFile(golden)
 	if err != nil {
 		fmt.Fprintf(stderr, "nftmesh diff: %v\n", err)
 		return exitError

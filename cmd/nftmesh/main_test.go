@@ -87,6 +87,8 @@ func TestErrorsExitTwo(t *testing.T) {
 		{[]string{"apply", "--netns", "nftmesh-no-such-netns"}, "/run/netns/nftmesh-no-such-netns"},
 		{[]string{"diff", "--golden", filepath.Join(dir, "missing.nft")}, "no such file"},
 		{[]string{"diff", "-f", bad, "--golden", "../../fixtures/golden/default-ipv4.pod.nft"}, "spec.ports.outbound"},
+		{[]string{"diff", "--golden", "/dev/zero"}, "larger than 16 MiB"},
+		{[]string{"policy", "lint", "-f", "/dev/zero"}, "larger than 16 MiB"},
 		{[]string{"frobnicate"}, `unknown command "frobnicate"`},
 		{nil, "Usage"},
 	}

@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/nftmesh/nftmesh/internal/input"
 	"github.com/nftmesh/nftmesh/policy"
 	"github.com/nftmesh/nftmesh/proxy/identity"
 )
@@ -114,11 +115,9 @@ func (f *policyFlags) loadWithOrigins() ([]*policy.Policy, []string, error) {
 	for fi, name := range f.files {
 		var data []byte
 		var err error
+		data, err = input.ReadFileOr(name, policyStdin)
 		if name == "-" {
-			data, err = io.ReadAll(policyStdin)
 			name = "stdin"
-		} else {
-			data, err = os.ReadFile(name)
 		}
 		if err != nil {
 			errs = append(errs, err)

@@ -47,17 +47,9 @@ func PrimaryConf(dir string) (string, error) {
 // atomic (a temporary file renamed over the old one), so the runtime never reads half.
 func Chain(dir string, entry map[string]any) (bool, error) {
 	entry["type"] = PluginType
-	path, err := PrimaryConf(dir)
+	path, data, conf, err := readPrimary(dir)
 	if err != nil {
 		return false, err
-	}
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return false, err
-	}
-	var conf map[string]any
-	if err := json.Unmarshal(data, &conf); err != nil {
-		return false, fmt.Errorf("%s: %w", path, err)
 	}
 	target := path
 	if _, isList := conf["plugins"]; !isList {
@@ -100,22 +92,28 @@ func Chain(dir string, entry map[string]any) (bool, error) {
 	return true, nil
 }
 
+// readPrimary reads and decodes the primary network configuration of dir.
+func readPrimary(dir string) (path string, data []byte, conf map[string]any, err error) {
+	if path, err = PrimaryConf(dir); err != nil {
+		return "", nil, nil, err
+	}
+	if data, err = os.ReadFile(path); err != nil {
+		return "", nil, nil, err
+	}
+	if err := json.Unmarshal(data, &conf); err != nil {
+		return "", nil, nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return path, data, conf, nil
+}
+
 // Unchain removes our entry from the primary configuration, if there.
 func Unchain(dir string) (bool, error) {
-	path, err := PrimaryConf(dir)
+	path, _, conf, err := readPrimary(dir)
 	if errors.Is(err, ErrNoPrimaryConf) {
 		return false, nil
 	}
 	if err != nil {
 		return false, err
-	}
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return false, err
-	}
-	var conf map[string]any
-	if err := json.Unmarshal(data, &conf); err != nil {
-		return false, fmt.Errorf("%s: %w", path, err)
 	}
 	plugins, _ := conf["plugins"].([]any)
 	kept := slices.DeleteFunc(slices.Clone(plugins), func(p any) bool {

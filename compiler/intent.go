@@ -183,6 +183,14 @@ func oneDocument(data []byte) ([]byte, error) {
 	}
 	cur.end = len(data)
 	docs = append(docs, cur)
+	// What comes before a leading "---" (nothing, blank lines, comments) is no document
+	// in YAML: the "---" starts the first one. Count from there.
+	if empty, err := emptyDocument(data[docs[0].start:docs[0].end]); len(docs) > 1 && err == nil && empty {
+		docs = docs[1:]
+		for i := range docs {
+			docs[i].n--
+		}
+	}
 
 	var found *document
 	for i := range docs {

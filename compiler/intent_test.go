@@ -259,6 +259,11 @@ func TestOneDocument(t *testing.T) {
 		{"third after an empty second", good + "---\n# nothing\n---\n" + good, []string{"document 3 (line 7)"}},
 		{"only empty documents", "---\n# c\n---\n", []string{"intent: empty document"}},
 		{"error line kept", "# intent\n---\n" + header + "spec:\n  ports: [1\n", []string{"line 6"}},
+		// A leading --- starts document 1: nothing before it is a document (the second
+		// intent used to be called document 3, and the first document 2).
+		{"two intents after a leading ---", "---\n" + good + "---\n" + good, []string{"document 2 (line 6)", "document 1 (line 1) is one already"}},
+		{"two intents after comments and ---", "# intent\n\n---\n" + good + "---\n" + good, []string{"document 2 (line 8)", "document 1 (line 3) is one already"}},
+		{"empty first after a leading ---", "---\n---\n" + good + "---\n" + good, []string{"document 3 (line 7)", "document 2 (line 2) is one already"}},
 	} {
 		_, err := Parse([]byte(c.yaml))
 		if err == nil {

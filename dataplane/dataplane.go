@@ -159,7 +159,7 @@ func sockets(ns *netns.NS, routing bool) (*kernel.Conn, *kernel.RoutingConn, err
 // are deleted), then the table in one transaction. If the table fails, the routing is
 // put back as it was (what was added is removed, what was deleted is re-added): nothing
 // is left half-applied. Routing and table are written under the namespace's lock, so
-// no other process's apply interleaves with them.
+// no other process's apply interleaves with them; a no-op only reads, without the lock.
 func (m *Manager) Apply(ns *netns.NS, d ruleset.Desired) (Result, error) {
 	start := time.Now()
 	if d.Table == nil {
@@ -178,6 +178,28 @@ func (m *Manager) Apply(ns *netns.NS, d ruleset.Desired) (Result, error) {
 		return res, err
 	}
 	defer m.releaseSockets(socks)
+	// Look first, reading only and without the lock: a no-op (every resync) then costs
+	// no lock file's open, flock, stat and close. Writes happen under the lock only,
+	// after ApplyChecked and Ensure check again there: another process may have written
+	// between this look and the lock.
+	chk, err := socks.nft.Check(d.Table, m.cache)
+	if err != nil {
+		m.dropSockets(ns.Key())
+		return res, fmt.Errorf("netns %s: %w", ns, err)
+	}
+	if chk.Holds() {
+		holds := true
+		if d.Routing != nil {
+			if holds, err = socks.rt.Holds(*d.Routing); err != nil {
+				m.dropSockets(ns.Key())
+				return res, routingError(ns, err)
+			}
+		}
+		if holds {
+			res.Action = kernel.Unchanged
+			return res, nil
+		}
+	}
 	lock, err := m.lockNS(ns)
 	if err != nil {
 		return res, err
@@ -192,7 +214,7 @@ func (m *Manager) Apply(ns *netns.NS, d ruleset.Desired) (Result, error) {
 			return res, routingError(ns, err)
 		}
 	}
-	res.Result, err = socks.nft.Apply(d.Table, m.cache)
+	res.Result, err = socks.nft.ApplyChecked(chk)
 	if err != nil {
 		undo()
 		m.dropSockets(ns.Key())

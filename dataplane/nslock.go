@@ -18,6 +18,11 @@ import (
 // routing. Each critical section (Apply's routing and table, Remove, a pod IP change)
 // holds an flock(2) on a file named for the namespace's key, in the lock directory.
 //
+// - Apply takes it only to write. It first checks, reading only, whether the namespace
+//   already holds the desired state, and returns without the lock if so: having
+//   written nothing, it cannot leave a namespace mixed, and no-ops are most applies. When
+//   something must change, it takes the lock and checks again under it before writing,
+//   so a change made by another process between the look and the lock is seen.
 // - A holder that dies releases the lock with its last descriptor: the kernel drops an
 //   flock when the open file is closed, also on exit or crash. A holder that hangs is
 //   waited for lockTimeout, then the caller gets an error naming the lock file.

@@ -16,7 +16,9 @@ import (
 // one small netlink request instead of dumping every chain and rule.
 //
 // Entries are keyed by the namespace's cookie (SO_NETNS_COOKIE, never reused) and the
-// table name, and only written after a read that no commit raced.
+// table name, and vouch for a generation only after a read that no commit raced. An
+// entry also remembers the content last written there without a generation (wrote):
+// Check uses it to guess whether a lock-free read is likely to find nothing to do.
 type Cache struct {
 	mu sync.Mutex
 	m  map[cacheKey]cacheEntry
@@ -28,8 +30,9 @@ type cacheKey struct {
 }
 
 type cacheEntry struct {
-	gen  uint32
-	hash string
+	gen    uint32
+	hasGen bool // gen was verified; false after our own write (its generation unread)
+	hash   string
 }
 
 // NewCache returns an empty cache.
@@ -39,13 +42,28 @@ func (c *Cache) verified(k cacheKey, gen uint32, hash string) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	e, ok := c.m[k]
-	return ok && e.gen == gen && e.hash == hash
+	return ok && e.hasGen && e.gen == gen && e.hash == hash
+}
+
+// known reports whether hash is what was last verified or written at k.
+func (c *Cache) known(k cacheKey, hash string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e, ok := c.m[k]
+	return ok && e.hash == hash
 }
 
 func (c *Cache) store(k cacheKey, gen uint32, hash string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.m[k] = cacheEntry{gen, hash}
+	c.m[k] = cacheEntry{gen: gen, hasGen: true, hash: hash}
+}
+
+// wrote records that hash was just committed at k, at a generation not read.
+func (c *Cache) wrote(k cacheKey, hash string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.m[k] = cacheEntry{hash: hash}
 }
 
 func (c *Cache) forget(k cacheKey) {

@@ -41,6 +41,9 @@ type Result struct {
 // use; after an error, close it.
 type Conn struct {
 	raw *socket
+	// afterWrite, when set (tests only), runs between a replace's commit and the read-back
+	// of the elements it carried.
+	afterWrite func()
 }
 
 // NewConn connects to nftables in the network namespace of the calling thread: call it on
@@ -444,65 +447,146 @@ func (n *Conn) readElements(table string, s *LiveSet) ([]LiveElement, error) {
 // written back in the same transaction, so a replace never drops them. Nothing outside
 // the table is touched; if the kernel rejects the transaction, nothing changes.
 func (n *Conn) Apply(t *ruleset.Table, cache *Cache) (Result, error) {
+	c, err := n.prepare(t, cache)
+	if err != nil {
+		return Result{}, err
+	}
+	if err := n.look(c, false); err != nil {
+		return Result{}, err
+	}
+	return n.change(c)
+}
+
+// Check is what a read-only look at a namespace's table found, for an applier that
+// writes only under a lock (package dataplane): it checks without the lock, so that a
+// no-op takes none, and only when the table does not hold takes the lock and calls
+// ApplyChecked, which checks again there. Use a Check once, on the Conn that made it.
+type Check struct {
+	t     *ruleset.Table
+	rb    [][]string // t.RuleBodies(): rendered once per apply
+	cache *Cache     // nil: none given, or no namespace cookie
+	key   cacheKey
+	hash  string
+	gen   uint32 // the generation read before live (cache != nil)
+	live  *Live  // the table as read at gen, when read
+	read  bool
+	holds bool
+}
+
+// Holds reports whether the namespace held exactly the table when checked.
+func (c *Check) Holds() bool { return c.holds }
+
+// Check looks, reading only, at whether the Conn's namespace holds exactly t. It answers
+// from cache when the generation has not moved since t was verified there, and reads
+// the table when t is what was last verified or written there (someone committed
+// since: a no-op is still likely). Otherwise (t is new there, or changed, or there is
+// no cache) it reads nothing and does not hold: ApplyChecked reads under the lock.
+func (n *Conn) Check(t *ruleset.Table, cache *Cache) (*Check, error) {
+	c, err := n.prepare(t, cache)
+	if err != nil {
+		return nil, err
+	}
+	if err := n.look(c, true); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// ApplyChecked is Apply of the table c was made for. Call it holding the lock that the
+// namespace's writers hold: when no commit happened since c's look (the generation is
+// the same), it acts on what c found; otherwise it looks again, so a change made
+// between the check and the lock is seen.
+func (n *Conn) ApplyChecked(c *Check) (Result, error) {
+	current := false
+	if c.cache != nil && (c.holds || c.read) {
+		gen, err := n.Generation()
+		if err != nil {
+			return Result{}, fmt.Errorf("table inet %s: %w", c.t.Name, err)
+		}
+		current = gen == c.gen
+	}
+	if !current {
+		if err := n.look(c, false); err != nil {
+			return Result{}, err
+		}
+	}
+	return n.change(c)
+}
+
+// prepare renders and validates t, and keys it in cache.
+func (n *Conn) prepare(t *ruleset.Table, cache *Cache) (*Check, error) {
 	rb := t.RuleBodies()
 	if err := t.ValidateBodies(rb); err != nil {
-		return Result{}, fmt.Errorf("table inet %s: invalid: %w", t.Name, err)
+		return nil, fmt.Errorf("table inet %s: invalid: %w", t.Name, err)
 	}
-	var key cacheKey
-	var hash string
-	var gen uint32
+	c := &Check{t: t, rb: rb}
 	if cache != nil {
 		// Without SO_NETNS_COOKIE (Linux < 5.14) there is no safe key: no cache.
-		if cookie, err := n.raw.netNSCookie(); err != nil {
-			cache = nil
-		} else {
-			key = cacheKey{cookie, t.Name}
+		if cookie, err := n.raw.netNSCookie(); err == nil {
+			c.cache, c.key, c.hash = cache, cacheKey{cookie, t.Name}, contentKey(t, rb)
 		}
 	}
-	if cache != nil {
+	return c, nil
+}
+
+// look finds out whether the namespace holds c.t: from the cache if it can, else by
+// reading the table. With lazy it reads only when Check's doc says so.
+func (n *Conn) look(c *Check, lazy bool) error {
+	c.live, c.read, c.holds = nil, false, false
+	if c.cache != nil {
 		var err error
-		if gen, err = n.Generation(); err != nil {
-			return Result{}, fmt.Errorf("table inet %s: %w", t.Name, err)
+		if c.gen, err = n.Generation(); err != nil {
+			return fmt.Errorf("table inet %s: %w", c.t.Name, err)
 		}
-		hash = contentKey(t, rb)
-		if cache.verified(key, gen, hash) {
-			return Result{Action: Unchanged}, nil
+		if c.cache.verified(c.key, c.gen, c.hash) {
+			c.holds = true
+			return nil
 		}
 	}
-	live, err := n.readLive(t.Name, true, true)
+	if lazy && (c.cache == nil || !c.cache.known(c.key, c.hash)) {
+		return nil
+	}
+	live, err := n.readLive(c.t.Name, true, true)
 	if err != nil {
-		return Result{}, fmt.Errorf("table inet %s: read: %w", t.Name, err)
+		return fmt.Errorf("table inet %s: read: %w", c.t.Name, err)
 	}
-	if live.matches(t, rb) {
-		if cache != nil {
-			// Only a read that no commit raced may vouch for the generation.
-			if after, err := n.Generation(); err == nil && after == gen {
-				cache.store(key, gen, hash)
-			}
+	c.live, c.read, c.holds = live, true, live.matches(c.t, c.rb)
+	if c.holds && c.cache != nil {
+		// Only a read that no commit raced may vouch for the generation.
+		if after, err := n.Generation(); err == nil && after == c.gen {
+			c.cache.store(c.key, c.gen, c.hash)
 		}
+	}
+	return nil
+}
+
+// change writes c.t over the table c found, unless it holds.
+func (n *Conn) change(c *Check) (Result, error) {
+	t := c.t
+	if c.holds {
 		return Result{Action: Unchanged}, nil
 	}
-	if cache != nil {
-		cache.forget(key)
+	if c.cache != nil {
+		c.cache.forget(c.key)
 	}
 	action := Created
-	if live != nil {
+	if c.live != nil {
 		action = Replaced
 	}
-	carried := carriedElements(t, live)
-	var before uint32
-	if len(carried) > 0 {
-		if before, err = n.Generation(); err != nil {
-			return Result{}, fmt.Errorf("table inet %s: %w", t.Name, err)
-		}
-	}
-	writes, err := n.write(t, live, rb)
+	carried := carriedElements(t, c.live)
+	writes, err := n.write(t, c.live, c.rb)
 	if err != nil {
 		return Result{}, fmt.Errorf("table inet %s: %s: kernel rejected the transaction, nothing changed: %w", t.Name, action, err)
 	}
 	res := Result{Action: action, Writes: writes}
-	if err := n.verifyCarried(t.Name, carried, before); err != nil {
+	if n.afterWrite != nil {
+		n.afterWrite()
+	}
+	if err := n.verifyCarried(t.Name, carried); err != nil {
 		return res, fmt.Errorf("table inet %s: %s, but %w", t.Name, action, err)
+	}
+	if c.cache != nil {
+		c.cache.wrote(c.key, c.hash)
 	}
 	return res, nil
 }
@@ -529,20 +613,11 @@ func carriedElements(t *ruleset.Table, live *Live) map[string][]LiveElement {
 
 // verifyCarried reads back the sets a replace carried elements over to, and fails unless
 // every element is there with its comment: a replace never reports success with fewer
-// elements than it carried. before is the generation read before the replace; if
-// anyone else committed since (the generation moved by more than our commit), elements
-// may have been removed legitimately and the check is skipped.
-func (n *Conn) verifyCarried(table string, carried map[string][]LiveElement, before uint32) error {
-	if len(carried) == 0 {
-		return nil
-	}
-	after, err := n.Generation()
-	if err != nil {
-		return fmt.Errorf("verifying the carried elements: %w", err)
-	}
-	if after != before+1 {
-		return nil
-	}
+// elements than it carried. It reads whatever else was committed meanwhile: nftmesh's
+// own writers of these elements (dataplane's AddPodIP and RemovePodIP) hold the
+// namespace's lock, as its replace does, so none of them removed one in between; and a
+// commit to another table, which moves the generation too, says nothing about ours.
+func (n *Conn) verifyCarried(table string, carried map[string][]LiveElement) error {
 	for set, want := range carried {
 		got, err := n.readElements(table, &LiveSet{Name: set})
 		if err != nil {

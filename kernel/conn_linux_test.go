@@ -258,3 +258,57 @@ func TestCacheSkipsReadsUntilSomethingCommits(t *testing.T) {
 		t.Errorf("after repair:\n%s", lineDiff(changed.Render(), got))
 	}
 }
+
+// Check reads only; ApplyChecked acts on Check's read while the generation has not moved
+// (no second read), and reads again when it has, so a commit in between is seen.
+func TestCheckThenApplyChecked(t *testing.T) {
+	nettest.Require(t, "nft")
+	ns := nettest.New(t)
+	c := openNS(t, ns)
+	cache := NewCache()
+	tbl := everyConstruct()
+	// Unknown content: Check does not read, and does not hold.
+	chk, err := c.Check(tbl, cache)
+	if err != nil || chk.Holds() || chk.read {
+		t.Fatalf("check of a new table: holds=%v read=%v %v", chk.Holds(), chk.read, err)
+	}
+	if res, err := c.ApplyChecked(chk); err != nil || res.Action != Created {
+		t.Fatalf("%+v %v", res, err)
+	}
+	// Content this cache wrote: Check reads, holds, and writes nothing.
+	gen, _ := c.Generation()
+	if chk, err = c.Check(everyConstruct(), cache); err != nil || !chk.Holds() {
+		t.Fatalf("check after the write: holds=%v %v", chk.Holds(), err)
+	}
+	if g, _ := c.Generation(); g != gen {
+		t.Errorf("Check committed: generation %d -> %d", gen, g)
+	}
+
+	// Drift: Check reads and does not hold; ApplyChecked, nothing committed since,
+	// writes from that read: one generation request and the batch.
+	ns.MustRun(t, "nft", "add", "chain", "inet", "nftmesh", "drift")
+	if chk, err = c.Check(everyConstruct(), cache); err != nil || chk.Holds() || !chk.read {
+		t.Fatalf("check of drift: holds=%v read=%v %v", chk.Holds(), chk.read, err)
+	}
+	before := c.raw.requests
+	if res, err := c.ApplyChecked(chk); err != nil || res.Action != Replaced {
+		t.Fatalf("%+v %v", res, err)
+	}
+	if n := c.raw.requests - before; n != 2 {
+		t.Errorf("ApplyChecked after an unraced check sent %d requests, want 2 (generation, batch)", n)
+	}
+
+	// Drift, Check, then someone repairs it: ApplyChecked sees the commit, reads again
+	// and writes nothing.
+	ns.MustRun(t, "nft", "add", "chain", "inet", "nftmesh", "drift")
+	if chk, err = c.Check(everyConstruct(), cache); err != nil || chk.Holds() {
+		t.Fatalf("check of drift: holds=%v %v", chk.Holds(), err)
+	}
+	ns.MustRun(t, "nft", "delete", "chain", "inet", "nftmesh", "drift")
+	if res, err := c.ApplyChecked(chk); err != nil || res.Action != Unchanged || res.Writes != 0 {
+		t.Errorf("after the drift was repaired between check and apply: %+v %v, want unchanged", res, err)
+	}
+	if got := nftList(t, ns, tbl.Name); got != tbl.Render() {
+		t.Errorf("the table:\n%s", lineDiff(tbl.Render(), got))
+	}
+}

@@ -3,7 +3,9 @@
 //
 //   - Conn applies a ruleset.Table as one nftables transaction (nothing when the live
 //     table already matches), deletes it, edits single set elements, and reads the table
-//     back as a Live, which renders and compares against the model;
+//     back as a Live, which renders and compares against the model; Check and
+//     ApplyChecked split an apply into a read-only look and a write made under a lock
+//     the caller holds (package dataplane), so that a no-op takes no lock;
 //   - Cache lets a long-running applier skip the read while the namespace's nftables
 //     generation has not moved;
 //   - RoutingConn checks, adds and removes a pod's policy routing (ruleset.Routing).

@@ -249,12 +249,20 @@ func addrText(family int, v []byte) string {
 	return fmt.Sprintf("%x", v)
 }
 
+// prefixText prints an address and its prefix length as ip(8) does: without the length
+// when it is the family's whole address (a host: /32, /128).
 func prefixText(family int, v []byte, bits byte) string {
 	if bits == 0 && len(v) == 0 {
 		return "all"
 	}
+	if (family == unix.AF_INET && bits == 32) || (family == unix.AF_INET6 && bits == 128) {
+		return addrText(family, v)
+	}
 	return fmt.Sprintf("%s/%d", addrText(family, v), bits)
 }
+
+// lengthOnly prints a prefix length without its address, as ip(8) does ("0/8").
+func lengthOnly(bits byte) string { return fmt.Sprintf("0/%d", bits) }
 
 func portRange(v []byte) string {
 	if len(v) < 4 {
@@ -335,10 +343,16 @@ func renderRule(msg []byte) string {
 	if flags&unix.FIB_RULE_INVERT != 0 {
 		b.WriteString(" not")
 	}
-	if src == "" {
+	switch {
+	case src == "" && srcLen != 0:
+		src = lengthOnly(srcLen)
+	case src == "":
 		src = "all"
 	}
 	b.WriteString(" from " + src)
+	if dst == "" && dstLen != 0 {
+		dst = lengthOnly(dstLen)
+	}
 	if dst != "" {
 		b.WriteString(" to " + dst)
 	}
@@ -412,9 +426,9 @@ func renderRoute(msg []byte, names map[int]string) string {
 	walkAttrs(msg[12:], func(a uint16, v []byte) {
 		switch a {
 		case unix.RTA_DST:
-			dst = fmt.Sprintf("%s/%d", addrText(family, v), dstLen)
+			dst = prefixText(family, v, dstLen)
 		case unix.RTA_SRC:
-			from = fmt.Sprintf(" from %s/%d", addrText(family, v), srcLen)
+			from = " from " + prefixText(family, v, srcLen)
 		case rtaNHID:
 			nhid = fmt.Sprintf(" nhid %d", u32(v))
 		case unix.RTA_GATEWAY:
@@ -461,7 +475,10 @@ func renderRoute(msg []byte, names map[int]string) string {
 		}
 	})
 	if dstLen != 0 && dst == "default" {
-		dst = fmt.Sprintf("default/%d", dstLen)
+		dst = lengthOnly(dstLen)
+	}
+	if srcLen != 0 && from == "" {
+		from = " from " + lengthOnly(srcLen)
 	}
 	b.WriteString(dst)
 	if tos != 0 {
@@ -680,11 +697,48 @@ func (c *RoutingConn) revert(reverts []request) {
 // applied with. On error Ensure has already undone itself and the undo does nothing.
 func (c *RoutingConn) Ensure(r ruleset.Routing) (changed bool, undo func(), err error) {
 	undo = func() {}
-	rules, routes, err := c.list(r, nil)
+	dels, adds, err := c.plan(r)
 	if err != nil {
 		return false, undo, err
 	}
-	var dels, adds []op
+	if len(dels)+len(adds) == 0 {
+		return false, undo, nil
+	}
+	// The kernel takes an IPv4 local route on a down lo (and refuses an IPv6 one with
+	// ENETDOWN): either way the pod could not work, so look before writing anything.
+	for _, o := range adds {
+		if o.req.Type == unix.RTM_NEWROUTE {
+			if err := c.loopbackUp(); err != nil {
+				return false, undo, err
+			}
+			break
+		}
+	}
+	// Deletes first: the wanted route cannot be added beside an unreachable default.
+	reverts, err := c.write(append(dels, adds...))
+	if err != nil {
+		c.revert(reverts)
+		return true, undo, err
+	}
+	if len(reverts) > 0 {
+		undo = func() { c.revert(reverts) }
+	}
+	return true, undo, nil
+}
+
+// Holds reports, reading only (the two dumps), whether the policy routing nftmesh owns
+// is exactly r: whether Ensure would write nothing.
+func (c *RoutingConn) Holds(r ruleset.Routing) (bool, error) {
+	dels, adds, err := c.plan(r)
+	return err == nil && len(dels)+len(adds) == 0, err
+}
+
+// plan reads the routing and returns what Ensure must delete and add.
+func (c *RoutingConn) plan(r ruleset.Routing) (dels, adds []op, err error) {
+	rules, routes, err := c.list(r, nil)
+	if err != nil {
+		return nil, nil, err
+	}
 	for _, f := range routeFamilies(r) {
 		kept := false
 		for _, x := range rules {
@@ -717,29 +771,7 @@ func (c *RoutingConn) Ensure(r ruleset.Routing) (changed bool, undo func(), err 
 			adds = append(adds, op{routeMsg(unix.RTM_NEWROUTE, f, r), fmt.Sprintf("add %s route %q table %d", f.name, routeText, r.Table), present, &undo})
 		}
 	}
-	if len(dels)+len(adds) == 0 {
-		return false, undo, nil
-	}
-	// The kernel takes an IPv4 local route on a down lo (and refuses an IPv6 one with
-	// ENETDOWN): either way the pod could not work, so look before writing anything.
-	for _, o := range adds {
-		if o.req.Type == unix.RTM_NEWROUTE {
-			if err := c.loopbackUp(); err != nil {
-				return false, undo, err
-			}
-			break
-		}
-	}
-	// Deletes first: the wanted route cannot be added beside an unreachable default.
-	reverts, err := c.write(append(dels, adds...))
-	if err != nil {
-		c.revert(reverts)
-		return true, undo, err
-	}
-	if len(reverts) > 0 {
-		undo = func() { c.revert(reverts) }
-	}
-	return true, undo, nil
+	return dels, adds, nil
 }
 
 // Remove deletes the policy routing nftmesh owns for r's priority and table: every rule

@@ -2,6 +2,7 @@ package kernel
 
 import (
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 
@@ -221,5 +222,56 @@ func TestRoutingLoopbackDown(t *testing.T) {
 		if got := owned(t, ns); got != "" {
 			t.Errorf("a failed Ensure left routing:\n%s", got)
 		}
+	}
+}
+
+// Show prints each rule and route as ip(8) does: every line of Show is the start of a
+// line of `ip rule show` or `ip route show table T` (which adds scope, metric and
+// preference). A single host is an address alone, as ip prints it (it was shown with
+// /32 or /128).
+func TestRoutingShowAsIP(t *testing.T) {
+	nettest.Require(t)
+	r := ruleset.Routing{Mark: 0x111, Mask: 0xfff, Table: 100, Priority: 32764, IPv6: true}
+	ns := nettest.New(t)
+	c := openRouting(t, ns)
+	if _, _, err := c.Ensure(r); err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range []string{
+		"-4 route add local 10.1.2.3 dev lo table 100",
+		"-4 route add local 10.4.0.0/16 dev lo table 100",
+		"-4 route add blackhole 10.9.9.9 table 100",
+		"-6 route add local 2001:db8::1 dev lo table 100",
+		"-6 route add blackhole 2001:db8::9 table 100",
+		"-6 route add 2001:db8:1::/64 from 2001:db8::5 dev lo table 100",
+		"-6 route add 2001:db8:2::/64 from 2001:db8:5::/48 dev lo table 100",
+	} {
+		ns.MustRun(t, "ip", strings.Fields(l)...)
+	}
+	shown, err := c.Show(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ip := map[string][]string{}
+	for _, fam := range []string{"-4", "-6"} {
+		out := ns.MustRun(t, "ip", fam, "rule", "show") + ns.MustRun(t, "ip", fam, "route", "show", "table", "100")
+		for l := range strings.SplitSeq(out, "\n") {
+			ip[fam] = append(ip[fam], strings.Join(strings.Fields(l), " ")+" ")
+		}
+	}
+	n := 0
+	for l := range strings.SplitSeq(strings.TrimSpace(shown), "\n") {
+		fam, text, ok := strings.Cut(strings.TrimPrefix(l, "ip "), " ")
+		if _, after, found := strings.Cut(text, ": "); ok && found {
+			text = after
+		}
+		text = strings.Join(strings.Fields(text), " ") + " "
+		if !slices.ContainsFunc(ip[fam], func(s string) bool { return strings.HasPrefix(s, text) }) {
+			t.Errorf("Show's %q is not as ip %s prints it:\n%s", l, fam, strings.Join(ip[fam], "\n"))
+		}
+		n++
+	}
+	if n != 11 { // r's 2 rules and 2 routes, 7 more routes
+		t.Errorf("Show printed %d lines, want 11:\n%s", n, shown)
 	}
 }

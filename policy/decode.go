@@ -74,10 +74,24 @@ func splitDocuments(data []byte) []document {
 		line++
 	}
 	docs = append(docs, document{data: data[start:], line: startLine})
+	// What precedes a leading "---" (nothing, blank lines, comments) is no document in
+	// YAML: that "---" starts the first one.
+	if len(docs) > 1 && blankOrComments(docs[0].data) {
+		docs = docs[1:]
+	}
 	for i := range docs {
 		docs[i].n = i + 1
 	}
 	return docs
+}
+
+func blankOrComments(b []byte) bool {
+	for _, l := range bytes.Split(b, []byte("\n")) {
+		if l = bytes.TrimSpace(l); len(l) > 0 && l[0] != '#' {
+			return false
+		}
+	}
+	return true
 }
 
 func parseDocument(d document, opts Options) ([]*Policy, error) {

@@ -220,6 +220,8 @@ func TestParseErrors(t *testing.T) {
 		{"unknown apiVersion", strings.Replace(head, "security.istio.io/v1", "security.istio.io/v2", 1), []string{`AuthorizationPolicy app/p: apiVersion: "security.istio.io/v2" is not supported`}},
 		{"second document, line number", head + "---\n# two\n" + strings.Replace(head, "name: p", "name: q", 1) + "spec:\n  rulez: []\n",
 			[]string{"document 2 (line 7): AuthorizationPolicy app/q: spec.rulez: unknown field (known: action, provider, rules, selector, targetRef, targetRefs)"}},
+		{"leading ---, second document", "# policies\n---\n" + head + "---\n" + strings.Replace(head, "name: p", "name: q", 1) + "spec:\n  rulez: []\n",
+			[]string{"document 2 (line 9): AuthorizationPolicy app/q: spec.rulez: unknown field"}},
 		{"unknown top-level field", head + "specs: {}\n", []string{"AuthorizationPolicy app/p: specs: unknown field"}},
 		{"unknown metadata field", strings.Replace(head, "metadata:\n", "metadata:\n  lables: {a: b}\n", 1), []string{"AuthorizationPolicy app/p: metadata.lables: unknown field"}},
 		{"no name", "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {namespace: app}\n", []string{"AuthorizationPolicy app/(no name): metadata.name: required"}},

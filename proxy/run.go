@@ -32,10 +32,10 @@ const MinCertTTL = 10 * time.Minute
 // workloads and the policies, and where to serve metrics and readiness.
 type Options struct {
 	Config        Config
-	ZDSSocket     string // the agent's ZDS socket
+	ZDSSocket     string // the agent's ZDS socket; "": zds.DefaultSocketPath
 	CACertFile    string // the mesh CA, for minting workload certificates (PEM)
 	CAKeyFile     string
-	TrustDomain   string
+	TrustDomain   string        // "": identity.DefaultTrustDomain
 	CertTTL       time.Duration // 0: the issuer's default (24h); else at least MinCertTTL
 	ClusterID     string        // source_cluster and destination_cluster in the metrics
 	WorkloadsFile string        // static workloads and services (YAML)
@@ -59,6 +59,11 @@ func Run(ctx context.Context, o Options) error {
 	cfg := o.Config.withDefaults()
 	if o.CertTTL != 0 && o.CertTTL < MinCertTTL {
 		return fmt.Errorf("certificate TTL %v is shorter than %v (see MinCertTTL)", o.CertTTL, MinCertTTL)
+	}
+	if o.TrustDomain != "" {
+		if err := identity.CheckTrustDomain(o.TrustDomain); err != nil {
+			return fmt.Errorf("--trust-domain: %w", err)
+		}
 	}
 	issuer, err := loadIssuer(o)
 	if err != nil {
@@ -134,8 +139,11 @@ func Run(ctx context.Context, o Options) error {
 	}()
 	go p.WatchPolicies(ctx)
 	client := &zds.Client{Path: o.ZDSSocket, Handler: p, Log: log}
+	if client.Path == "" {
+		client.Path = zds.DefaultSocketPath
+	}
 	m := cfg.Mesh
-	log.Info("proxy started", "zds", o.ZDSSocket, "trust_domain", issuer.TrustDomain(), "metrics", o.MetricsAddr, "ready", o.ReadyAddr,
+	log.Info("proxy started", "zds", client.Path, "trust_domain", issuer.TrustDomain(), "metrics", o.MetricsAddr, "ready", o.ReadyAddr,
 		"workers", runtime.GOMAXPROCS(0), "outbound_port", m.OutboundPort, "inbound_port", m.InboundPlaintextPort,
 		"hbone_port", m.HBONEPort, "mark", fmt.Sprintf("%#x", cfg.mark()))
 	runErr := client.Run(ctx)
@@ -150,21 +158,24 @@ func Run(ctx context.Context, o Options) error {
 	return runErr
 }
 
+// loadIssuer reads the CA files. A file that does not read is named with its flag; what
+// NewCAIssuer refuses (a file that does not parse, which its message says, or a key that
+// does not match the certificate) is named with both flags and files.
 func loadIssuer(o Options) (*identity.CAIssuer, error) {
 	if o.CACertFile == "" || o.CAKeyFile == "" {
-		return nil, errors.New("a CA certificate and key are required")
+		return nil, errors.New("--ca-cert and --ca-key are required")
 	}
 	certPEM, err := input.ReadFile(o.CACertFile)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("--ca-cert: %w", err)
 	}
 	keyPEM, err := input.ReadFile(o.CAKeyFile)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("--ca-key: %w", err)
 	}
 	issuer, err := identity.NewCAIssuer(certPEM, keyPEM, identity.CAOptions{TrustDomain: o.TrustDomain, LeafTTL: o.CertTTL})
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w", o.CACertFile, err)
+		return nil, fmt.Errorf("--ca-cert %s, --ca-key %s: %w", o.CACertFile, o.CAKeyFile, err)
 	}
 	return issuer, nil
 }

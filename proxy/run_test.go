@@ -195,3 +195,33 @@ func TestRunCapsInputs(t *testing.T) {
 		}
 	}
 }
+
+// TestRunErrorsNameFlags: a bad trust domain is named as --trust-domain (it used to be
+// blamed on the CA certificate file), and a CA file that does not load is named with its
+// flag and path.
+func TestRunErrorsNameFlags(t *testing.T) {
+	absent := filepath.Join(t.TempDir(), "absent.pem")
+	for _, c := range []struct {
+		name string
+		edit func(*Options)
+		want string
+	}{
+		{"trust domain", func(o *Options) { o.TrustDomain = "a/b" }, `--trust-domain: identity: invalid trust domain "a/b" has '/'`},
+		{"absent certificate", func(o *Options) { o.CACertFile = absent }, "--ca-cert: open " + absent + ": no such file"},
+		{"absent key", func(o *Options) { o.CAKeyFile = absent }, "--ca-key: open " + absent + ": no such file"},
+		{"huge key", func(o *Options) { o.CAKeyFile = "/dev/zero" }, "--ca-key: /dev/zero: larger than 16 MiB"},
+		{"key for certificate", func(o *Options) { o.CACertFile = o.CAKeyFile }, "--ca-cert %CERT, --ca-key %KEY: identity: CA certificate: no PEM"},
+		{"certificate for key", func(o *Options) { o.CAKeyFile = o.CACertFile }, "--ca-cert %CERT, --ca-key %KEY: identity: CA key: no PEM"},
+	} {
+		o := runOptions(t)
+		o.MetricsAddr, o.ReadyAddr = "127.0.0.1:0", "127.0.0.1:0"
+		c.edit(&o)
+		want := strings.NewReplacer("%CERT", o.CACertFile, "%KEY", o.CAKeyFile).Replace(c.want)
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second) // a missing check must not hang the test
+		err := Run(ctx, o)
+		cancel()
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%s: %v, want %q in the error", c.name, err, want)
+		}
+	}
+}

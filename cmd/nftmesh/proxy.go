@@ -17,6 +17,7 @@ import (
 	"github.com/nftmesh/nftmesh/compiler"
 	"github.com/nftmesh/nftmesh/policy"
 	"github.com/nftmesh/nftmesh/proxy"
+	"github.com/nftmesh/nftmesh/proxy/identity"
 	"github.com/nftmesh/nftmesh/zds"
 )
 
@@ -84,6 +85,27 @@ func runProxy(args []string, stdout, stderr io.Writer) int {
 	case o.CertTTL < proxy.MinCertTTL:
 		return fail("--cert-ttl: %s is shorter than the minimum %s (a certificate is served until half its lifetime)",
 			o.CertTTL, fmtDuration(proxy.MinCertTTL))
+	}
+	// An explicitly empty value is a mistake, not a request for the default (which the
+	// flag has already): Run would take "" as the default and start without a word.
+	if o.ZDSSocket == "" {
+		return fail("--zds-socket: \"\" is empty; give the agent's ZDS socket path (the default is %s)", zds.DefaultSocketPath)
+	}
+	if o.TrustDomain == "" {
+		return fail("--trust-domain: \"\" is empty; give the SPIFFE trust domain (Istio's is %s)", identity.DefaultTrustDomain)
+	}
+	// An empty listen address would listen on a random port nobody scrapes or probes.
+	if o.MetricsAddr == "" {
+		return fail("--metrics-addr: \"\" is empty; give a listen address such as :15020")
+	}
+	if o.ReadyAddr == "" {
+		return fail("--ready-addr: \"\" is empty; give a listen address such as :15021")
+	}
+	if o.ClusterID == "" {
+		return fail("--cluster-id: \"\" is empty; give the workloads' cluster ID (istiod's default is Kubernetes)")
+	}
+	if err := identity.CheckTrustDomain(o.TrustDomain); err != nil {
+		return fail("--trust-domain: %v", err)
 	}
 	if o.RootNamespace == "" {
 		return fail("--root-namespace: empty; give the mesh root namespace (Istio's is %s)", policy.DefaultRootNamespace)

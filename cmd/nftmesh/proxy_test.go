@@ -36,6 +36,9 @@ func TestProxyStartErrors(t *testing.T) {
 		{append(base, "--workloads", good, "--policies", badPolicy), "principal"},
 		{[]string{"proxy", "--ca-cert", good, "--ca-key", key, "--workloads", good}, "workloads.yaml"},
 		{append(base, "--workloads", good, "--workers", "-1"), "--workers: -1 is negative"},
+		{append(base, "--workloads", good, "--metrics-addr", ""), `--metrics-addr: "" is empty`},
+		{append(base, "--workloads", good, "--ready-addr", ""), `--ready-addr: "" is empty`},
+		{append(base, "--workloads", good, "--cluster-id", ""), `--cluster-id: "" is empty`},
 		{append(base, "--workloads", good, "--intent", badIntent), "spec.ports.hbone"},
 		{append(base, "--workloads", good, "--intent", filepath.Join(dir, "absent.yaml")), "--intent: open"},
 		{append(base, "--workloads", good, "--shutdown-deadline", "0s"), "--shutdown-deadline: 0s is not positive"},
@@ -59,6 +62,13 @@ func TestProxyStartErrors(t *testing.T) {
 		{[]string{"--root-namespace", ""}, "--root-namespace: empty"},
 		{[]string{"--root-namespace", "Istio_System"}, `--root-namespace: "Istio_System" is not a namespace name (a DNS label`},
 		{[]string{"--root-namespace", strings.Repeat("a", 64)}, "--root-namespace"},
+		// Explicitly empty: an error, not the default (both used to start a proxy with it).
+		{[]string{"--trust-domain", ""}, `--trust-domain: "" is empty`},
+		{[]string{"--trust-domain="}, `--trust-domain: "" is empty`},
+		{[]string{"--zds-socket", ""}, `--zds-socket: "" is empty`},
+		// A bad trust domain is the flag's fault (it used to be blamed on ca.pem).
+		{[]string{"--trust-domain", "a/b"}, `--trust-domain: identity: invalid trust domain "a/b" has '/'`},
+		{[]string{"--trust-domain", "Cluster.local"}, `--trust-domain: identity: invalid trust domain "Cluster.local"`},
 	} {
 		cases = append(cases, struct {
 			args []string
@@ -74,6 +84,19 @@ func TestProxyStartErrors(t *testing.T) {
 		{append(base, "--workloads", good, "--policies", "/dev/zero"), "--policies: /dev/zero: larger than 16 MiB"},
 		{append(base, "--workloads", good, "--intent", "/dev/zero"), "--intent: /dev/zero: larger than 16 MiB"},
 		{append(base, "--workloads", good, "--intent", twoDocs), "two.yaml: intent: document 2 (line 3)"},
+	}...)
+	// CA files: an error names the flag and the file (they used to name neither, or
+	// --ca-cert's file for the key's fault).
+	absent := filepath.Join(dir, "absent.pem")
+	cases = append(cases, []struct {
+		args []string
+		want string
+	}{
+		{append(base, "--workloads", good, "--ca-cert", absent), "--ca-cert: open " + absent + ": no such file"},
+		{append(base, "--workloads", good, "--ca-key", absent), "--ca-key: open " + absent + ": no such file"},
+		{append(base, "--workloads", good, "--ca-key", "/dev/zero"), "--ca-key: /dev/zero: larger than 16 MiB"},
+		{append(base, "--workloads", good, "--ca-cert", good), "--ca-cert " + good + ", --ca-key " + key + ": identity: CA certificate: no PEM"},
+		{append(base, "--workloads", good, "--ca-key", good), "--ca-cert " + cert + ", --ca-key " + good + ": identity: CA key: no PEM"},
 	}...)
 	for _, tc := range cases {
 		_, errOut, code := runCLI(tc.args...)

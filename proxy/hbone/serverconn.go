@@ -10,6 +10,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -78,10 +79,12 @@ type serverConn struct {
 	closed     bool // torn down
 	finishing  bool // fkClose queued
 	streams    map[uint32]*stream
-	maxID      uint32 // highest client stream id seen
-	open       int    // streams counting toward MAX_CONCURRENT_STREAMS
-	handlers   int    // tunnels running on this connection
-	goingAway  bool   // we sent GOAWAY: no new streams
+	maxID      uint32          // highest client stream id seen
+	open       int             // streams counting toward MAX_CONCURRENT_STREAMS
+	handlers   int             // tunnels on this connection: waiting to dial, dialing or running
+	dials      int             // Dialers running (at most maxStreams): see startDialLocked
+	queued     []pendingTunnel // CONNECTs waiting for a dial slot, in order; all live
+	goingAway  bool            // we sent GOAWAY: no new streams
 	peerGoAway bool
 	sendWindow int64  // connection window the peer granted us
 	peerInit   int32  // peer's SETTINGS_INITIAL_WINDOW_SIZE
@@ -99,7 +102,8 @@ type serverConn struct {
 	pendingFrames int
 }
 
-// pendingTunnel is an accepted CONNECT waiting for the read loop to start its Dialer.
+// pendingTunnel is an accepted CONNECT waiting for the read loop, or a dial slot, to start
+// its Dialer.
 type pendingTunnel struct {
 	ctx context.Context
 	st  *stream
@@ -229,11 +233,9 @@ func (sc *serverConn) startPending() {
 	sc.mu.Lock()
 	for i, p := range sc.pending {
 		if p.st.err != nil || sc.closed {
-			p.st.cancel()
-			sc.handlers--
-			sc.srv.handlers.Add(-1)
+			sc.dropLocked(p)
 		} else {
-			go sc.runTunnel(p.ctx, p.st, p.req)
+			sc.startDialLocked(p)
 		}
 		sc.pending[i] = pendingTunnel{}
 	}
@@ -244,9 +246,65 @@ func (sc *serverConn) startPending() {
 	sc.mu.Unlock()
 }
 
-// Early resets: a client's RST_STREAM on a CONNECT not yet answered. Past a burst of
-// earlyResetBurst x MAX_CONCURRENT_STREAMS and a rate of earlyResetRate x
-// MAX_CONCURRENT_STREAMS a second, the connection ends with GOAWAY ENHANCE_YOUR_CALM.
+// startDialLocked starts p's tunnel if a dial slot is free, else queues it. Dialers in
+// flight are bounded per connection (MAX_CONCURRENT_STREAMS), as x/net's server bounds its
+// running handlers. A reset cancels its dial, so the bound is reached only when cancelled
+// Dialers are slow to return; then new CONNECTs wait their turn, and neither more dials run
+// at once nor does the connection end.
+func (sc *serverConn) startDialLocked(p pendingTunnel) {
+	if sc.dials >= int(sc.maxStreams) {
+		p.st.queued = true
+		sc.queued = append(sc.queued, p)
+		return
+	}
+	sc.dials++
+	p.st.started = true
+	go sc.runTunnel(p.ctx, p.st, p.req)
+}
+
+// dialDone frees the dial slot of a tunnel whose Dialer returned, for the first CONNECT
+// waiting for one.
+func (sc *serverConn) dialDone() {
+	sc.mu.Lock()
+	defer sc.mu.Unlock()
+	sc.dials--
+	for len(sc.queued) > 0 && sc.dials < int(sc.maxStreams) {
+		p := sc.queued[0]
+		sc.queued[0] = pendingTunnel{}
+		sc.queued = sc.queued[1:]
+		p.st.queued = false
+		sc.startDialLocked(p)
+	}
+	if len(sc.queued) == 0 {
+		sc.queued = nil // let the array go
+	}
+}
+
+// unqueueLocked takes st, reset while waiting for a dial slot, out of sc.queued.
+func (sc *serverConn) unqueueLocked(st *stream) {
+	for i, p := range sc.queued {
+		if p.st == st {
+			st.queued = false
+			sc.queued = slices.Delete(sc.queued, i, i+1)
+			sc.dropLocked(p)
+			return
+		}
+	}
+}
+
+// dropLocked gives up a tunnel whose Dialer never started.
+func (sc *serverConn) dropLocked(p pendingTunnel) {
+	p.st.cancel()
+	sc.handlers--
+	sc.srv.handlers.Add(-1)
+}
+
+// Early resets: a client's RST_STREAM on a CONNECT whose Dialer has not started (pending,
+// or queued for a dial slot). Only those are counted: they cost the client a frame and us
+// a stream, while a reset once the dial runs saves us the rest of a dial we are already
+// paying for (the Dialer bound keeps those few at a time). Past a burst of earlyResetBurst x
+// MAX_CONCURRENT_STREAMS and a rate of earlyResetRate x MAX_CONCURRENT_STREAMS a second,
+// the connection goes away (goAwayLocked) with ENHANCE_YOUR_CALM.
 const (
 	earlyResetBurst = 2
 	earlyResetRate  = 1
@@ -350,11 +408,18 @@ func (sc *serverConn) maybeFinishLocked() {
 func (sc *serverConn) shutdown() {
 	sc.mu.Lock()
 	defer sc.mu.Unlock()
+	sc.goAwayLocked(http2.ErrCodeNo)
+}
+
+// goAwayLocked sends GOAWAY with code and closes the connection once its last tunnel ends:
+// new streams are refused, open ones go on. The code tells the client why; x/net's client
+// and h2 (ztunnel's) keep the streams the GOAWAY covers whatever it is.
+func (sc *serverConn) goAwayLocked(code http2.ErrCode) {
 	if sc.closed || sc.goingAway {
 		return
 	}
 	sc.goingAway = true
-	sc.enqueueOrdLocked(wframe{kind: fkGoAway, id: sc.maxID, code: http2.ErrCodeNo})
+	sc.enqueueOrdLocked(wframe{kind: fkGoAway, id: sc.maxID, code: code})
 	sc.maybeFinishLocked()
 	sc.wakeLocked()
 }

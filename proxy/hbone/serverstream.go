@@ -12,6 +12,11 @@ import (
 // Stream lifecycle on the server: a CONNECT's HEADERS open a stream (or are refused), the
 // peer's END_STREAM half-closes it, and closing, aborting and resetting end it.
 
+// maxHandlersPerStream x MAX_CONCURRENT_STREAMS bounds the tunnels of a connection (waiting
+// to dial, dialing or running), as x/net's server bounds its queue of handlers not yet
+// started; beyond it a CONNECT is refused (REFUSED_STREAM), not the connection ended.
+const maxHandlersPerStream = 4
+
 func (sc *serverConn) onHeaders(f *http2.MetaHeadersFrame) error {
 	id := f.StreamID
 	sc.mu.Lock()
@@ -28,9 +33,10 @@ func (sc *serverConn) onHeaders(f *http2.MetaHeadersFrame) error {
 		return http2.ConnectionError(http2.ErrCodeProtocol)
 	}
 	sc.maxID = id
-	if sc.goingAway || sc.closed || uint32(sc.open) >= sc.maxStreams || sc.handlers >= 4*int(sc.maxStreams) {
-		// Over the limit, or reset-and-reopen faster than tunnels finish dialing (CVE-2023-44487):
-		// the client may retry on another connection.
+	if sc.goingAway || sc.closed || uint32(sc.open) >= sc.maxStreams || sc.handlers >= maxHandlersPerStream*int(sc.maxStreams) {
+		// Over the limit, or reset-and-reopen faster than tunnels end (a Dialer or upstream
+		// slow to notice): refused, not processed, so the client may retry, here or on
+		// another connection; the connection and its tunnels stay.
 		sc.enqueueOrdLocked(wframe{kind: fkRST, id: id, code: http2.ErrCodeRefusedStream})
 		return nil
 	}
@@ -146,12 +152,13 @@ func (sc *serverConn) onRSTStream(f *http2.RSTStreamFrame) error {
 		return nil
 	}
 	cause := http2.StreamError{StreamID: f.StreamID, Code: f.ErrCode, Cause: errors.New("reset by peer")}
-	early := st.dialing && st.err == nil
+	early := st.dialing && !st.started && st.err == nil
 	sc.abortLocked(st, resetError(cause), false, 0)
-	if early && !sc.allowEarlyResetLocked() {
-		// CVE-2023-44487: CONNECTs opened and reset faster than they can be answered.
-		sc.log.Info("hbone: too many streams reset before their answer; closing connection")
-		return http2.ConnectionError(http2.ErrCodeEnhanceYourCalm)
+	if early && !sc.goingAway && !sc.allowEarlyResetLocked() {
+		// CVE-2023-44487: CONNECTs opened and reset faster than their dials could start.
+		// Tunnels already open are no part of it: they drain.
+		sc.log.Info("hbone: too many streams reset before their dial started; going away", "code", http2.ErrCodeEnhanceYourCalm)
+		sc.goAwayLocked(http2.ErrCodeEnhanceYourCalm)
 	}
 	return nil
 }
@@ -163,6 +170,9 @@ func (sc *serverConn) abortLocked(st *stream, cause error, sendRST bool, code ht
 		return
 	}
 	st.err = cause
+	if st.queued {
+		sc.unqueueLocked(st)
+	}
 	if st.inMap && sendRST {
 		sc.enqueueOrdLocked(wframe{kind: fkRST, id: st.id, code: code})
 	}

@@ -31,7 +31,9 @@ type stream struct {
 	recvUnsent int32
 	sendWindow int64 // stream window the peer granted us
 	cancel     context.CancelFunc
-	dialing    bool                      // a CONNECT not yet answered (see onRSTStream)
+	dialing    bool                      // a CONNECT not yet answered
+	started    bool                      // its Dialer was started: a reset now is no early reset (onRSTStream)
+	queued     bool                      // in sc.queued, waiting for a dial slot
 	delivering bool                      // someone is writing received data to the upstream
 	tryWrite   func([]byte) (int, error) // the upstream's non-blocking write, once accepted
 	onAbort    func()                    // resets the upstream, once accepted: see abortLocked
@@ -241,10 +243,12 @@ func (sc *serverConn) runTunnel(ctx context.Context, st *stream, req Request) {
 	}()
 
 	if ctx.Err() != nil {
+		sc.dialDone()
 		log.Debug("hbone: stream reset before dialing")
 		return // nothing to answer: the stream is reset
 	}
 	up, status, err := sc.srv.Dial(ctx, req)
+	sc.dialDone()
 	if up == nil || err != nil {
 		if up != nil {
 			up.Close()

@@ -70,6 +70,15 @@ func podIPs(p *corev1.Pod) []netip.Addr {
 	return out
 }
 
+// withPodIPs is a copy of pod with ips added to its status.
+func withPodIPs(pod *corev1.Pod, ips []netip.Addr) *corev1.Pod {
+	out := pod.DeepCopy()
+	for _, ip := range ips {
+		out.Status.PodIPs = append(out.Status.PodIPs, corev1.PodIP{IP: ip.String()})
+	}
+	return out
+}
+
 func (c *Controller) rememberNetNS(uid, path string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -108,11 +117,7 @@ func (c *Controller) Add(ctx context.Context, r cniapi.Request) (cniapi.Response
 	}
 	// Remembered whatever the decision: a label added later enrolls the running pod.
 	c.rememberNetNS(string(pod.UID), r.NetNS)
-	withIPs := pod.DeepCopy()
-	for _, ip := range r.IPs {
-		withIPs.Status.PodIPs = append(withIPs.Status.PodIPs, corev1.PodIP{IP: ip.String()})
-	}
-	d := c.Selector.Decide(withIPs, c.Source.Namespace(pod.Namespace))
+	d := c.Selector.Decide(withPodIPs(pod, r.IPs), c.Source.Namespace(pod.Namespace))
 	if !d.Enroll {
 		return cniapi.Response{Reason: d.Reason}, nil
 	}
@@ -138,9 +143,10 @@ func (c *Controller) Del(ctx context.Context, r cniapi.Request) error {
 		}
 		uid = string(pod.UID)
 	}
-	if !c.Enroller.Enrolled(uid) {
+	if !c.Enroller.Enrolled(uid) && !c.Queue.Has(uid) {
 		return nil
 	}
+	// Also when only a failing enroll is pending: its retries must stop with the sandbox.
 	c.mu.Lock()
 	delete(c.netns, uid)
 	c.mu.Unlock()
@@ -156,8 +162,17 @@ func (c *Controller) Del(ctx context.Context, r cniapi.Request) error {
 // PodChanged is an informer's add or update: enroll or remove the pod as its labels, its
 // namespace's and its phase now say. It does not wait.
 func (c *Controller) PodChanged(pod *corev1.Pod) {
-	d := c.Selector.Decide(pod, c.Source.Namespace(pod.Namespace))
 	uid := string(pod.UID)
+	// Between the CNI ADD and the kubelet's status report the API has no IP for the pod;
+	// the runtime's IPs stand in, or every event of that window (our own annotation's
+	// among them) would remove the pod just enrolled.
+	ips := podIPs(pod)
+	if len(ips) == 0 {
+		if ips = c.Enroller.IPs(uid); len(ips) > 0 {
+			pod = withPodIPs(pod, ips)
+		}
+	}
+	d := c.Selector.Decide(pod, c.Source.Namespace(pod.Namespace))
 	if !d.Enroll {
 		if c.Enroller.Enrolled(uid) {
 			c.log().Info("pod leaves the mesh", "pod", pod.Namespace+"/"+pod.Name, "reason", d.Reason)
@@ -169,7 +184,11 @@ func (c *Controller) PodChanged(pod *corev1.Pod) {
 	if path == "" {
 		return // not started yet: its CNI ADD will enroll it
 	}
-	c.Queue.Submit(uid, Work{Enroll: true, Pod: PodFrom(pod, nil, path), Reason: d.Reason})
+	w := Work{Enroll: true, Pod: PodFrom(pod, nil, path), Reason: d.Reason}
+	if c.Enroller.Holds(uid, w.Pod) && !c.Queue.Has(uid) {
+		return // nothing that enrollment uses changed
+	}
+	c.Queue.Submit(uid, w)
 }
 
 // PodDeleted is an informer's delete.
@@ -190,4 +209,29 @@ func (c *Controller) NamespaceChanged(pods []*corev1.Pod) {
 	for _, p := range pods {
 		c.PodChanged(p)
 	}
+}
+
+// Reconcile submits the wanted state of pods that were running before the agent started
+// (the informers' first list): enroll those the mesh wants, found through FindNetNS, and
+// remove those a previous agent annotated that the mesh no longer wants. It returns the
+// results to wait for; unchanged pods write nothing.
+func (c *Controller) Reconcile(pods []*corev1.Pod) []<-chan error {
+	var out []<-chan error
+	for _, pod := range pods {
+		uid := string(pod.UID)
+		d := c.Selector.Decide(pod, c.Source.Namespace(pod.Namespace))
+		switch {
+		case d.Enroll:
+			path := c.netnsOf(pod)
+			if path == "" {
+				c.log().Warn("running pod for the mesh, but its network namespace was not found; its next CNI ADD or change enrolls it",
+					"pod", pod.Namespace+"/"+pod.Name, "uid", uid)
+				continue
+			}
+			out = append(out, c.Queue.Submit(uid, Work{Enroll: true, Pod: PodFrom(pod, nil, path), Reason: "start-up: " + d.Reason}))
+		case pod.Annotations[AnnotationRedirection] == RedirectionEnabled:
+			out = append(out, c.Queue.Submit(uid, Work{Pod: PodFrom(pod, nil, c.netnsOf(pod)), Reason: "start-up: " + d.Reason}))
+		}
+	}
+	return out
 }

@@ -186,3 +186,87 @@ func eventually(t *testing.T, what string, ok func() bool) {
 		time.Sleep(2 * time.Millisecond)
 	}
 }
+
+// At start-up, pods the mesh wants are enrolled through the scan, and pods a previous
+// agent annotated that the mesh no longer wants are removed.
+func TestReconcile(t *testing.T) {
+	c, r, src := newController(t)
+	src.label("mesh", true)
+	src.label("plain", false)
+	running := func(ns, name, ip string) *corev1.Pod {
+		p := apiPod(src, ns, name)
+		p.Status.Phase = corev1.PodRunning
+		p.Status.PodIPs = []corev1.PodIP{{IP: ip}}
+		return p
+	}
+	want := running("mesh", "sleep", "10.1.2.3")
+	lost := running("mesh", "nowhere", "10.1.2.4") // no process found: left for its next event
+	stale := running("plain", "was", "10.1.2.5")
+	stale.Annotations = map[string]string{AnnotationRedirection: RedirectionEnabled}
+	untouched := running("plain", "never", "10.1.2.6")
+	c.FindNetNS = func(p *corev1.Pod) (string, error) {
+		if p.Name == "nowhere" {
+			return "", ErrNetNSNotFound
+		}
+		return "/run/netns/" + p.Name, nil
+	}
+	results := c.Reconcile([]*corev1.Pod{want, lost, stale, untouched})
+	if len(results) != 2 {
+		t.Fatalf("%d submissions, want 2 (enroll sleep, remove was)", len(results))
+	}
+	for _, res := range results {
+		if err := <-res; err != nil {
+			t.Error(err)
+		}
+	}
+	if !r.e.Enrolled("uid-sleep") || r.e.Enrolled("uid-nowhere") || r.e.Enrolled("uid-never") {
+		t.Errorf("enrolled: sleep %v nowhere %v never %v", r.e.Enrolled("uid-sleep"), r.e.Enrolled("uid-nowhere"), r.e.Enrolled("uid-never"))
+	}
+	ev := strings.Join(r.proxy.Events(), "\n")
+	if !strings.Contains(ev, "del uid-was") {
+		t.Errorf("stale pod not removed from the proxy; events:\n%s", ev)
+	}
+}
+
+// A CNI DEL stops a pod whose enroll keeps failing (its retries would outlive the sandbox).
+func TestDelStopsFailingEnroll(t *testing.T) {
+	c, r, src := newController(t)
+	src.label("mesh", true)
+	apiPod(src, "mesh", "sleep")
+	r.proxy.mu.Lock()
+	r.proxy.down = true
+	r.proxy.mu.Unlock()
+	if _, err := c.Add(context.Background(), add("mesh", "sleep")); err == nil {
+		t.Fatal("ADD with the proxy down succeeded")
+	}
+	del := add("mesh", "sleep")
+	del.Command = "DEL"
+	if err := c.Del(context.Background(), del); err != nil {
+		t.Fatal(err)
+	}
+	if r.e.Enrolled("uid-sleep") || c.Queue.Has("uid-sleep") {
+		t.Errorf("after DEL: enrolled %v, queued %v", r.e.Enrolled("uid-sleep"), c.Queue.Has("uid-sleep"))
+	}
+}
+
+// Events between the CNI ADD and the kubelet's status report show the pod without an IP
+// (our own annotation's update among them): they must not remove the pod just enrolled.
+func TestEventBeforeStatusKeepsPod(t *testing.T) {
+	c, r, src := newController(t)
+	src.label("mesh", true)
+	pod := apiPod(src, "mesh", "sleep")
+	if _, err := c.Add(context.Background(), add("mesh", "sleep")); err != nil {
+		t.Fatal(err)
+	}
+	c.PodChanged(pod) // no status IPs yet
+	deadline := time.Now().Add(2 * time.Second)
+	for c.Queue.Has("uid-sleep") && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	if !r.e.Enrolled("uid-sleep") {
+		t.Fatal("an event without status IPs removed the pod the CNI ADD enrolled")
+	}
+	if !strings.Contains(r.dp.Dump(), "10.1.2.3 owner uid-sleep") {
+		t.Errorf("the runtime's IP left the probe set:\n%s", r.dp.Dump())
+	}
+}

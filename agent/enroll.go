@@ -62,8 +62,13 @@ type Enroller struct {
 	// OpenNetNS opens a pod's namespace by path (netns.Open; tests replace it).
 	OpenNetNS func(path string) (*netns.NS, error)
 
-	mu       sync.Mutex
-	enrolled map[string]*enrolledPod // by UID
+	// CheckNetNS vets a pod's namespace before rules go in (loopback up: the proxy's
+	// routes go through it). nil: no check.
+	CheckNetNS func(*netns.NS) error
+
+	mu         sync.Mutex
+	enrolled   map[string]*enrolledPod // by UID
+	deferProxy bool                    // see DeferProxy
 }
 
 // enrolledPod is what was done for a pod, to redo it for a new proxy and undo it later.
@@ -95,41 +100,90 @@ func (e *Enroller) Process(ctx context.Context, uid string, w Work) error {
 	return e.remove(ctx, uid, w.Pod)
 }
 
+// StepError is a failed enrollment step: Step names it ("netns", "rules", "proxy",
+// "probe set", "annotation", "intent") for the failures metric and the pod's event.
+type StepError struct {
+	Pod  Pod
+	Op   string // enroll or remove
+	Step string
+	Err  error
+}
+
+func (e *StepError) Error() string {
+	return fmt.Sprintf("pod %s: %s: %s: %v", e.Pod, e.Op, e.Step, e.Err)
+}
+func (e *StepError) Unwrap() error { return e.Err }
+
+// DeferProxy makes enrollments record pods for the ZDS snapshot instead of sending them
+// to a proxy: the agent's start-up reconcile, before it serves ZDS. A proxy that
+// reconnects to a new agent drops every pod its first snapshot does not name, so the
+// snapshot must hold every running pod before the first proxy is accepted.
+func (e *Enroller) DeferProxy() {
+	e.mu.Lock()
+	e.deferProxy = true
+	e.mu.Unlock()
+}
+
+// HandOff ends DeferProxy: from now on enrollments go to the proxy. Every pod recorded
+// before it is in the snapshot of each proxy accepted after it.
+func (e *Enroller) HandOff() {
+	e.mu.Lock()
+	e.deferProxy = false
+	e.mu.Unlock()
+}
+
 func (e *Enroller) enroll(ctx context.Context, uid string, pod Pod) error {
+	fail := func(step string, err error) error { return &StepError{Pod: pod, Op: "enroll", Step: step, Err: err} }
 	if pod.NetNS == "" {
-		return fmt.Errorf("pod %s: enroll: network namespace not known yet", pod)
+		return fail("netns", errors.New("network namespace not known yet"))
 	}
 	desired, err := compiler.PodState(e.Intent, pod.Annotations)
 	if err != nil {
-		return fmt.Errorf("pod %s: enroll: %w", pod, err)
+		return fail("intent", err)
 	}
-	e.mu.Lock()
-	old := e.enrolled[uid]
-	e.mu.Unlock()
 	ns, err := e.open(pod.NetNS)
 	if err != nil {
-		return fmt.Errorf("pod %s: enroll: %w", pod, err)
+		return fail("netns", err)
 	}
-	if old != nil && !old.ns.Same(ns) {
-		// The sandbox was recreated: the old namespace's rules go with it; the proxy is
-		// handed the new one below and replaces the old instance itself.
-		e.log().Info("pod in a new network namespace", "pod", pod.String(), "uid", uid, "old", old.ns.Name(), "new", ns.Name())
+	if e.CheckNetNS != nil {
+		if err := e.CheckNetNS(ns); err != nil {
+			ns.Close()
+			return fail("netns", err)
+		}
 	}
 	if _, err := e.Dataplane.Apply(ns, desired); err != nil {
 		ns.Close()
-		return fmt.Errorf("pod %s: enroll: rules: %w", pod, err)
+		return fail("rules", err)
 	}
-	info := zds.WorkloadInfo{Name: pod.Name, Namespace: pod.Namespace, ServiceAccount: pod.ServiceAccount}
-	if err := e.Proxy.AddWorkload(ctx, uid, info, ns); err != nil {
-		// The rules stay: the pod's traffic goes to a proxy port nobody serves, so the pod
-		// is cut off rather than running outside the mesh (fail closed).
-		ns.Close()
-		return fmt.Errorf("pod %s: enroll: proxy: %w", pod, err)
+	// Recorded before the proxy hears of it: a proxy that connects meanwhile finds the pod
+	// in its snapshot, and one that connected before gets the Add (zds.Server.Serve).
+	e.mu.Lock()
+	if e.enrolled == nil {
+		e.enrolled = map[string]*enrolledPod{}
+	}
+	old := e.enrolled[uid]
+	e.enrolled[uid] = &enrolledPod{pod: pod, ns: ns, desired: desired}
+	deferred := e.deferProxy
+	e.mu.Unlock()
+	if old != nil && !old.ns.Same(ns) {
+		// The sandbox was recreated: the proxy is handed the new namespace below and
+		// replaces the old instance itself.
+		e.log().Info("pod in a new network namespace", "pod", pod.String(), "uid", uid, "old", old.ns.Name(), "new", ns.Name())
+	}
+	if old != nil {
+		old.ns.Close() // the snapshot skips a closed entry; the new one is recorded
+	}
+	if !deferred {
+		info := zds.WorkloadInfo{Name: pod.Name, Namespace: pod.Namespace, ServiceAccount: pod.ServiceAccount}
+		if err := e.Proxy.AddWorkload(ctx, uid, info, ns); err != nil {
+			// The rules stay: the pod's traffic goes to a proxy port nobody serves, so the
+			// pod is cut off rather than running outside the mesh (fail closed).
+			return fail("proxy", err)
+		}
 	}
 	for _, ip := range pod.IPs {
 		if _, err := e.Dataplane.AddPodIP(e.Host, ip, uid); err != nil {
-			ns.Close()
-			return fmt.Errorf("pod %s: enroll: probe set: %w", pod, err)
+			return fail("probe set", err)
 		}
 	}
 	if old != nil {
@@ -141,20 +195,11 @@ func (e *Enroller) enroll(ctx context.Context, uid string, pod Pod) error {
 	}
 	if e.Annotator != nil {
 		if err := e.Annotator.SetRedirection(ctx, pod, true); err != nil {
-			ns.Close()
-			return fmt.Errorf("pod %s: enroll: annotation: %w", pod, err)
+			return fail("annotation", err)
 		}
 	}
-	e.mu.Lock()
-	if e.enrolled == nil {
-		e.enrolled = map[string]*enrolledPod{}
-	}
-	e.enrolled[uid] = &enrolledPod{pod: pod, ns: ns, desired: desired}
-	e.mu.Unlock()
-	if old != nil {
-		old.ns.Close()
-	} else {
-		e.log().Info("pod enrolled", "pod", pod.String(), "uid", uid, "netns", ns.Name(), "ips", pod.IPs)
+	if old == nil {
+		e.log().Info("pod enrolled", "pod", pod.String(), "uid", uid, "netns", ns.Name(), "ips", pod.IPs, "deferred_to_snapshot", deferred)
 	}
 	return nil
 }
@@ -174,7 +219,7 @@ func (e *Enroller) remove(ctx context.Context, uid string, pod Pod) error {
 				old.ns = ns
 			case errors.Is(err, netns.ErrGone):
 			default:
-				return fmt.Errorf("pod %s: remove: %w", pod, err)
+				return &StepError{Pod: pod, Op: "remove", Step: "netns", Err: err}
 			}
 		}
 		d, err := compiler.PodState(e.Intent, pod.Annotations)
@@ -185,20 +230,20 @@ func (e *Enroller) remove(ctx context.Context, uid string, pod Pod) error {
 	}
 	if e.Annotator != nil {
 		if err := e.Annotator.SetRedirection(ctx, old.pod, false); err != nil {
-			return fmt.Errorf("pod %s: remove: annotation: %w", old.pod, err)
+			return &StepError{Pod: old.pod, Op: "remove", Step: "annotation", Err: err}
 		}
 	}
 	for _, ip := range old.pod.IPs {
 		if _, err := e.Dataplane.RemovePodIP(e.Host, ip, uid); err != nil {
-			return fmt.Errorf("pod %s: remove: probe set: %w", old.pod, err)
+			return &StepError{Pod: old.pod, Op: "remove", Step: "probe set", Err: err}
 		}
 	}
 	if err := e.Proxy.DelWorkload(ctx, uid); err != nil {
-		return fmt.Errorf("pod %s: remove: proxy: %w", old.pod, err)
+		return &StepError{Pod: old.pod, Op: "remove", Step: "proxy", Err: err}
 	}
 	if old.ns != nil {
 		if _, err := e.Dataplane.Remove(old.ns, old.desired); err != nil {
-			return fmt.Errorf("pod %s: remove: rules: %w", old.pod, err)
+			return &StepError{Pod: old.pod, Op: "remove", Step: "rules", Err: err}
 		}
 		old.ns.Close()
 	}
@@ -227,4 +272,58 @@ func (e *Enroller) Enrolled(uid string) bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return e.enrolled[uid] != nil
+}
+
+// Holds reports whether uid is enrolled exactly as pod says (same namespace, IPs,
+// identity and annotations): an informer update that changes nothing of that (a status
+// change, our own annotation) needs no work.
+func (e *Enroller) Holds(uid string, pod Pod) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	p := e.enrolled[uid]
+	if p == nil {
+		return false
+	}
+	a, b := p.pod, pod
+	return a.NetNS == b.NetNS && a.Name == b.Name && a.Namespace == b.Namespace && a.ServiceAccount == b.ServiceAccount &&
+		slices.Equal(a.IPs, b.IPs) && sameRuleAnnotations(a.Annotations, b.Annotations)
+}
+
+// sameRuleAnnotations compares the annotations that shape a pod's rules.
+func sameRuleAnnotations(a, b map[string]string) bool {
+	for _, k := range compiler.KnownAnnotations {
+		if a[k] != b[k] {
+			return false
+		}
+	}
+	return true
+}
+
+// Count is the number of pods enrolled, for metrics.
+func (e *Enroller) Count() int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return len(e.enrolled)
+}
+
+// Close lets go of the namespaces held for the snapshot; the pods keep their rules.
+func (e *Enroller) Close() {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for uid, p := range e.enrolled {
+		if p.ns != nil {
+			p.ns.Close()
+		}
+		delete(e.enrolled, uid)
+	}
+}
+
+// IPs are the addresses uid was enrolled with (the runtime's, at CNI ADD), or nil.
+func (e *Enroller) IPs(uid string) []netip.Addr {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if p := e.enrolled[uid]; p != nil {
+		return slices.Clone(p.pod.IPs)
+	}
+	return nil
 }

@@ -240,3 +240,61 @@ func TestConcurrentReporters(t *testing.T) {
 		t.Errorf("%d pods enrolled, want 200", n)
 	}
 }
+
+// Until HandOff, enrollments are recorded for the ZDS snapshot and not sent: a proxy
+// reconnecting to a restarted agent must find every running pod in its first snapshot.
+func TestDeferProxyUntilHandOff(t *testing.T) {
+	r := newRig(t)
+	r.e.DeferProxy()
+	early := testPod("early")
+	if err := <-r.q.Submit(early.UID, Work{Enroll: true, Pod: early}); err != nil {
+		t.Fatal(err)
+	}
+	if ev := r.proxy.Events(); len(ev) != 0 {
+		t.Errorf("proxy got %q while deferred, want nothing", ev)
+	}
+	snap := r.e.Snapshot()
+	if len(snap) != 1 || snap[0].UID != early.UID || snap[0].NetNS == nil {
+		t.Fatalf("snapshot %+v, want the deferred pod with its namespace", snap)
+	}
+	if !r.ann.has(early.String()) {
+		t.Error("deferred pod not annotated")
+	}
+	r.e.HandOff()
+	late := testPod("late")
+	late.IPs = []netip.Addr{netip.MustParseAddr("10.0.0.10")}
+	if err := <-r.q.Submit(late.UID, Work{Enroll: true, Pod: late}); err != nil {
+		t.Fatal(err)
+	}
+	if ev := r.proxy.Events(); len(ev) != 1 || !strings.HasPrefix(ev[0], "add uid-late") {
+		t.Errorf("proxy events %q after HandOff, want the late pod's add", ev)
+	}
+}
+
+// A failed proxy Add leaves the pod recorded (its rules stay: fail closed), so the next
+// proxy's snapshot serves it, and Holds reports it unchanged only for the same facts.
+func TestRecordedBeforeProxyAdd(t *testing.T) {
+	r := newRig(t)
+	r.proxy.down = true
+	p := testPod("sleep")
+	if err := <-r.q.Submit(p.UID, Work{Enroll: true, Pod: p}); err == nil {
+		t.Fatal("enroll with the proxy down succeeded")
+	}
+	if snap := r.e.Snapshot(); len(snap) != 1 {
+		t.Fatalf("snapshot %d entries, want the pod whose rules are in", len(snap))
+	}
+	if !r.e.Holds(p.UID, p) {
+		t.Error("Holds(same pod) = false")
+	}
+	q := p
+	q.Annotations = map[string]string{"ambient.istio.io/bypass-inbound-capture": "true"}
+	if r.e.Holds(p.UID, q) {
+		t.Error("Holds ignores a rule annotation change")
+	}
+	q = p
+	q.Annotations = map[string]string{"unrelated": "x"}
+	if !r.e.Holds(p.UID, q) {
+		t.Error("Holds sees an annotation that shapes no rule")
+	}
+	r.q.Submit(p.UID, Work{Pod: p}) // stop the retries
+}

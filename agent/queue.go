@@ -89,6 +89,13 @@ func (q *Queue[S]) Len() int {
 	return len(q.entries)
 }
 
+// Has reports whether key has work waiting, running or backing off.
+func (q *Queue[S]) Has(key string) bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.entries[key] != nil
+}
+
 // Run runs the workers until ctx ends, then answers whatever is still waiting with
 // ErrStopped. Attempts in progress see ctx canceled.
 func (q *Queue[S]) Run(ctx context.Context) {

@@ -8,11 +8,13 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/nftmesh/nftmesh/internal/kubetest"
 	"github.com/nftmesh/nftmesh/internal/nettest"
 )
 
-// nftmeshBin is the nftmesh binary built once for the whole package.
-var nftmeshBin string
+// nftmeshBin and cniBin are the nftmesh and nftmesh-cni binaries, built once for the
+// whole package.
+var nftmeshBin, cniBin string
 
 func TestMain(m *testing.M) {
 	if cfg := os.Getenv(relayEnv); cfg != "" { // re-executed as a floor relay
@@ -29,16 +31,25 @@ func run(m *testing.M) int {
 	}
 	defer os.RemoveAll(dir)
 	nftmeshBin = filepath.Join(dir, "nftmesh")
-	// The test binary runs in the package directory: the module root is its parent.
-	build := exec.Command(goTool(), "build", "-o", nftmeshBin, "./cmd/nftmesh")
-	build.Dir = ".."
-	if out, err := build.CombinedOutput(); err != nil {
-		fmt.Fprintf(os.Stderr, "FAIL: go build ./cmd/nftmesh: %v\n%s", err, out)
-		return 1
+	cniBin = filepath.Join(dir, "nftmesh-cni")
+	for bin, pkg := range map[string]string{nftmeshBin: "./cmd/nftmesh", cniBin: "./cmd/nftmesh-cni"} {
+		// The test binary runs in the package directory: the module root is its parent.
+		build := exec.Command(goTool(), "build", "-o", bin, pkg)
+		build.Dir = ".."
+		if out, err := build.CombinedOutput(); err != nil {
+			fmt.Fprintf(os.Stderr, "FAIL: go build %s: %v\n%s", pkg, err, out)
+			return 1
+		}
 	}
+	// The namespace lock files of this run's Managers (the agents' too: they inherit the
+	// environment) stay in the run's directory.
+	os.Setenv("NFTMESH_LOCK_DIR", filepath.Join(dir, "locks"))
 	// Every test works in namespaces of its own; the guard proves the machine's own
 	// ruleset and policy routing are unchanged afterwards.
 	code := nettest.RunGuarded(m)
+	if err := kubetest.StopShared(); err != nil {
+		code = 1
+	}
 	// And every namespace this process made is gone again.
 	if out, err := exec.Command("ip", "netns", "list").Output(); err == nil {
 		prefix := fmt.Sprintf("nftmesh-t%d-", os.Getpid())

@@ -719,6 +719,12 @@ func (n *Node) Metrics(tb testing.TB) string {
 func MetricSum(text, name string, labels map[string]string) float64 {
 	var sum float64
 	for _, line := range strings.Split(text, "\n") {
+		if rest, ok := strings.CutPrefix(line, name+" "); ok && len(labels) == 0 { // no labels
+			if v, err := strconv.ParseFloat(strings.TrimSpace(rest), 64); err == nil {
+				sum += v
+			}
+			continue
+		}
 		if !strings.HasPrefix(line, name+"{") {
 			continue
 		}

@@ -324,6 +324,19 @@ func (s *Server) DelWorkload(ctx context.Context, uid string) error {
 	return nil
 }
 
+// Live is the number of proxy connections past their snapshot, for metrics and readiness.
+func (s *Server) Live() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	live := 0
+	for _, sc := range s.conns {
+		if sc.live {
+			live++
+		}
+	}
+	return live
+}
+
 // WaitReady blocks until at least n proxy connections are live (snapshot done).
 func (s *Server) WaitReady(ctx context.Context, n int) error {
 	for {

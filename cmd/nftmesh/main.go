@@ -43,6 +43,7 @@ func commands() []command {
 		{"policy", "explain and lint L4 authorization policies", runPolicy},
 		{"ca", "make a mesh root CA for demos and tests", runCA},
 		{"proxy", "run the node proxy (HBONE, L4 authorization, metrics)", runProxy},
+		{"agent", "run the node agent (enrolls this node's pods; the CNI plugin; ZDS)", runAgent},
 		{"version", "print the version", runVersion},
 	}
 }

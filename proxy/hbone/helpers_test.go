@@ -185,16 +185,20 @@ func testLogger(t testing.TB) *slog.Logger {
 	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 }
 
-// countingListener counts accepted connections.
+// countingListener counts accepted connections, and hands each to onAccept if set.
 type countingListener struct {
 	net.Listener
 	accepted atomic.Int64
+	onAccept func(net.Conn)
 }
 
 func (l *countingListener) Accept() (net.Conn, error) {
 	c, err := l.Listener.Accept()
 	if err == nil {
 		l.accepted.Add(1)
+		if l.onAccept != nil {
+			l.onAccept(c)
+		}
 	}
 	return c, err
 }
@@ -293,6 +297,7 @@ type env struct {
 	clTLS   *tls.Config
 	served  chan error
 	network string
+	accept  func(net.Conn) // the server's side of each connection, as it is accepted
 }
 
 type envOpt func(*env)
@@ -305,6 +310,7 @@ func withClientTLS(c *tls.Config) envOpt                     { return func(e *en
 func withNetwork(network string) envOpt                      { return func(e *env) { e.network = network } }
 func withPool(f func(*Pool)) envOpt                          { return func(e *env) { f(e.pool) } }
 func withEcho(u *upstream) envOpt                            { return func(e *env) { e.echo = u } }
+func withAccepted(f func(net.Conn)) envOpt                   { return func(e *env) { e.accept = f } }
 func (e *env) connect(ctx context.Context) (net.Conn, error) { return e.connectTo(ctx, e.echo.addr) }
 
 func (e *env) connectTo(ctx context.Context, a netip.AddrPort) (net.Conn, error) {
@@ -324,7 +330,7 @@ func newEnv(t testing.TB, opts ...envOpt) *env {
 	for _, o := range opts {
 		o(e)
 	}
-	e.ln = &countingListener{Listener: listen(t, e.network)}
+	e.ln = &countingListener{Listener: listen(t, e.network), onAccept: e.accept}
 	if e.echo == nil {
 		e.echo = newUpstream(t, e.network, echo)
 	}

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -578,4 +579,235 @@ func TestRapidResetDrainsLiveTunnels(t *testing.T) {
 		}
 	}
 	eventually(t, 5*time.Second, "the connection to be dropped", func() bool { return e.srv.numConns() == 0 })
+}
+
+// smallBuffer shrinks a socket's kernel buffer opt (SO_RCVBUF or SO_SNDBUF) to about the
+// least the kernel allows, and stops its autotuning: a peer that stops reading fills the
+// server's send buffer and its own receive buffer with a few kilobytes, where loopback's
+// would take megabytes. Set before the connect, the receive window's scale stays small too.
+func smallBuffer(c syscall.RawConn, opt int) error {
+	var serr error
+	if err := c.Control(func(fd uintptr) {
+		serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, opt, 4096)
+	}); err != nil {
+		return err
+	}
+	return serr
+}
+
+// withSmallSendBuffers shrinks the server's send buffer (smallBuffer) on every connection it
+// accepts.
+func withSmallSendBuffers(t *testing.T) envOpt {
+	return withAccepted(func(c net.Conn) {
+		rc, err := c.(*net.TCPConn).SyscallConn()
+		if err == nil {
+			err = smallBuffer(rc, syscall.SO_SNDBUF)
+		}
+		if err != nil {
+			t.Errorf("shrinking the server's send buffer: %v", err)
+		}
+	})
+}
+
+// dialRawSmallWindow is dialRaw over a socket with a small receive buffer (smallBuffer).
+func dialRawSmallWindow(t *testing.T, e *env) *rawH2 {
+	t.Helper()
+	d := net.Dialer{Control: func(_, _ string, c syscall.RawConn) error { return smallBuffer(c, syscall.SO_RCVBUF) }}
+	nc, err := d.Dial("tcp", e.hbone.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	tc := tls.Client(nc, e.clTLS)
+	t.Cleanup(func() { tc.Close() })
+	tc.SetDeadline(time.Now().Add(20 * time.Second))
+	if err := tc.Handshake(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.WriteString(tc, http2.ClientPreface); err != nil {
+		t.Fatal(err)
+	}
+	fr := http2.NewFramer(tc, tc)
+	if err := fr.WriteSettings(); err != nil {
+		t.Fatal(err)
+	}
+	fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	return &rawH2{tc: tc, fr: fr}
+}
+
+// queuedFrames is the most frames waiting for a writer on any of the server's connections.
+func (s *Server) queuedFrames() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for sc := range s.conns {
+		sc.mu.Lock()
+		n = max(n, len(sc.ctrl)+len(sc.ord))
+		sc.mu.Unlock()
+	}
+	return n
+}
+
+// floodFrames writes n frames made by next (the i-th of them), 256 to a write, and returns
+// how many it wrote before the connection failed (the server closed it).
+func floodFrames(r *rawH2, n int, next func(fr *http2.Framer, i int) error) int {
+	bw := bufio.NewWriter(r.tc)
+	fr := http2.NewFramer(bw, nil)
+	written := 0
+	for i := range n {
+		if next(fr, i) != nil {
+			break
+		}
+		if i%256 == 255 || i == n-1 {
+			if bw.Flush() != nil {
+				break
+			}
+			written = i + 1
+		}
+	}
+	return written
+}
+
+// TestQueuedFramesFlood: a client that stops reading while making the server answer frame
+// after frame (a RST_STREAM REFUSED_STREAM per HEADERS beyond MAX_CONCURRENT_STREAMS or
+// after a GOAWAY, an ACK per PING) gets its connection closed once maxQueuedCtrl answers
+// wait to be written, all kinds counted together: the server's queue stays bounded, and the
+// connection does not wait for the write timeout.
+func TestQueuedFramesFlood(t *testing.T) {
+	const flood = 50000
+	var hb bytes.Buffer
+	enc := hpackEncoder(&hb)
+	enc(":method", "CONNECT")
+	enc(":authority", "127.0.0.1:9")
+	block := hb.Bytes()
+	headers := func(fr *http2.Framer, i int) error { // stream ids from 10001 on, past the rapid reset's
+		return fr.WriteHeaders(http2.HeadersFrameParam{StreamID: uint32(10001 + 2*i), BlockFragment: block, EndHeaders: true})
+	}
+	ping := func(fr *http2.Framer, i int) error { return fr.WritePing(false, [8]byte{byte(i >> 8), byte(i)}) }
+	cases := []struct {
+		name    string
+		streams int // MAX_CONCURRENT_STREAMS
+		setup   func(t *testing.T, e *env, r *rawH2)
+		next    func(fr *http2.Framer, i int) error
+	}{
+		{"beyond the stream limit", 1, nil, headers},
+		{"after GOAWAY", 100, func(t *testing.T, e *env, r *rawH2) {
+			if code, ok := rapidReset(t, r, e.echo.addr.String(), 3, 2000); !ok || code != http2.ErrCodeEnhanceYourCalm {
+				t.Fatalf("GOAWAY %v %v, want ENHANCE_YOUR_CALM", code, ok)
+			}
+		}, headers},
+		{"PINGs", 1, nil, ping},
+		{"PINGs, SETTINGS and refusals", 1, nil, func(fr *http2.Framer, i int) error {
+			switch i % 4 {
+			case 0:
+				return ping(fr, i)
+			case 1:
+				return fr.WriteSettings()
+			}
+			return headers(fr, i)
+		}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			// Small socket buffers between the server's writes and the client: 50,000 answers
+			// are then far more than the kernel holds (an attacker would just send more).
+			e := newEnv(t, withSmallSendBuffers(t), withServer(func(s *Server) { s.MaxConcurrentStreams = uint32(tc.streams) }))
+			r := dialRawSmallWindow(t, e)
+			// A live tunnel holds the one stream (and keeps a connection that went away open).
+			rawConnect(t, r, 1, e.echo.addr.String())
+			if st := rawStatuses(t, r, 1)[1]; st != "200" {
+				t.Fatalf("status %s, want 200", st)
+			}
+			if tc.setup != nil {
+				tc.setup(t, e, r)
+			}
+			// From here on the client never reads.
+			start := time.Now()
+			sent := make(chan int, 1)
+			go func() { sent <- floodFrames(r, flood, tc.next) }()
+			// The server reads the flood after the client has written it to its socket: watch
+			// until the connection is gone (or well past the time it takes to read it).
+			peak, closed := 0, false
+			for deadline := start.Add(5 * time.Second); !closed && time.Now().Before(deadline); {
+				peak = max(peak, e.srv.queuedFrames())
+				closed = e.srv.numConns() == 0
+				time.Sleep(time.Millisecond)
+			}
+			r.tc.Close() // unblocks the flood's writes, if the server still reads
+			n := <-sent
+			t.Logf("%d of %d frames sent; at most %d frames waited for the writer; closed %v after %v",
+				n, flood, peak, closed, time.Since(start))
+			if limit := maxQueuedCtrl + 16; peak > limit {
+				t.Errorf("%d frames waited to be written, want at most %d", peak, limit)
+			}
+			if !closed {
+				t.Errorf("the server kept the connection of a client that does not read")
+			}
+		})
+	}
+}
+
+// TestRefusalsReadByClient: a client that goes beyond MAX_CONCURRENT_STREAMS again and again
+// but reads the refusals is no flood: 20,000 REFUSED_STREAM in all (twice maxQueuedCtrl),
+// never many waiting at once, leave its connection and its tunnel up.
+func TestRefusalsReadByClient(t *testing.T) {
+	const rounds, perRound = 20, 1000
+	e := newEnv(t, withServer(func(s *Server) { s.MaxConcurrentStreams = 1 }))
+	r := dialRaw(t, e)
+	r.tc.SetDeadline(time.Now().Add(60 * time.Second))
+	r.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	echoAddr := e.echo.addr.String()
+	rawConnect(t, r, 1, echoAddr)
+	if st := rawStatuses(t, r, 1)[1]; st != "200" {
+		t.Fatalf("status %s, want 200", st)
+	}
+	var hb bytes.Buffer
+	enc := hpackEncoder(&hb)
+	enc(":method", "CONNECT")
+	enc(":authority", echoAddr)
+	block := hb.Bytes()
+	id := uint32(3)
+	for round := range rounds {
+		first := id
+		n := floodFrames(r, perRound, func(fr *http2.Framer, i int) error {
+			return fr.WriteHeaders(http2.HeadersFrameParam{StreamID: first + uint32(2*i), BlockFragment: block, EndHeaders: true})
+		})
+		if n != perRound {
+			t.Fatalf("round %d: the server closed the connection after %d HEADERS", round, n)
+		}
+		id += 2 * perRound
+		for refused := 0; refused < perRound; {
+			f, err := r.fr.ReadFrame()
+			if err != nil {
+				t.Fatalf("round %d, after %d refusals: %v", round, refused, err)
+			}
+			switch f := f.(type) {
+			case *http2.GoAwayFrame:
+				t.Fatalf("round %d: GOAWAY %v", round, f.ErrCode)
+			case *http2.RSTStreamFrame:
+				if f.StreamID == 1 {
+					t.Fatalf("the live tunnel was reset: %v", f.ErrCode)
+				}
+				if f.ErrCode != http2.ErrCodeRefusedStream {
+					t.Fatalf("stream %d reset with %v, want REFUSED_STREAM", f.StreamID, f.ErrCode)
+				}
+				refused++
+			}
+		}
+	}
+	msg := []byte("still here")
+	if err := r.fr.WriteData(1, false, msg); err != nil {
+		t.Fatal(err)
+	}
+	var got []byte
+	for len(got) < len(msg) {
+		if d, ok := rawNext(t, r, 1).(*http2.DataFrame); ok {
+			got = append(got, d.Data()...)
+		}
+	}
+	if !bytes.Equal(got, msg) {
+		t.Fatalf("live tunnel echoed %q, want %q", got, msg)
+	}
+	if n := e.srv.numConns(); n != 1 {
+		t.Errorf("%d connections, want the client's still up", n)
+	}
 }

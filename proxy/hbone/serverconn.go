@@ -34,7 +34,8 @@ import (
 //     order), one flush per batch, by one writer at a time: a tunnel goroutine that queued
 //     frames writes the batch itself when no one else is writing, so the common path has no
 //     hand-off between goroutines; the writer goroutine takes the read loop's frames and
-//     whatever a writer left behind.
+//     whatever a writer left behind. Frames other than DATA waiting to be written are
+//     bounded (maxQueuedCtrl): a peer that asks for more answers than it reads is dropped.
 //   - Each tunnel runs in two goroutines (one per direction); they wait on per-stream
 //     channels, so a slow upstream only stalls its own stream, within its flow-control window.
 //   - sc.mu guards all connection and stream state.
@@ -44,9 +45,20 @@ var (
 	errStreamEnded = errors.New("hbone: stream already ended")
 	errRefused     = errors.New("hbone: CONNECT refused")
 	pingPayload    = [8]byte{'h', 'b', 'o', 'n', 'e', 'p', 'n', 'g'}
-	maxQueuedCtrl  = 10000 // queued control frames: beyond this the peer floods (PING, SETTINGS)
 	writeTimeout   = 30 * time.Second
 )
+
+// maxQueuedCtrl bounds the frames other than DATA that wait to be written on a connection
+// (queued, or in the batch being written), as x/net's server bounds its queued control
+// frames (maxQueuedControlFrames, the same number). Most answer the peer: a RST_STREAM per
+// HEADERS refused, a PING or SETTINGS ACK, a WINDOW_UPDATE, a reset or a refusal. A peer that
+// makes us queue more than that does not read what it asks for (a flood): the connection is
+// closed (errTooManyQueued). DATA needs no such bound: the peer's windows and one write in
+// flight per tunnel bound it.
+var maxQueuedCtrl = 10000
+
+var errTooManyQueued = fmt.Errorf("hbone: too many frames queued for a peer that does not read them: %w",
+	http2.ConnectionError(http2.ErrCodeEnhanceYourCalm))
 
 const maxWindow = 1<<31 - 1
 
@@ -74,6 +86,8 @@ type serverConn struct {
 	ctrl, ord  []wframe
 	spareCtrl  []wframe // the queues' other halves, reused batch after batch
 	spareOrd   []wframe
+	nCtrl      int  // frames other than DATA waiting to be written, the batch being written included (maxQueuedCtrl)
+	nCtrlBatch int  // of those, in the batch being written
 	writing    bool // a goroutine is writing a batch: it owns fr's writer, bw and the cork
 	wstop      bool // writing must end; enqueue drops frames
 	closed     bool // torn down
@@ -169,7 +183,9 @@ func (sc *serverConn) readLoop(prefaceTimeout time.Duration) error {
 	}
 	first := true
 	for {
-		sc.kick()
+		if err := sc.beforeRead(); err != nil {
+			return err
+		}
 		f, err := sc.fr.ReadFrame()
 		if err != nil {
 			var se http2.StreamError
@@ -381,7 +397,8 @@ func (sc *serverConn) onSettings(f *http2.SettingsFrame) error {
 	if err != nil {
 		return err
 	}
-	return sc.enqueueReplyLocked(wframe{kind: fkSettingsAck})
+	sc.enqueueCtrlLocked(wframe{kind: fkSettingsAck})
+	return nil
 }
 
 func (sc *serverConn) onPing(f *http2.PingFrame) error {
@@ -393,7 +410,8 @@ func (sc *serverConn) onPing(f *http2.PingFrame) error {
 		}
 		return nil
 	}
-	return sc.enqueueReplyLocked(wframe{kind: fkPing, end: true, ping: f.Data})
+	sc.enqueueCtrlLocked(wframe{kind: fkPing, end: true, ping: f.Data})
+	return nil
 }
 
 // maybeFinishLocked closes a connection that is going away once nothing runs on it.
@@ -457,13 +475,25 @@ func (sc *serverConn) teardown(err error) {
 	if errors.As(err, &ce) {
 		// Tell the peer why, if the writer still can.
 		sc.mu.Lock()
-		sc.enqueueOrdLocked(wframe{kind: fkGoAway, id: sc.maxID, code: http2.ErrCode(ce)})
-		sc.enqueueOrdLocked(wframe{kind: fkClose})
-		sc.wakeLocked()
+		goAway := true
+		if errors.Is(err, errTooManyQueued) {
+			// The peer does not read: what waits for it goes, and a GOAWAY only if the
+			// writer is free to send it now. One stuck in a batch is stuck on the peer: the
+			// connection is closed at once (x/net's server closes without a GOAWAY).
+			failFrames(sc.dropQueuedLocked(), errConnClosed)
+			goAway = !sc.writing
+		}
+		if goAway {
+			sc.enqueueOrdLocked(wframe{kind: fkGoAway, id: sc.maxID, code: http2.ErrCode(ce)})
+			sc.enqueueOrdLocked(wframe{kind: fkClose})
+			sc.wakeLocked()
+		}
 		sc.mu.Unlock()
-		select {
-		case <-sc.writerDone:
-		case <-time.After(time.Second):
+		if goAway {
+			select {
+			case <-sc.writerDone:
+			case <-time.After(time.Second):
+			}
 		}
 	}
 	sc.mu.Lock()

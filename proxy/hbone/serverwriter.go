@@ -47,18 +47,12 @@ func (sc *serverConn) enqueueCtrlLocked(f wframe) {
 		return
 	}
 	sc.ctrl = append(sc.ctrl, f)
+	sc.nCtrl++
 }
 
-// enqueueReplyLocked queues a frame answering the peer (SETTINGS ACK, PING ACK); it fails
-// when the peer makes us queue more than it reads.
-func (sc *serverConn) enqueueReplyLocked(f wframe) error {
-	if len(sc.ctrl) >= maxQueuedCtrl {
-		return http2.ConnectionError(http2.ErrCodeEnhanceYourCalm)
-	}
-	sc.enqueueCtrlLocked(f)
-	return nil
-}
-
+// enqueueOrdLocked queues a stream frame, in order. Frames other than DATA count toward
+// maxQueuedCtrl until written, those of both queues together: the read loop ends a
+// connection whose peer makes it queue more (beforeRead).
 func (sc *serverConn) enqueueOrdLocked(f wframe) {
 	if sc.wstop {
 		if f.done != nil {
@@ -67,6 +61,18 @@ func (sc *serverConn) enqueueOrdLocked(f wframe) {
 		return
 	}
 	sc.ord = append(sc.ord, f)
+	if f.kind != fkData && f.kind != fkClose {
+		sc.nCtrl++
+	}
+}
+
+// dropQueuedLocked empties both queues (not the batch being written) and returns the stream
+// frames dropped, whose done channels the caller signals.
+func (sc *serverConn) dropQueuedLocked() []wframe {
+	rest := sc.ord
+	sc.ctrl, sc.ord = nil, nil
+	sc.nCtrl = sc.nCtrlBatch
+	return rest
 }
 
 // Whoever queues frames then sends them: the read loop (and timers) wake the writer
@@ -79,10 +85,17 @@ func (sc *serverConn) wakeLocked() {
 	}
 }
 
-func (sc *serverConn) kick() {
+// beforeRead runs in the read loop before each frame is read: it wakes the writer for what
+// the frames read so far queued, and ends the connection once more than maxQueuedCtrl frames
+// wait for a peer that sends faster than it reads.
+func (sc *serverConn) beforeRead() error {
 	sc.mu.Lock()
+	defer sc.mu.Unlock()
+	if sc.nCtrl > maxQueuedCtrl {
+		return errTooManyQueued
+	}
 	sc.wakeLocked()
-	sc.mu.Unlock()
+	return nil
 }
 
 // flush writes the queued frames from the calling goroutine, unless another writer is at it
@@ -106,9 +119,7 @@ func (sc *serverConn) writeLoop() {
 			sc.wcond.Wait()
 		}
 		if sc.wstop {
-			rest := sc.ord
-			sc.ctrl, sc.ord = nil, nil
-			failFrames(rest, errConnClosed)
+			failFrames(sc.dropQueuedLocked(), errConnClosed)
 			return
 		}
 		sc.writeBatchLocked()
@@ -121,6 +132,7 @@ func (sc *serverConn) writeBatchLocked() {
 	sc.writing = true
 	ctrl, ord := sc.ctrl, sc.ord
 	sc.ctrl, sc.ord = sc.spareCtrl[:0], sc.spareOrd[:0]
+	sc.nCtrlBatch = sc.nCtrl // all that was queued: no other batch is being written
 	sc.mu.Unlock()
 
 	closeAfter, err := sc.writeBatch(ctrl, ord)
@@ -130,12 +142,13 @@ func (sc *serverConn) writeBatchLocked() {
 	sc.mu.Lock()
 	sc.writing = false
 	sc.spareCtrl, sc.spareOrd = ctrl[:0], ord[:0]
+	sc.nCtrl -= sc.nCtrlBatch
+	sc.nCtrlBatch = 0
 	if err == nil && !closeAfter {
 		return
 	}
 	sc.wstop = true
-	rest := sc.ord
-	sc.ctrl, sc.ord = nil, nil
+	rest := sc.dropQueuedLocked()
 	sc.wcond.Broadcast()
 	sc.mu.Unlock()
 	if err == nil {

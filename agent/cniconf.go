@@ -100,8 +100,17 @@ func readPrimary(dir string) (path string, data []byte, conf map[string]any, err
 	if data, err = os.ReadFile(path); err != nil {
 		return "", nil, nil, err
 	}
-	if err := json.Unmarshal(data, &conf); err != nil {
+	// Numbers stay as written: float64 would round integers beyond 2^53 in the primary's
+	// configuration.
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.UseNumber()
+	if err := dec.Decode(&conf); err != nil {
 		return "", nil, nil, fmt.Errorf("%s: %w", path, err)
+	}
+	if _, ok := conf["cniVersion"]; !ok {
+		// libcni refuses a list without one, and a single plugin's default (0.1.0) is too
+		// old for a chain: leave the file alone and say why.
+		return "", nil, nil, fmt.Errorf("%s: no cniVersion: not chaining into it", path)
 	}
 	return path, data, conf, nil
 }
@@ -179,6 +188,11 @@ func sameJSON(a, b []byte) bool {
 }
 
 func writeAtomic(path string, data []byte) error {
+	// A primary CNI that keeps its file elsewhere and links it here keeps its link: the
+	// file it points to is rewritten.
+	if target, err := filepath.EvalSymlinks(path); err == nil {
+		path = target
+	}
 	mode := os.FileMode(0o644)
 	if st, err := os.Stat(path); err == nil {
 		mode = st.Mode().Perm()

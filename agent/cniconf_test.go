@@ -135,3 +135,31 @@ func TestInstallBinary(t *testing.T) {
 		t.Errorf("install of the same binary wrote: %v %v", wrote, err)
 	}
 }
+
+// Chaining keeps what it does not own as it was: big integers, and a symlinked file's link.
+func TestChainKeepsNumbersAndLinks(t *testing.T) {
+	dir, elsewhere := t.TempDir(), t.TempDir()
+	real := filepath.Join(elsewhere, "primary.conflist")
+	os.WriteFile(real, []byte(`{"cniVersion":"1.0.0","name":"p","plugins":[{"type":"bridge","mtu":12345678901234567890}]}`), 0o644)
+	link := filepath.Join(dir, "10-p.conflist")
+	if err := os.Symlink(real, link); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Chain(dir, map[string]any{"agentSocket": "/x"}); err != nil {
+		t.Fatal(err)
+	}
+	if fi, err := os.Lstat(link); err != nil || fi.Mode()&os.ModeSymlink == 0 {
+		t.Errorf("the link was replaced by a file: %v", err)
+	}
+	data, _ := os.ReadFile(real)
+	if !strings.Contains(string(data), "12345678901234567890") || !strings.Contains(string(data), PluginType) {
+		t.Errorf("chained file:\n%s", data)
+	}
+	// A single plugin without cniVersion is not rewritten into a list libcni would refuse.
+	os.Remove(link)
+	conf := filepath.Join(dir, "10-old.conf")
+	os.WriteFile(conf, []byte(`{"name":"p","type":"bridge"}`), 0o644)
+	if _, err := Chain(dir, map[string]any{}); err == nil || !strings.Contains(err.Error(), "cniVersion") {
+		t.Errorf("chaining a .conf without cniVersion: %v", err)
+	}
+}

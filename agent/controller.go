@@ -122,6 +122,7 @@ func (c *Controller) Add(ctx context.Context, r cniapi.Request) (cniapi.Response
 		return cniapi.Response{Reason: d.Reason}, nil
 	}
 	w := Work{Enroll: true, Pod: PodFrom(pod, r.IPs, r.NetNS), Reason: "cni add: " + d.Reason}
+	w.Pod.Sandbox = r.ContainerID
 	select {
 	case err := <-c.Queue.Submit(string(pod.UID), w):
 		if err != nil {
@@ -143,14 +144,21 @@ func (c *Controller) Del(ctx context.Context, r cniapi.Request) error {
 		}
 		uid = string(pod.UID)
 	}
-	if !c.Enroller.Enrolled(uid) && !c.Queue.Has(uid) {
+	// A DEL may come late, or again, for a sandbox the pod no longer runs in (the runtime
+	// retries teardown; the kubelet recreated the sandbox): it must not undo the current one.
+	if cur := c.Enroller.Sandbox(uid); r.ContainerID != "" && cur != "" && cur != r.ContainerID {
+		c.log().Info("cni del of an older sandbox ignored", "pod", r.PodNamespace+"/"+r.PodName, "uid", uid,
+			"sandbox", r.ContainerID, "current", cur)
 		return nil
 	}
-	// Also when only a failing enroll is pending: its retries must stop with the sandbox.
 	c.mu.Lock()
 	delete(c.netns, uid)
 	c.mu.Unlock()
-	w := Work{Pod: Pod{UID: uid, Name: r.PodName, Namespace: r.PodNamespace, NetNS: r.NetNS}, Reason: "cni del"}
+	// Also when only a failing enroll is pending: its retries must stop with the sandbox.
+	if !c.Enroller.Enrolled(uid) && !c.Queue.Has(uid) {
+		return nil
+	}
+	w := Work{Pod: Pod{UID: uid, Name: r.PodName, Namespace: r.PodNamespace, NetNS: r.NetNS}, Reason: "cni del", SandboxGone: true}
 	select {
 	case err := <-c.Queue.Submit(uid, w):
 		return err
@@ -173,9 +181,12 @@ func (c *Controller) PodChanged(pod *corev1.Pod) {
 		}
 	}
 	d := c.Selector.Decide(pod, c.Source.Namespace(pod.Namespace))
+	if d.NoIPYet {
+		return // its CNI ADD enrolls it (or has: see above); never a reason to remove
+	}
 	if !d.Enroll {
-		if c.Enroller.Enrolled(uid) {
-			c.log().Info("pod leaves the mesh", "pod", pod.Namespace+"/"+pod.Name, "reason", d.Reason)
+		if c.Enroller.Enrolled(uid) || c.Queue.Has(uid) {
+			c.log().Info("pod leaves the mesh", "pod", pod.Namespace+"/"+pod.Name, "uid", uid, "reason", d.Reason)
 			c.Queue.Submit(uid, Work{Pod: PodFrom(pod, nil, c.netnsOf(pod)), Reason: d.Reason})
 		}
 		return
@@ -198,7 +209,7 @@ func (c *Controller) PodDeleted(pod *corev1.Pod) {
 	path := c.netns[uid]
 	delete(c.netns, uid)
 	c.mu.Unlock()
-	if c.Enroller.Enrolled(uid) {
+	if c.Enroller.Enrolled(uid) || c.Queue.Has(uid) {
 		c.Queue.Submit(uid, Work{Pod: PodFrom(pod, nil, path), Reason: "pod deleted"})
 	}
 }

@@ -27,6 +27,9 @@ type Pod struct {
 	// NetNS is the path of the pod's network namespace (the CNI plugin's CNI_NETNS, or
 	// what the /proc scan found).
 	NetNS string
+	// Sandbox is the runtime's container ID of the pod's sandbox (CNI_CONTAINERID), when
+	// a CNI ADD reported the pod: a DEL for another sandbox is not for this one.
+	Sandbox string
 }
 
 func (p Pod) String() string { return p.Namespace + "/" + p.Name }
@@ -36,6 +39,9 @@ type Work struct {
 	Enroll bool
 	Pod    Pod
 	Reason string // why, for logs
+	// SandboxGone: a removal because the runtime tears the sandbox down (CNI DEL). It
+	// must not depend on the API server: the annotation is then best effort.
+	SandboxGone bool
 }
 
 // Proxy is the agent's side of ZDS (zds.Server).
@@ -73,9 +79,10 @@ type Enroller struct {
 
 // enrolledPod is what was done for a pod, to redo it for a new proxy and undo it later.
 type enrolledPod struct {
-	pod     Pod
-	ns      *netns.NS // held open: the ZDS snapshot hands it to every new proxy
-	desired ruleset.Desired
+	pod      Pod
+	ns       *netns.NS // held open: the ZDS snapshot hands it to every new proxy
+	desired  ruleset.Desired
+	removing bool // a removal has begun: left out of snapshots
 }
 
 func (e *Enroller) log() *slog.Logger {
@@ -97,7 +104,7 @@ func (e *Enroller) Process(ctx context.Context, uid string, w Work) error {
 	if w.Enroll {
 		return e.enroll(ctx, uid, w.Pod)
 	}
-	return e.remove(ctx, uid, w.Pod)
+	return e.remove(ctx, uid, w.Pod, w.SandboxGone)
 }
 
 // StepError is a failed enrollment step: Step names it ("netns", "rules", "proxy",
@@ -141,7 +148,20 @@ func (e *Enroller) enroll(ctx context.Context, uid string, pod Pod) error {
 	if err != nil {
 		return fail("intent", err)
 	}
-	ns, err := e.open(pod.NetNS)
+	e.mu.Lock()
+	prev := e.enrolled[uid]
+	e.mu.Unlock()
+	var ns *netns.NS
+	if prev != nil && prev.pod.NetNS == pod.NetNS && !prev.removing {
+		// The namespace this pod is enrolled in, held open: a path the /proc scan found
+		// names a process, which may have exited (or its PID been reused) since.
+		ns, err = prev.ns.Dup()
+	} else {
+		ns, err = e.open(pod.NetNS)
+	}
+	if errors.Is(err, netns.ErrGone) {
+		return Permanent(fail("netns", err)) // the sandbox is gone: retrying cannot help
+	}
 	if err != nil {
 		return fail("netns", err)
 	}
@@ -162,15 +182,21 @@ func (e *Enroller) enroll(ctx context.Context, uid string, pod Pod) error {
 		e.enrolled = map[string]*enrolledPod{}
 	}
 	old := e.enrolled[uid]
+	if old != nil && pod.Sandbox == "" {
+		pod.Sandbox = old.pod.Sandbox // an informer's view of the same sandbox
+	}
+	if old != nil && old.ns.Same(ns) {
+		// The same namespace: keep the file a snapshot in flight may be sending.
+		ns.Close()
+		ns = old.ns
+	}
 	e.enrolled[uid] = &enrolledPod{pod: pod, ns: ns, desired: desired}
 	deferred := e.deferProxy
 	e.mu.Unlock()
-	if old != nil && !old.ns.Same(ns) {
+	if old != nil && old.ns != ns {
 		// The sandbox was recreated: the proxy is handed the new namespace below and
 		// replaces the old instance itself.
 		e.log().Info("pod in a new network namespace", "pod", pod.String(), "uid", uid, "old", old.ns.Name(), "new", ns.Name())
-	}
-	if old != nil {
 		old.ns.Close() // the snapshot skips a closed entry; the new one is recorded
 	}
 	if !deferred {
@@ -204,10 +230,16 @@ func (e *Enroller) enroll(ctx context.Context, uid string, pod Pod) error {
 	return nil
 }
 
-func (e *Enroller) remove(ctx context.Context, uid string, pod Pod) error {
+func (e *Enroller) remove(ctx context.Context, uid string, pod Pod, sandboxGone bool) error {
 	e.mu.Lock()
 	old := e.enrolled[uid]
+	if old != nil {
+		// Out of the snapshot from now on: a proxy that connects before the Del below
+		// must not be handed a pod that no Del will reach.
+		old.removing = true
+	}
 	e.mu.Unlock()
+	opened := false
 	if old == nil {
 		// Not enrolled by this agent's lifetime: undo what a previous one may have done,
 		// from what the caller knows.
@@ -216,7 +248,7 @@ func (e *Enroller) remove(ctx context.Context, uid string, pod Pod) error {
 			ns, err := e.open(pod.NetNS)
 			switch {
 			case err == nil:
-				old.ns = ns
+				old.ns, opened = ns, true
 			case errors.Is(err, netns.ErrGone):
 			default:
 				return &StepError{Pod: pod, Op: "remove", Step: "netns", Err: err}
@@ -228,28 +260,52 @@ func (e *Enroller) remove(ctx context.Context, uid string, pod Pod) error {
 		}
 		old.desired = d
 	}
+	closeOpened := func() {
+		if opened {
+			old.ns.Close()
+		}
+	}
+	// The annotation goes first (it says what is done), but its failure does not keep the
+	// pod's traffic captured: the rest is undone anyway, and the annotation retried.
+	var annErr error
 	if e.Annotator != nil {
 		if err := e.Annotator.SetRedirection(ctx, old.pod, false); err != nil {
-			return &StepError{Pod: old.pod, Op: "remove", Step: "annotation", Err: err}
+			annErr = &StepError{Pod: old.pod, Op: "remove", Step: "annotation", Err: err}
 		}
 	}
 	for _, ip := range old.pod.IPs {
 		if _, err := e.Dataplane.RemovePodIP(e.Host, ip, uid); err != nil {
+			closeOpened()
 			return &StepError{Pod: old.pod, Op: "remove", Step: "probe set", Err: err}
 		}
 	}
 	if err := e.Proxy.DelWorkload(ctx, uid); err != nil {
+		closeOpened()
 		return &StepError{Pod: old.pod, Op: "remove", Step: "proxy", Err: err}
 	}
 	if old.ns != nil {
 		if _, err := e.Dataplane.Remove(old.ns, old.desired); err != nil {
+			closeOpened()
 			return &StepError{Pod: old.pod, Op: "remove", Step: "rules", Err: err}
 		}
-		old.ns.Close()
 	}
 	e.mu.Lock()
-	delete(e.enrolled, uid)
+	if cur := e.enrolled[uid]; cur != nil && cur.removing {
+		delete(e.enrolled, uid)
+	}
 	e.mu.Unlock()
+	if old.ns != nil {
+		old.ns.Close()
+	}
+	if annErr != nil {
+		if sandboxGone {
+			// The runtime is tearing the sandbox down and must not wait for the API
+			// server; the pod object goes with it, or its next ADD annotates it again.
+			e.log().Warn("pod removed, but its annotation could not be taken off", "pod", old.pod.String(), "uid", uid, "error", annErr)
+			return nil
+		}
+		return annErr
+	}
 	e.log().Info("pod removed", "pod", old.pod.String(), "uid", uid)
 	return nil
 }
@@ -260,6 +316,9 @@ func (e *Enroller) Snapshot() []zds.SnapshotEntry {
 	defer e.mu.Unlock()
 	out := make([]zds.SnapshotEntry, 0, len(e.enrolled))
 	for uid, p := range e.enrolled {
+		if p.removing {
+			continue
+		}
 		out = append(out, zds.SnapshotEntry{UID: uid, NetNS: p.ns,
 			Info: zds.WorkloadInfo{Name: p.pod.Name, Namespace: p.pod.Namespace, ServiceAccount: p.pod.ServiceAccount}})
 	}
@@ -326,4 +385,14 @@ func (e *Enroller) IPs(uid string) []netip.Addr {
 		return slices.Clone(p.pod.IPs)
 	}
 	return nil
+}
+
+// Sandbox is the sandbox (container ID) uid is enrolled in, "" if unknown.
+func (e *Enroller) Sandbox(uid string) string {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if p := e.enrolled[uid]; p != nil {
+		return p.pod.Sandbox
+	}
+	return ""
 }

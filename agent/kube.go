@@ -38,12 +38,17 @@ type Kube struct {
 	stopRec  func()
 }
 
+// podResync is how often the pod informer re-offers every pod of the node.
+const podResync = 5 * time.Minute
+
 // NewKube prepares informers for node's pods and all namespaces; Start runs them.
 func NewKube(client kubernetes.Interface, node string, log *slog.Logger) *Kube {
 	k := &Kube{client: client, node: node, log: log}
-	// No resync: every change arrives as an event, and the work queue retries failures
-	// itself. What the agent does not use is dropped before it is cached.
-	k.factory = informers.NewSharedInformerFactoryWithOptions(client, 0,
+	// Every change arrives as an event and the work queue retries failures itself; the
+	// resync re-offers every pod now and then (unchanged ones cost a comparison) so that
+	// one a missed event or a lost namespace left out is picked up again. What the agent
+	// does not use is dropped before it is cached.
+	k.factory = informers.NewSharedInformerFactoryWithOptions(client, podResync,
 		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.FieldSelector = "spec.nodeName=" + node }),
 		informers.WithTransform(stripManagedFields))
 	k.nsFact = informers.NewSharedInformerFactoryWithOptions(client, 0, informers.WithTransform(stripManagedFields))
@@ -162,13 +167,18 @@ func (k *Kube) SetRedirection(ctx context.Context, pod Pod, enabled bool) error 
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	_, err := k.client.CoreV1().Pods(pod.Namespace).Patch(ctx, pod.Name, types.MergePatchType, patch, metav1.PatchOptions{}, "status")
-	if apierrors.IsNotFound(err) || (!enabled && apierrors.IsConflict(err)) {
+	// The uid precondition fails as 422 Invalid ("metadata.uid: field is immutable"): the
+	// name belongs to a newer pod now, and ours is gone.
+	replaced := apierrors.IsInvalid(err) || apierrors.IsConflict(err)
+	switch {
+	case err == nil:
 		return nil
+	case apierrors.IsNotFound(err) || (!enabled && replaced):
+		return nil // nothing to take off a pod that is gone
+	case replaced:
+		return Permanent(fmt.Errorf("kubernetes: annotate %s: the pod was replaced by a newer one of that name: %w", pod, err))
 	}
-	if err != nil {
-		return fmt.Errorf("kubernetes: annotate %s: %w", pod, err)
-	}
-	return nil
+	return fmt.Errorf("kubernetes: annotate %s: %w", pod, err)
 }
 
 // Event records a warning on the pod, for `kubectl describe`.

@@ -44,13 +44,13 @@ func TestNetNSScanner(t *testing.T) {
 			"200": {cg, other.Path},                                    // the pod's cgroup, another namespace (host network, reused PID)
 			"300": {cg, pod.Path},
 		})
-		got, err := NetNSScanner{ProcRoot: root}.Find(uid, ip)
+		got, err := (&NetNSScanner{ProcRoot: root}).Find(uid, ip)
 		if err != nil || got != filepath.Join(root, "300", "ns", "net") {
 			t.Errorf("%s: %q, %v; want process 300's namespace", name, got, err)
 		}
 	}
 	root := fakeProc(t, map[string][2]string{"300": {cgroupfs, other.Path}})
-	if _, err := (NetNSScanner{ProcRoot: root}).Find(uid, ip); !errors.Is(err, ErrNetNSNotFound) {
+	if _, err := (&NetNSScanner{ProcRoot: root}).Find(uid, ip); !errors.Is(err, ErrNetNSNotFound) {
 		t.Errorf("no namespace with the IP: %v, want ErrNetNSNotFound", err)
 	}
 }

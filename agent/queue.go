@@ -10,6 +10,17 @@ import (
 // ErrStopped answers submissions that the queue stopped before running.
 var ErrStopped = errors.New("work queue stopped")
 
+// permanentError is a failure that retrying cannot fix (the pod's namespace is gone).
+type permanentError struct{ error }
+
+func (p permanentError) Unwrap() error { return p.error }
+
+// Permanent marks err as not worth retrying: the queue reports it and drops the state.
+func Permanent(err error) error { return permanentError{err} }
+
+// IsPermanent reports whether err was marked Permanent.
+func IsPermanent(err error) bool { return errors.As(err, new(permanentError)) }
+
 // Queue is the one path every change to a pod takes, whatever reported it (the CNI
 // plugin, an informer, the start-up scan). Work is keyed by pod UID: one attempt per key
 // at a time, different keys in parallel; the newest submitted state wins (a state
@@ -155,6 +166,8 @@ func (q *Queue[S]) work(ctx context.Context) {
 			delete(q.entries, key)
 		case e.pending != nil: // a newer state came meanwhile: it runs next
 			q.enqueueLocked(key, e)
+		case err != nil && IsPermanent(err):
+			delete(q.entries, key)
 		case err != nil:
 			e.attempts++
 			retry := state

@@ -109,6 +109,14 @@ func Run(ctx context.Context, o Options) error {
 	if _, err := compiler.PodState(o.Intent, nil); err != nil {
 		return fmt.Errorf("intent: pod rules: %w", err)
 	}
+	// Listened on before anything is written, so that a bad address changes nothing.
+	var opsLn net.Listener
+	if o.MetricsAddr != "" {
+		if opsLn, err = net.Listen("tcp", o.MetricsAddr); err != nil {
+			return fmt.Errorf("metrics address %q: %w", o.MetricsAddr, err)
+		}
+		defer opsLn.Close()
+	}
 	host, err := netns.Open(o.HostNetNS)
 	if err != nil {
 		return fmt.Errorf("node network namespace: %w", err)
@@ -132,17 +140,19 @@ func Run(ctx context.Context, o Options) error {
 		return err
 	}
 
+	kube := NewKube(client, o.NodeName, log)
+	defer kube.Stop()
+	enroller := &Enroller{Annotator: kube, Dataplane: dp, Host: host, Intent: o.Intent, Log: log, CheckNetNS: LoopbackUp}
+	enroller.DeferProxy()
+	// Deferred before the ZDS server's Close, so it runs after it: no snapshot in flight
+	// holds a namespace it closes.
+	defer enroller.Close()
 	zsrv, err := zds.Listen(o.ZDSSocket, log)
 	if err != nil {
 		return err
 	}
 	defer zsrv.Close()
-
-	kube := NewKube(client, o.NodeName, log)
-	defer kube.Stop()
-	enroller := &Enroller{Dataplane: dp, Proxy: zsrv, Annotator: kube, Host: host, Intent: o.Intent, Log: log, CheckNetNS: LoopbackUp}
-	enroller.DeferProxy()
-	defer enroller.Close()
+	enroller.Proxy = zsrv
 
 	var ready atomic.Bool
 	reg := prometheus.NewRegistry()
@@ -163,7 +173,7 @@ func Run(ctx context.Context, o Options) error {
 		}
 		return err
 	})
-	scanner := NetNSScanner{ProcRoot: o.ProcRoot}
+	scanner := &NetNSScanner{ProcRoot: o.ProcRoot}
 	ctrl := &Controller{
 		Selector: Selector{ExcludeNamespaces: toSet(o.ExcludeNamespaces)},
 		Queue:    queue, Enroller: enroller, Source: kube, Log: log,
@@ -171,16 +181,12 @@ func Run(ctx context.Context, o Options) error {
 	}
 
 	var httpErr chan error
-	if o.MetricsAddr != "" {
-		ln, err := net.Listen("tcp", o.MetricsAddr)
-		if err != nil {
-			return fmt.Errorf("metrics: %w", err)
-		}
+	if opsLn != nil {
 		srv := &http.Server{Handler: opsHandler(reg, &ready), ReadHeaderTimeout: 5 * time.Second}
 		httpErr = make(chan error, 1)
-		go func() { httpErr <- srv.Serve(ln) }()
+		go func() { httpErr <- srv.Serve(opsLn) }()
 		defer srv.Close()
-		log.Info("serving metrics and health", "addr", ln.Addr().String())
+		log.Info("serving metrics and health", "addr", opsLn.Addr().String())
 	}
 
 	qctx, stopQueue := context.WithCancel(context.Background())
@@ -191,8 +197,17 @@ func Run(ctx context.Context, o Options) error {
 	if err := kube.Watch(ctrl); err != nil {
 		return fmt.Errorf("kubernetes: %w", err)
 	}
+	// The informers live as long as Run, not its caller's context.
+	kctx, stopKube := context.WithCancel(ctx)
+	defer stopKube()
 	syncStart := time.Now()
-	if err := kube.Start(ctx); err != nil {
+	log.Info("waiting for the informers to sync with the API server", "host", cfg.Host)
+	slow := time.AfterFunc(10*time.Second, func() {
+		log.Warn("informers still not synced: is the API server reachable, and may this agent list pods and namespaces?", "host", cfg.Host)
+	})
+	err = kube.Start(kctx)
+	slow.Stop()
+	if err != nil {
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -229,7 +244,9 @@ func Run(ctx context.Context, o Options) error {
 		if err := o.CNI.Install(); err != nil {
 			return fmt.Errorf("cni install: %w", err)
 		}
-		go o.CNI.Watch(ctx)
+		watchDone := make(chan struct{})
+		go func() { o.CNI.Watch(kctx); close(watchDone) }()
+		defer func() { stopKube(); <-watchDone }()
 	}
 
 	ready.Store(true)

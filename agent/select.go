@@ -33,6 +33,9 @@ type Selector struct {
 type Decision struct {
 	Enroll bool
 	Reason string
+	// NoIPYet: the pod is for the mesh but has no IP yet. Not a reason to remove an
+	// enrolled pod: between the CNI ADD and the kubelet's status report the API shows none.
+	NoIPYet bool
 }
 
 // Decide applies Istio's enablement rules to a pod and its namespace (nil when unknown):
@@ -42,33 +45,33 @@ type Decision struct {
 func (s Selector) Decide(pod *corev1.Pod, ns *corev1.Namespace) Decision {
 	switch {
 	case pod.Spec.HostNetwork:
-		return Decision{false, "host network"}
+		return Decision{Reason: "host network"}
 	case hasSidecar(pod):
-		return Decision{false, "has an Istio sidecar"}
+		return Decision{Reason: "has an Istio sidecar"}
 	case pod.Labels[LabelComponent] != "":
-		return Decision{false, "nftmesh's own pod"}
+		return Decision{Reason: "nftmesh's own pod"}
 	case s.ExcludeNamespaces[pod.Namespace]:
-		return Decision{false, "namespace " + pod.Namespace + " is excluded"}
+		return Decision{Reason: "namespace " + pod.Namespace + " is excluded"}
 	case pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed:
-		return Decision{false, "pod " + string(pod.Status.Phase)}
+		return Decision{Reason: "pod " + string(pod.Status.Phase)}
 	}
 	switch pod.Labels[LabelDataplaneMode] {
 	case DataplaneModeNone:
-		return Decision{false, "pod opted out (" + LabelDataplaneMode + "=none)"}
+		return Decision{Reason: "pod opted out (" + LabelDataplaneMode + "=none)"}
 	case DataplaneModeAmbient:
 		return withIP(pod, "pod labelled "+LabelDataplaneMode+"=ambient")
 	}
 	if ns != nil && ns.Labels[LabelDataplaneMode] == DataplaneModeAmbient {
 		return withIP(pod, "namespace labelled "+LabelDataplaneMode+"=ambient")
 	}
-	return Decision{false, "not selected: neither the pod nor its namespace is labelled " + LabelDataplaneMode + "=ambient"}
+	return Decision{Reason: "not selected: neither the pod nor its namespace is labelled " + LabelDataplaneMode + "=ambient"}
 }
 
 func withIP(pod *corev1.Pod, reason string) Decision {
 	if pod.Status.PodIP == "" && len(pod.Status.PodIPs) == 0 {
-		return Decision{false, "no IP yet (" + reason + ")"}
+		return Decision{Reason: "no IP yet (" + reason + ")", NoIPYet: true}
 	}
-	return Decision{true, reason}
+	return Decision{Enroll: true, Reason: reason}
 }
 
 func hasSidecar(pod *corev1.Pod) bool {

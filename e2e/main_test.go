@@ -12,9 +12,9 @@ import (
 	"github.com/nftmesh/nftmesh/internal/nettest"
 )
 
-// nftmeshBin and cniBin are the nftmesh and nftmesh-cni binaries, built once for the
-// whole package.
-var nftmeshBin, cniBin string
+// nftmeshBin, cniBin and demoBin are the nftmesh, nftmesh-cni and nftmesh-demo binaries,
+// built once for the whole package (binDir holds them).
+var nftmeshBin, cniBin, demoBin, binDir string
 
 func TestMain(m *testing.M) {
 	if cfg := os.Getenv(relayEnv); cfg != "" { // re-executed as a floor relay
@@ -32,7 +32,9 @@ func run(m *testing.M) int {
 	defer os.RemoveAll(dir)
 	nftmeshBin = filepath.Join(dir, "nftmesh")
 	cniBin = filepath.Join(dir, "nftmesh-cni")
-	for bin, pkg := range map[string]string{nftmeshBin: "./cmd/nftmesh", cniBin: "./cmd/nftmesh-cni"} {
+	demoBin = filepath.Join(dir, "nftmesh-demo")
+	binDir = dir
+	for bin, pkg := range map[string]string{nftmeshBin: "./cmd/nftmesh", cniBin: "./cmd/nftmesh-cni", demoBin: "./cmd/nftmesh-demo"} {
 		// The test binary runs in the package directory: the module root is its parent.
 		build := exec.Command(goTool(), "build", "-o", bin, pkg)
 		build.Dir = ".."

@@ -71,8 +71,10 @@ const maxRequest = 1 << 20
 
 // Server serves a Handler on a unix socket.
 type Server struct {
-	ln  net.Listener
-	srv *http.Server
+	ln   net.Listener
+	path string
+	sock os.FileInfo // the socket file this server made
+	srv  *http.Server
 }
 
 // Listen creates the socket (and its directory, 0700) at sock, replacing a stale one.
@@ -83,11 +85,19 @@ func Listen(sock string, h Handler, log *slog.Logger) (*Server, error) {
 	if err := os.Remove(sock); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return nil, err
 	}
-	ln, err := net.Listen("unix", sock)
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
 	if err != nil {
 		return nil, err
 	}
+	// Go would unlink the path on Close even after a newer agent (a rolling update that
+	// overlaps them) has bound its own socket there: Close unlinks only ours.
+	ln.SetUnlinkOnClose(false)
 	if err := os.Chmod(sock, 0o600); err != nil {
+		ln.Close()
+		return nil, err
+	}
+	ours, err := os.Lstat(sock)
+	if err != nil {
 		ln.Close()
 		return nil, err
 	}
@@ -121,7 +131,7 @@ func Listen(sock string, h Handler, log *slog.Logger) (*Server, error) {
 		}
 		reply(w, http.StatusOK, resp)
 	})
-	s := &Server{ln: ln, srv: &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}}
+	s := &Server{ln: ln, path: sock, sock: ours, srv: &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}}
 	go s.srv.Serve(ln)
 	return s, nil
 }
@@ -132,8 +142,15 @@ func reply(w http.ResponseWriter, code int, r Response) {
 	json.NewEncoder(w).Encode(r)
 }
 
-// Close stops serving; calls in progress are cut.
-func (s *Server) Close() error { return s.srv.Close() }
+// Close stops serving (calls in progress are cut) and removes the socket, if it is still
+// the one this server made.
+func (s *Server) Close() error {
+	err := s.srv.Close()
+	if fi, lerr := os.Lstat(s.path); lerr == nil && os.SameFile(fi, s.sock) {
+		os.Remove(s.path)
+	}
+	return err
+}
 
 // ErrAgentUnreachable is a call that never reached the agent (not running, no socket).
 var ErrAgentUnreachable = errors.New("nftmesh agent unreachable")

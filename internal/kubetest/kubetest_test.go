@@ -4,8 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -21,7 +19,8 @@ func TestMain(m *testing.M) {
 	code := m.Run()
 	var pids []int
 	if shared.cp != nil {
-		pids = []int{shared.cp.etcd.pid(), shared.cp.apiserver.pid()}
+		etcd, apiserver := shared.cp.PIDs()
+		pids = []int{etcd, apiserver}
 	}
 	if err := StopShared(); err != nil {
 		code = 1
@@ -44,9 +43,8 @@ func TestStart(t *testing.T) {
 	t.Run("use", func(t *testing.T) {
 		cp = Start(t)
 		defer func() {
-			for _, p := range []*process{cp.etcd, cp.apiserver} {
-				t.Logf("%s: pid %d, %s", p.name, p.pid(), rss(p.pid()))
-			}
+			etcd, apiserver := cp.PIDs()
+			t.Logf("etcd: pid %d, %s; kube-apiserver: pid %d, %s", etcd, rss(etcd), apiserver, rss(apiserver))
 		}()
 		ctx := t.Context()
 		ns := cp.Namespace(t, map[string]string{"istio.io/dataplane-mode": "ambient"})
@@ -116,13 +114,14 @@ func TestStart(t *testing.T) {
 	if cp == nil {
 		return
 	}
-	for _, p := range []*process{cp.etcd, cp.apiserver} {
-		if alive(p.pid()) {
-			t.Errorf("%s (pid %d) still runs after cleanup", p.name, p.pid())
+	etcd, apiserver := cp.PIDs()
+	for _, pid := range []int{etcd, apiserver} {
+		if alive(pid) {
+			t.Errorf("pid %d still runs after cleanup", pid)
 		}
 	}
-	if _, err := os.Stat(cp.dataDir); !errors.Is(err, os.ErrNotExist) {
-		t.Errorf("etcd data dir %s after cleanup: %v", cp.dataDir, err)
+	if _, err := os.Stat(cp.DataDir()); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("etcd data dir %s after cleanup: %v", cp.DataDir(), err)
 	}
 }
 
@@ -139,49 +138,6 @@ func TestShared(t *testing.T) {
 	pod := a.RunningPod(t, PodSpec{Namespace: ns1, Name: "p", NodeName: "n", PodIPs: []string{"10.0.0.9"}})
 	if pod.Status.PodIP != "10.0.0.9" || pod.Status.HostIP != "" {
 		t.Errorf("podIP %q hostIP %q", pod.Status.PodIP, pod.Status.HostIP)
-	}
-}
-
-// A process that dies while starting fails Start with the ends of both logs, and the
-// other process is stopped.
-func TestStartFailureShowsLogs(t *testing.T) {
-	bin := t.TempDir()
-	write := func(name, script string) {
-		if err := os.WriteFile(filepath.Join(bin, name), []byte("#!/bin/sh\n"+script), 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
-	write("etcd", "echo etcd-says-goodbye; exit 3\n")
-	write("kube-apiserver", "echo apiserver-waits; exec sleep 60\n")
-	_, err := start(bin, t.TempDir())
-	if err == nil {
-		t.Fatal("start succeeded")
-	}
-	for _, want := range []string{"etcd exited while starting", "exit status 3", "etcd-says-goodbye", "apiserver-waits"} {
-		if !strings.Contains(err.Error(), want) {
-			t.Errorf("error lacks %q:\n%v", want, err)
-		}
-	}
-	out, _ := exec.Command("pgrep", "-f", "-x", "sleep 60", "-P", fmt.Sprint(os.Getpid())).Output()
-	if len(out) > 0 {
-		t.Errorf("the fake kube-apiserver still runs: pid %s", out)
-	}
-}
-
-func TestNotBuilt(t *testing.T) {
-	root, err := repoRoot()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := os.Stat(filepath.Join(root, "internal", "kubetest")); err != nil {
-		t.Fatalf("repoRoot %s: %v", root, err)
-	}
-	cmd := exec.Command(filepath.Join(root, "scripts", "controlplane"), "--cached")
-	cmd.Env = append(os.Environ(), "NFTMESH_CONTROLPLANE_CACHE="+t.TempDir())
-	out, err := cmd.CombinedOutput()
-	var exit *exec.ExitError
-	if !errors.As(err, &exit) || exit.ExitCode() != 1 || !strings.Contains(string(out), "run scripts/controlplane") {
-		t.Errorf("scripts/controlplane --cached with an empty cache: %v: %s", err, out)
 	}
 }
 

@@ -1,4 +1,4 @@
-package kubetest
+package controlplane
 
 import (
 	"bytes"
@@ -31,7 +31,7 @@ func startProcess(name, log, path string, args ...string) (*process, error) {
 	// no control plane behind.
 	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := spawn(p.cmd); err != nil {
-		return nil, fmt.Errorf("kubetest: start %s: %w", name, err)
+		return nil, fmt.Errorf("controlplane: start %s: %w", name, err)
 	}
 	go func() {
 		p.exitErr = p.cmd.Wait()

@@ -202,7 +202,7 @@ func launch(bin, dir string, f startFiles) (_ *ControlPlane, err error) {
 		"--service-account-key-file="+f.saKey,
 		"--service-account-signing-key-file="+f.saKey,
 		"--service-cluster-ip-range=10.96.0.0/16",
-		"--allow-privileged=true", // as on a real cluster: the agent's DaemonSet is privileged
+		"--allow-privileged=true",                    // as on a real cluster: the agent's DaemonSet is privileged
 		"--endpoint-reconciler-type=none",            // else it refuses the loopback advertise address
 		"--disable-admission-plugins=ServiceAccount", // no controller makes the "default" ServiceAccount
 		"--etcd-servers="+etcdURL,

@@ -10,6 +10,18 @@ build:
 compile *args: build
     {{bin}} compile {{args}}
 
+# The seed's walkthrough on this machine (as root): a real kube-apiserver and etcd, two
+# nodes running nftmesh's agent and proxy, sleep, notsleep and httpbin, then the L4 policy.
+# Builds what it needs first (the control plane once: minutes cold, then cached).
+demo:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    echo "demo: the control plane (kube-apiserver, etcd, kubectl): scripts/controlplane"
+    cp=$(./scripts/controlplane)
+    echo "demo: building nftmesh, nftmesh-cni and nftmesh-demo into bin/"
+    for c in nftmesh nftmesh-cni nftmesh-demo; do go build -o bin/$c ./cmd/$c; done
+    exec bin/nftmesh-demo run --bin-dir bin --controlplane-dir "$cp" --repo-dir .
+
 # Run every test. Needs root: tests create network namespaces and run the real nft.
 test: lint
     go test -race -count=1 ./...
@@ -46,3 +58,9 @@ fuzz-all time="30s":
 proto:
     go build -o bin/protoc-gen-go google.golang.org/protobuf/cmd/protoc-gen-go
     protoc --proto_path=. --plugin=protoc-gen-go=bin/protoc-gen-go --go_out=. --go_opt=module=github.com/nftmesh/nftmesh zds/zds.proto
+
+# nftmesh and nftmesh-cni, static, on distroless: what deploy/'s DaemonSets run. Needs a
+# Docker engine (the development machine has none).
+# Build the container image (Dockerfile).
+image tag="ghcr.io/nftmesh/nftmesh:dev":
+    docker build -t {{tag}} .

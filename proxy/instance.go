@@ -55,7 +55,7 @@ type liveConn struct {
 	denied   bool     // guarded by instance.mu
 }
 
-// startInstance opens the pod's listeners in ns and serves them. The instance owns ns;
+// startInstance opens the pod's listeners in ns; serve serves them. The instance owns ns;
 // on error it has closed it.
 func (p *Proxy) startInstance(uid string, info zds.WorkloadInfo, ns *netns.NS) (*instance, error) {
 	sa := info.ServiceAccount
@@ -73,7 +73,11 @@ func (p *Proxy) startInstance(uid string, info zds.WorkloadInfo, ns *netns.NS) (
 		inst.ips = slices.Clone(w.IPs)
 	}
 	families := []netip.Addr{netip.IPv4Unspecified()}
-	if slices.ContainsFunc(inst.ips, func(a netip.Addr) bool { return a.Is6() && !a.Is4In6() }) {
+	// A source that learns pods from the API server may not know the pod's IPs yet (the
+	// kubelet reports them after the CNI ADD that enrolled it): then IPv6 is listened on
+	// where the intent has it and the namespace allows it.
+	ipsUnknown := len(inst.ips) == 0
+	if slices.ContainsFunc(inst.ips, func(a netip.Addr) bool { return a.Is6() && !a.Is4In6() }) || (ipsUnknown && p.cfg.Mesh.IPv6) {
 		families = append(families, netip.IPv6Unspecified())
 	}
 	opts := SockOpts{Mark: p.cfg.mark(), Transparent: true, ReusePort: true}
@@ -84,33 +88,64 @@ func (p *Proxy) startInstance(uid string, info zds.WorkloadInfo, ns *netns.NS) (
 		// hbone.DefaultNodeHandshakes across the node's pods; the excess is closed unhandshaken.
 		Handshakes: p.handshakes,
 	}
+	// Listen first, serve later (serve, once the instance is registered): a connection
+	// served before would find no instance for its pod (an outbound dial from its
+	// namespace looks the pod up by IP). Until then the kernel queues it.
 	for _, any := range families {
 		for _, port := range []uint16{p.cfg.Mesh.OutboundPort, p.cfg.Mesh.InboundPlaintextPort, p.cfg.Mesh.HBONEPort} {
 			l, err := ListenIn(inst.netns, netip.AddrPortFrom(any, port), opts)
+			if err != nil && ipsUnknown && any.Is6() {
+				p.log.Debug("no IPv6 listener in the pod's namespace", "uid", uid, "error", err)
+				break
+			}
 			if err != nil {
-				// The listeners up so far may have accepted: end their connections and
-				// spares before the namespace goes.
+				// Nothing accepted yet: closing the listeners resets (or, beside another
+				// proxy's, migrates) what they queued.
 				inst.stop(context.Background(), 0)
 				return nil, err
 			}
 			inst.listeners = append(inst.listeners, l)
-			inst.wg.Add(1)
-			go func() {
-				defer inst.wg.Done()
-				switch port {
-				case p.cfg.Mesh.OutboundPort:
-					inst.acceptLoop(l, inst.serveOutbound)
-				case p.cfg.Mesh.InboundPlaintextPort:
-					inst.acceptLoop(l, inst.serveInbound)
-				default:
-					if err := inst.hbone.Serve(l); err != nil && !errors.Is(err, hbone.ErrServerClosed) && !isClosed(err) {
-						p.log.Warn("HBONE listener stopped", "uid", uid, "error", err)
-					}
-				}
-			}()
 		}
 	}
+	inst.wg.Add(len(inst.listeners)) // serve's accept loops; counted now, before anyone can stop it
 	return inst, nil
+}
+
+// serve accepts on the instance's listeners. startInstance's caller must call it once,
+// whether it keeps the instance or stops it.
+func (i *instance) serve() {
+	p := i.p
+	for _, l := range i.listeners {
+		port := AddrPortOf(l.Addr()).Port()
+		go func() {
+			defer i.wg.Done()
+			switch port {
+			case p.cfg.Mesh.OutboundPort:
+				i.acceptLoop(l, i.serveOutbound)
+			case p.cfg.Mesh.InboundPlaintextPort:
+				i.acceptLoop(l, i.serveInbound)
+			default:
+				if err := i.hbone.Serve(l); err != nil && !errors.Is(err, hbone.ErrServerClosed) && !isClosed(err) {
+					p.log.Warn("HBONE listener stopped", "uid", i.uid, "error", err)
+				}
+			}
+		}()
+	}
+}
+
+// steer makes the instance's listeners the ones that take their SO_REUSEPORT groups' new
+// connections, and lets the groups migrate a closing listener's queue (reuseport.go): a
+// proxy that starts beside another (an upgrade) takes over every pod it is handed, and
+// the other's close drops nothing.
+func (i *instance) steer() {
+	for _, l := range i.listeners {
+		if err := steer(l.(*net.TCPListener)); err != nil {
+			if !isClosed(err) { // stopped meanwhile
+				i.p.steerFailed(i.uid, l.Addr(), err)
+			}
+			return
+		}
+	}
 }
 
 func (i *instance) closeListeners() {
@@ -208,7 +243,7 @@ func (i *instance) serveOutbound(c *net.TCPConn) {
 		c.Close()
 		return
 	}
-	if (dst.Addr().IsLoopback() || slices.Contains(i.ips, dst.Addr().Unmap())) && i.ownPort(dst) {
+	if (dst.Addr().IsLoopback() || slices.Contains(i.addrs(), dst.Addr().Unmap())) && i.ownPort(dst) {
 		i.refuseOwnPort(c, "outbound", dst)
 		return
 	}
@@ -350,28 +385,42 @@ func (i *instance) dialIn(ctx context.Context, local, remote netip.AddrPort, o S
 	return connectSocket(ctx, fd, v6, local, remote)
 }
 
+// workload is the pod as the workload store has it now, or as it had it when the pod was
+// added (nil if it never knew it): a Kubernetes source learns a pod's IPs and labels
+// after the agent has handed the pod over, and they may change.
+func (i *instance) workload() *workload.Workload {
+	if w, ok := i.p.workloads.WorkloadByUID(i.uid); ok {
+		return w
+	}
+	return i.wl
+}
+
+// addrs are the pod's IPs.
+func (i *instance) addrs() []netip.Addr {
+	if w := i.workload(); w != nil && len(w.IPs) > 0 {
+		return w.IPs
+	}
+	return i.ips
+}
+
 // labels are the pod's labels from the workload store (none when it does not know the pod).
 func (i *instance) labels() map[string]string {
-	if i.wl == nil {
-		return nil
+	if w := i.workload(); w != nil {
+		return w.Labels
 	}
-	return i.wl.Labels
+	return nil
 }
 
 func (i *instance) policyWorkload() policy.Workload {
-	w := policy.Workload{Namespace: i.info.Namespace}
-	if i.wl != nil {
-		w.Labels = i.wl.Labels
-	}
-	return w
+	return policy.Workload{Namespace: i.info.Namespace, Labels: i.labels()}
 }
 
 // dialInbound is the HBONE server's Dialer: check the target, authorize the peer's
 // identity, connect to the app.
 func (i *instance) dialInbound(ctx context.Context, req hbone.Request) (net.Conn, int, error) {
 	p := i.p
-	if !slices.Contains(i.ips, req.Authority.Addr().Unmap()) {
-		return nil, http.StatusBadRequest, fmt.Errorf("authority %s is not this pod (%v)", req.Authority, i.ips)
+	if ips := i.addrs(); !slices.Contains(ips, req.Authority.Addr().Unmap()) {
+		return nil, http.StatusBadRequest, fmt.Errorf("authority %s is not this pod (%v)", req.Authority, ips)
 	}
 	if slices.Contains(p.cfg.internalPorts(), req.Authority.Port()) {
 		return nil, http.StatusServiceUnavailable, fmt.Errorf("port %d is the proxy's own", req.Authority.Port())

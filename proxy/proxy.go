@@ -16,6 +16,7 @@ import (
 	"net/http"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nftmesh/nftmesh/compiler"
@@ -91,10 +92,13 @@ type Proxy struct {
 	drainCtx    context.Context // their parent: Shutdown's deadline cuts them short
 	drainCancel context.CancelFunc
 
+	steerWarned atomic.Bool // steerFailed said it at Warn
+
 	mu        sync.Mutex
 	instances map[string]*instance     // by pod UID
 	byIP      map[netip.Addr]*instance // pod IP -> instance, for outbound HBONE dials
 	starting  map[string]netns.Key     // pods whose AddWorkload is still starting listeners, and their namespaces
+	unserved  map[string]error         // pods of the first snapshot whose listeners failed: not ready while any
 	closing   bool
 	ready     bool
 }
@@ -109,6 +113,7 @@ func New(cfg Config, issuer identity.Issuer, workloads workload.Store, policies 
 	p := &Proxy{
 		cfg: cfg.withDefaults(), log: log, issuer: issuer, workloads: workloads, policies: policies, metrics: metrics,
 		instances: map[string]*instance{}, byIP: map[netip.Addr]*instance{}, starting: map[string]netns.Key{},
+		unserved: map[string]error{},
 	}
 	p.handshakes = hbone.NewLimiter(hbone.DefaultNodeHandshakes)
 	p.pool = &hbone.Pool{Dial: p.dialHBONE, TLSConfig: p.hboneTLS, Log: log}
@@ -131,11 +136,15 @@ func (p *Proxy) WatchPolicies(ctx context.Context) {
 	}
 }
 
-// Ready reports whether the proxy serves (it has taken its first snapshot).
+// Ready reports whether the proxy serves every pod the agent has: it has taken the
+// agent's first snapshot (each Add of which returned once the pod's listeners were up)
+// and no pod of it is without listeners. It is what /healthz/ready answers, and what a
+// rolling update waits for before it stops the old proxy: the old proxy then closes
+// listeners that the new one's already stand beside.
 func (p *Proxy) Ready() bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return p.ready && !p.closing
+	return p.ready && !p.closing && len(p.unserved) == 0
 }
 
 // MarkReady is for proxies that run without an agent (tests, demos).
@@ -191,22 +200,43 @@ func (p *Proxy) AddWorkload(ctx context.Context, uid string, info zds.WorkloadIn
 	_, stillWanted := p.starting[uid] // a Del or Shutdown may have come meanwhile
 	stillWanted = stillWanted && !p.closing
 	delete(p.starting, uid)
-	if err == nil && stillWanted {
+	switch {
+	case err == nil && stillWanted:
 		p.instances[uid] = inst
 		for _, ip := range inst.ips {
 			p.byIP[ip] = inst
 		}
+		delete(p.unserved, uid)
+	case err != nil && stillWanted && !p.ready:
+		// A pod of the first snapshot without listeners: not ready until a later Add
+		// starts it or a Del removes it (see Ready).
+		p.unserved[uid] = err
 	}
 	p.mu.Unlock()
 	if err != nil { // startInstance closed ns
 		return fmt.Errorf("pod %s/%s (%s): %w", info.Namespace, info.Name, uid, err)
 	}
+	// Registered first, so that whatever it accepts finds its pod.
+	inst.serve()
 	if !stillWanted {
 		inst.stop(ctx, 0)
 		return fmt.Errorf("pod %s/%s (%s): deleted while starting", info.Namespace, info.Name, uid)
 	}
+	inst.steer()
 	p.log.Info("workload added", "uid", uid, "pod", info.Namespace+"/"+info.Name, "ips", inst.ips, "identity", inst.id.String())
 	return nil
+}
+
+// steerFailed logs that a pod's listeners could not take over their SO_REUSEPORT groups
+// (reuseport.go): the proxy serves, but an upgrade's overlap may reset connections queued
+// on the proxy that closes. Said once at Warn, then at Debug.
+func (p *Proxy) steerFailed(uid string, addr net.Addr, err error) {
+	level := slog.LevelDebug
+	if p.steerWarned.CompareAndSwap(false, true) {
+		level = slog.LevelWarn
+	}
+	p.log.Log(context.Background(), level, "SO_REUSEPORT steering unavailable: a proxy upgrade may reset connections queued on the old proxy",
+		"uid", uid, "listener", addr.String(), "error", err)
 }
 
 // netnsOwnerLocked returns the UID of the pod other than uid that runs or is starting in
@@ -256,6 +286,7 @@ func (p *Proxy) DelWorkload(ctx context.Context, uid string) error {
 	p.mu.Lock()
 	inst := p.instances[uid]
 	delete(p.starting, uid) // an add still starting is dropped when it finishes
+	delete(p.unserved, uid)
 	if inst != nil {
 		p.removeLocked(uid, inst)
 	}
@@ -303,8 +334,17 @@ func (p *Proxy) SnapshotDone(ctx context.Context, named map[string]bool) error {
 			gone = append(gone, uid)
 		}
 	}
+	for uid := range p.unserved {
+		if !named[uid] {
+			delete(p.unserved, uid)
+		}
+	}
 	p.ready = true
+	unserved := len(p.unserved)
 	p.mu.Unlock()
+	if unserved > 0 {
+		p.log.Warn("snapshot done, but not ready: pods without listeners", "pods", unserved)
+	}
 	for _, uid := range gone {
 		p.DelWorkload(ctx, uid)
 	}
@@ -321,6 +361,11 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 	}
 	p.instances, p.byIP = map[string]*instance{}, map[netip.Addr]*instance{}
 	p.mu.Unlock()
+	// Every listener closed at once, before any drain: during an upgrade the new proxy's
+	// stand beside them, and the kernel migrates what these had queued (reuseport.go).
+	for _, inst := range insts {
+		inst.closeListeners()
+	}
 	var wg sync.WaitGroup
 	for _, inst := range insts {
 		wg.Add(1)
@@ -352,6 +397,14 @@ func (p *Proxy) dialHBONE(ctx context.Context, key hbone.PoolKey) (net.Conn, err
 	p.mu.Lock()
 	src := p.byIP[key.SrcIP]
 	p.mu.Unlock()
+	if src == nil {
+		// A pod whose IPs the store learned after it was added (see instance.workload).
+		if w, ok := p.workloads.WorkloadByIP(key.SrcIP); ok {
+			p.mu.Lock()
+			src = p.instances[w.UID]
+			p.mu.Unlock()
+		}
+	}
 	if src == nil {
 		return nil, fmt.Errorf("no workload with IP %s on this node", key.SrcIP)
 	}

@@ -762,9 +762,11 @@ func TestReAddNewNamespace(t *testing.T) {
 
 // listeners counts the TCP sockets listening on port in ns (with SO_REUSEPORT, two
 // instances in one namespace would be two).
+// listeners counts the IPv4 listeners on port in ns (a pod whose IPs the store does not
+// know also gets IPv6 ones).
 func listeners(t *testing.T, ns *nettest.Netns, port uint16) int {
 	t.Helper()
-	out, err := ns.Run("", "ss", "-Hltn", fmt.Sprintf("sport = :%d", port))
+	out, err := ns.Run("", "ss", "-4Hltn", fmt.Sprintf("sport = :%d", port))
 	if err != nil {
 		t.Fatal(err)
 	}

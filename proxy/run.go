@@ -16,6 +16,7 @@ import (
 	"github.com/nftmesh/nftmesh/internal/input"
 	"github.com/nftmesh/nftmesh/policy"
 	"github.com/nftmesh/nftmesh/proxy/identity"
+	kubesrc "github.com/nftmesh/nftmesh/proxy/kube"
 	"github.com/nftmesh/nftmesh/proxy/workload"
 	"github.com/nftmesh/nftmesh/zds"
 )
@@ -29,7 +30,8 @@ import (
 const MinCertTTL = 10 * time.Minute
 
 // Options is everything `nftmesh proxy` runs with: where to find the agent, the CA, the
-// workloads and the policies, and where to serve metrics and readiness.
+// workloads and the policies (a file or the Kubernetes API), and where to serve metrics
+// and readiness.
 type Options struct {
 	Config        Config
 	ZDSSocket     string // the agent's ZDS socket; "": zds.DefaultSocketPath
@@ -38,8 +40,10 @@ type Options struct {
 	TrustDomain   string        // "": identity.DefaultTrustDomain
 	CertTTL       time.Duration // 0: the issuer's default (24h); else at least MinCertTTL
 	ClusterID     string        // source_cluster and destination_cluster in the metrics
-	WorkloadsFile string        // static workloads and services (YAML)
-	PoliciesFile  string        // AuthorizationPolicies (YAML); "" allows all
+	WorkloadsFile string        // static workloads and services (YAML); or, from the Kubernetes API,
+	Kubeconfig    string        // through this kubeconfig file or
+	InCluster     bool          // the in-cluster configuration: exactly one of the three
+	PoliciesFile  string        // AuthorizationPolicies (YAML), with WorkloadsFile; "" allows all
 	RootNamespace string
 	MetricsAddr   string // Prometheus /metrics (GET, HEAD)
 	ReadyAddr     string // /healthz/ready (GET, HEAD); equal to MetricsAddr: one listener serves both
@@ -69,12 +73,12 @@ func Run(ctx context.Context, o Options) error {
 	if err != nil {
 		return err
 	}
-	store, err := loadWorkloads(o.WorkloadsFile)
-	if err != nil {
-		return fmt.Errorf("--workloads: %w", err)
-	}
 	popts := policy.Options{RootNamespace: o.RootNamespace}
 	pstore := policy.NewStore(popts)
+	store, err := openWorkloads(ctx, o, pstore, log)
+	if err != nil {
+		return err
+	}
 	loadPolicies := func() error {
 		if o.PoliciesFile == "" {
 			return nil
@@ -178,6 +182,46 @@ func loadIssuer(o Options) (*identity.CAIssuer, error) {
 		return nil, fmt.Errorf("--ca-cert %s, --ca-key %s: %w", o.CACertFile, o.CAKeyFile, err)
 	}
 	return issuer, nil
+}
+
+// openWorkloads opens the one source of workloads o names. The Kubernetes source returns
+// once it holds the API server's pods, services and policies, so that the proxy never
+// serves on a partial view (which would allow what a policy not yet read denies).
+func openWorkloads(ctx context.Context, o Options, pstore *policy.Store, log *slog.Logger) (workload.Store, error) {
+	kube := o.Kubeconfig != "" || o.InCluster
+	switch {
+	case o.Kubeconfig != "" && o.InCluster:
+		return nil, errors.New("--kubeconfig and --kube: give one (--kube is the in-cluster configuration)")
+	case kube && o.WorkloadsFile != "":
+		return nil, errors.New("--workloads and --kube/--kubeconfig: give one source of workloads")
+	case kube && o.PoliciesFile != "":
+		return nil, errors.New("--policies and --kube/--kubeconfig: with Kubernetes, policies are the cluster's AuthorizationPolicy objects")
+	case !kube && o.WorkloadsFile == "":
+		return nil, errors.New("no source of workloads: give --workloads FILE, --kubeconfig FILE or --kube")
+	case !kube:
+		store, err := loadWorkloads(o.WorkloadsFile)
+		if err != nil {
+			return nil, fmt.Errorf("--workloads: %w", err)
+		}
+		return store, nil
+	}
+	flag := "--kube"
+	if o.Kubeconfig != "" {
+		flag = "--kubeconfig " + o.Kubeconfig
+	}
+	cfg, err := kubesrc.RESTConfig(o.Kubeconfig)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", flag, err)
+	}
+	kubesrc.RouteKlog(log)
+	src, err := kubesrc.New(cfg, kubesrc.Options{Policies: pstore, Log: log})
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", flag, err)
+	}
+	if err := src.Start(ctx); err != nil {
+		return nil, fmt.Errorf("%s: %w", flag, err)
+	}
+	return src, nil
 }
 
 func loadWorkloads(path string) (workload.Store, error) {

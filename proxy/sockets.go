@@ -80,6 +80,10 @@ func ListenIn(ns *netns.NS, addr netip.AddrPort, o SockOpts) (*net.TCPListener, 
 			}
 			return oerr
 		}}
+		// Plain TCP, not Go's default MPTCP listener (since Go 1.24): the proxy ends the
+		// client's TCP connection anyway, and SO_REUSEPORT steering (reuseport.go) takes
+		// TCP sockets only; an MPTCP socket's group is its hidden subflow's.
+		lc.SetMultipathTCP(false)
 		network := "tcp4"
 		if addr.Addr().Is6() {
 			network = "tcp6"

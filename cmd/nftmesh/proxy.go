@@ -22,13 +22,18 @@ import (
 )
 
 func runProxy(args []string, stdout, stderr io.Writer) int {
-	fs := newFlagSet("proxy", "proxy --ca-cert ca.pem --ca-key ca-key.pem --workloads workloads.yaml [--intent intent.yaml] [flags]",
+	fs := newFlagSet("proxy", "proxy --ca-cert ca.pem --ca-key ca-key.pem (--kube | --kubeconfig FILE | --workloads workloads.yaml) [--intent intent.yaml] [flags]",
 		"Run the node proxy: take pods from the agent over ZDS, listen in each pod's network namespace\n"+
 			"on the intent's ports (default 15001 outbound, 15006 inbound, 15008 HBONE) with its proxy mark\n"+
 			"(default 0x539) on every socket, tunnel mesh traffic over mutual-TLS HBONE with SPIFFE\n"+
 			"identities, authorize inbound connections, serve metrics and readiness. Give it the intent the\n"+
-			"pods' rules were compiled from. SIGHUP reloads the policies file (live connections the new\n"+
-			"policies deny are closed); SIGTERM and SIGINT stop accepting and drain until --shutdown-deadline.",
+			"pods' rules were compiled from.\n\n"+
+			"Workloads, services and policies come from one source: the Kubernetes API (--kube in a pod,\n"+
+			"--kubeconfig outside one: pods, Services, EndpointSlices and AuthorizationPolicies, watched;\n"+
+			"it serves once it has read them all, and a policy applied later takes effect on new and live\n"+
+			"connections), or static files for tests and demos without a cluster (--workloads, --policies;\n"+
+			"SIGHUP reloads the policies file). Live connections that changed policies deny are closed.\n"+
+			"SIGTERM and SIGINT stop accepting and drain until --shutdown-deadline.",
 		"0 after a clean shutdown; 2 bad flags, an input that does not load, or a failure to start.", stdout)
 	var o proxy.Options
 	intentFile := fs.String("intent", "", "intent `FILE` (YAML, kind: Intent, one document, at most 16 MiB; - reads stdin) the pods'\nrules come from: its ports and proxy mark; without it, the built-in default intent")
@@ -38,8 +43,10 @@ func runProxy(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&o.TrustDomain, "trust-domain", "cluster.local", "SPIFFE trust `DOMAIN`")
 	fs.StringVar(&o.ClusterID, "cluster-id", "Kubernetes", "the workloads' cluster `ID`, for the metrics' source_cluster and destination_cluster (istiod's default)")
 	fs.DurationVar(&o.CertTTL, "cert-ttl", 24*time.Hour, "lifetime `DURATION` of minted workload certificates, at least "+fmtDuration(proxy.MinCertTTL)+": they are renewed\nat half their lifetime, and peers whose clocks are ahead must still find them valid")
-	fs.StringVar(&o.WorkloadsFile, "workloads", "", "static workloads and services `FILE` (YAML, at most 16 MiB) (required)")
-	fs.StringVar(&o.PoliciesFile, "policies", "", "AuthorizationPolicy `FILE` (YAML, several documents, at most 16 MiB); none: allow all")
+	fs.BoolVar(&o.InCluster, "kube", false, "read workloads, services and policies from the Kubernetes API with the in-cluster\nconfiguration (the pod's service account: list and watch pods, services, endpointslices\nand security.istio.io authorizationpolicies)")
+	fs.StringVar(&o.Kubeconfig, "kubeconfig", "", "read workloads, services and policies from the Kubernetes API that kubeconfig `FILE` names")
+	fs.StringVar(&o.WorkloadsFile, "workloads", "", "static workloads and services `FILE` (YAML, at most 16 MiB), instead of Kubernetes")
+	fs.StringVar(&o.PoliciesFile, "policies", "", "AuthorizationPolicy `FILE` (YAML, several documents, at most 16 MiB), with --workloads;\nnone: allow all")
 	fs.StringVar(&o.RootNamespace, "root-namespace", policy.DefaultRootNamespace, "the mesh root `NAMESPACE` (a Kubernetes namespace name): its policies without selector are global")
 	fs.StringVar(&o.MetricsAddr, "metrics-addr", ":15020", "Prometheus metrics listen `ADDR` (GET /metrics); equal to --ready-addr: one listener serves both")
 	fs.StringVar(&o.ReadyAddr, "ready-addr", ":15021", "readiness listen `ADDR` (GET /healthz/ready: 200 after the agent's first snapshot, else 503)")
@@ -73,8 +80,16 @@ func runProxy(args []string, stdout, stderr io.Writer) int {
 		return fail("--workers: %d is more than %d, the limit here (4 × the %d CPUs this process may run on, and never less than %d)",
 			*workers, limit, runtime.NumCPU(), minMaxWorkers)
 	}
-	if o.CACertFile == "" || o.CAKeyFile == "" || o.WorkloadsFile == "" {
-		return fail("--ca-cert, --ca-key and --workloads are required (see --help)")
+	if o.CACertFile == "" || o.CAKeyFile == "" {
+		return fail("--ca-cert and --ca-key are required (see --help)")
+	}
+	switch sources := btoi(o.InCluster) + btoi(o.Kubeconfig != "") + btoi(o.WorkloadsFile != ""); {
+	case sources == 0:
+		return fail("one of --kube, --kubeconfig FILE and --workloads FILE is required (see --help)")
+	case sources > 1:
+		return fail("--kube, --kubeconfig and --workloads are alternatives: give one")
+	case o.PoliciesFile != "" && o.WorkloadsFile == "":
+		return fail("--policies goes with --workloads: with --kube or --kubeconfig, policies are the cluster's AuthorizationPolicy objects")
 	}
 	if o.Config.ShutdownDeadline <= 0 {
 		return fail("--shutdown-deadline: %s is not positive", o.Config.ShutdownDeadline)
@@ -145,6 +160,13 @@ func runProxy(args []string, stdout, stderr io.Writer) int {
 		return fail("%v", err)
 	}
 	return exitOK
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // minMaxWorkers is the least --workers limit, whatever the CPUs: room to oversubscribe a

@@ -24,12 +24,23 @@ func TestProxyStartErrors(t *testing.T) {
 	os.WriteFile(badPolicy, []byte("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: ns}\nspec: {action: ALLOW, rules: [{from: [{source: {principal: [x]}}]}]}\n"), 0o644)
 	badIntent := filepath.Join(dir, "intent.yaml")
 	os.WriteFile(badIntent, []byte("apiVersion: nftmesh.dev/v1alpha1\nkind: Intent\nspec:\n  ports: {hbone: 70000}\n"), 0o644)
+	// A kubeconfig whose API server is not there: the proxy fails at its first request.
+	unreachable := filepath.Join(dir, "kubeconfig")
+	os.WriteFile(unreachable, []byte("apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: \"https://127.0.0.1:1\"}}]\n"+
+		"users: [{name: u, user: {token: t}}]\ncontexts: [{name: x, context: {cluster: c, user: u}}]\ncurrent-context: x\n"), 0o600)
 	base := []string{"proxy", "--ca-cert", cert, "--ca-key", key, "--metrics-addr", "127.0.0.1:0", "--ready-addr", "127.0.0.1:0"}
 	cases := []struct {
 		args []string
 		want string
 	}{
-		{[]string{"proxy"}, "--ca-cert, --ca-key and --workloads are required"},
+		{[]string{"proxy"}, "--ca-cert and --ca-key are required"},
+		{base, "one of --kube, --kubeconfig FILE and --workloads FILE is required"},
+		{append(base, "--kube", "--workloads", good), "--kube, --kubeconfig and --workloads are alternatives"},
+		{append(base, "--kubeconfig", good, "--workloads", good), "--kube, --kubeconfig and --workloads are alternatives"},
+		{append(base, "--kube", "--kubeconfig", good), "--kube, --kubeconfig and --workloads are alternatives"},
+		{append(base, "--kube", "--policies", badPolicy), "--policies goes with --workloads"},
+		{append(base, "--kubeconfig", filepath.Join(dir, "absent")), "--kubeconfig " + filepath.Join(dir, "absent") + ": kubernetes: kubeconfig"},
+		{append(base, "--kubeconfig", unreachable), "--kubeconfig " + unreachable + ": kubernetes: discovery of security.istio.io/v1"},
 		{append(base, "--workloads", good, "--log-format", "xml"), `--log-format: "xml"`},
 		{append(base, "--workloads", bad), "bad.yaml"},
 		{append(base, "--workloads", bad), "namespace are required"},
@@ -111,7 +122,7 @@ func TestProxyStartErrors(t *testing.T) {
 		}
 	})
 	out, _, code := runCLI("proxy", "--help")
-	for _, flag := range []string{"--zds-socket PATH", "--ca-cert FILE", "--workloads FILE", "--policies FILE", "--log-format FORMAT", "--workers N", "--intent FILE", "SIGHUP", "Exit codes",
+	for _, flag := range []string{"--zds-socket PATH", "--ca-cert FILE", "--workloads FILE", "--kube ", "--kubeconfig FILE", "in-cluster", "--policies FILE", "--log-format FORMAT", "--workers N", "--intent FILE", "SIGHUP", "Exit codes",
 		"--cert-ttl DURATION", "at least 10m", "at most 16 MiB", "- reads stdin", "one listener serves both", fmt.Sprintf("At most %d here", maxWorkers()), "a Kubernetes namespace name"} {
 		if code != exitOK || !strings.Contains(out, flag) {
 			t.Errorf("proxy --help lacks %q", flag)

@@ -456,24 +456,7 @@ func (r *agentRig) talk(from, to *agentPod) (*Session, error) {
 // serve runs the greet-and-echo app in pod p on appPort.
 func (r *agentRig) serve(p *agentPod) {
 	r.t.Helper()
-	var l net.Listener
-	if err := p.NS.Do(func() (err error) {
-		l, err = net.Listen("tcp4", netip.AddrPortFrom(p.IP, appPort).String())
-		return
-	}); err != nil {
-		r.t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	r.t.Cleanup(func() { l.Close(); wg.Wait() })
-	wg.Go(func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() { defer c.Close(); greetAndEcho(c) }()
-		}
-	})
+	ServeIn(r.t, p.NS, "tcp4", netip.AddrPortFrom(p.IP, appPort), greetAndEcho)
 }
 
 func tail(s string, n int) string {

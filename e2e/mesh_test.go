@@ -450,28 +450,35 @@ func (m *Mesh) Enroll(agent *zds.Server, uid string, info zds.WorkloadInfo, ns *
 func (m *Mesh) Serve(p *Pod, port int, handle func(net.Conn)) {
 	m.tb.Helper()
 	for _, f := range families {
-		var l net.Listener
-		if err := p.NS.Do(func() (err error) {
-			l, err = net.Listen(f.tcp, netip.AddrPortFrom(p.Addr(f), uint16(port)).String())
-			return
-		}); err != nil {
-			m.tb.Fatal(err)
-		}
-		var wg sync.WaitGroup
-		m.tb.Cleanup(func() { l.Close(); wg.Wait() })
-		wg.Go(func() {
-			for {
-				c, err := l.Accept()
-				if err != nil {
-					return
-				}
-				go func() {
-					defer c.Close()
-					handle(c)
-				}()
-			}
-		})
+		ServeIn(m.tb, p.NS, f.tcp, netip.AddrPortFrom(p.Addr(f), uint16(port)), handle)
 	}
+}
+
+// ServeIn runs an app listening on addr inside ns until the test ends: handle gets each
+// connection (and closes nothing: ServeIn does).
+func ServeIn(tb testing.TB, ns *nettest.Netns, network string, addr netip.AddrPort, handle func(net.Conn)) {
+	tb.Helper()
+	var l net.Listener
+	if err := ns.Do(func() (err error) {
+		l, err = net.Listen(network, addr.String())
+		return
+	}); err != nil {
+		tb.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	tb.Cleanup(func() { l.Close(); wg.Wait() })
+	wg.Go(func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				handle(c)
+			}()
+		}
+	})
 }
 
 // greetAndEcho is httpbin's app: one line with the peer address it sees, then an echo.

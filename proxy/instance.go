@@ -29,7 +29,10 @@ type instance struct {
 	netns *netns.NS
 	id    identity.ID
 	ips   []netip.Addr
-	wl    *workload.Workload // nil when the store does not know the pod
+	// learned are IPs the pod dialled from that the store did not give at its add
+	// (guarded by p.mu): its pooled HBONE connections are forgotten by them too.
+	learned []netip.Addr
+	wl      *workload.Workload // nil when the store does not know the pod
 
 	listeners []net.Listener
 	hbone     *hbone.Server
@@ -393,6 +396,18 @@ func (i *instance) workload() *workload.Workload {
 		return w
 	}
 	return i.wl
+}
+
+// knownIPs are every IP the pod was known by: at its add, learned since by an outbound
+// dial, and the store's now. p.mu is held.
+func (i *instance) knownIPs() []netip.Addr {
+	out := append(slices.Clone(i.ips), i.learned...)
+	for _, ip := range i.addrs() {
+		if !slices.Contains(out, ip) {
+			out = append(out, ip)
+		}
+	}
+	return out
 }
 
 // addrs are the pod's IPs.

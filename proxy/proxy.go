@@ -301,7 +301,7 @@ func (p *Proxy) DelWorkload(ctx context.Context, uid string) error {
 func (p *Proxy) removeLocked(uid string, inst *instance) {
 	p.draining.Add(1) // under p.mu: a Shutdown that has the lock next waits for this drain
 	delete(p.instances, uid)
-	for _, ip := range inst.ips {
+	for _, ip := range inst.knownIPs() {
 		if p.byIP[ip] == inst {
 			delete(p.byIP, ip)
 		}
@@ -313,7 +313,10 @@ func (p *Proxy) removeLocked(uid string, inst *instance) {
 // namespace) take no new tunnels.
 func (p *Proxy) drain(uid string, inst *instance) {
 	inst.closeListeners()
-	for _, ip := range inst.ips {
+	p.mu.Lock()
+	ips := inst.knownIPs()
+	p.mu.Unlock()
+	for _, ip := range ips {
 		p.pool.ForgetSource(ip)
 	}
 	pod := inst.info.Namespace + "/" + inst.info.Name
@@ -398,10 +401,14 @@ func (p *Proxy) dialHBONE(ctx context.Context, key hbone.PoolKey) (net.Conn, err
 	src := p.byIP[key.SrcIP]
 	p.mu.Unlock()
 	if src == nil {
-		// A pod whose IPs the store learned after it was added (see instance.workload).
+		// A pod whose IPs the store learned after it was added (see instance.workload):
+		// found by UID, and known by this IP from now on.
 		if w, ok := p.workloads.WorkloadByIP(key.SrcIP); ok {
 			p.mu.Lock()
-			src = p.instances[w.UID]
+			if src = p.instances[w.UID]; src != nil {
+				p.byIP[key.SrcIP] = src
+				src.learned = append(src.learned, key.SrcIP)
+			}
 			p.mu.Unlock()
 		}
 	}

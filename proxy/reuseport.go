@@ -150,7 +150,7 @@ func steerFD(fd int) error {
 	copy(pattr.name[:], "nftmesh_steer")
 	progFD, err := bpf(unix.BPF_PROG_LOAD, unsafe.Pointer(&pattr), unsafe.Sizeof(pattr))
 	if err != nil {
-		return fmt.Errorf("bpf prog load (SK_REUSEPORT, SELECT_OR_MIGRATE; Linux 5.14 or later, CAP_BPF): %w", err)
+		return fmt.Errorf("bpf prog load (SK_REUSEPORT, SELECT_OR_MIGRATE; Linux 5.14 or later, CAP_BPF or CAP_SYS_ADMIN): %w", err)
 	}
 	defer unix.Close(progFD)
 	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ATTACH_REUSEPORT_EBPF, progFD); err != nil {

@@ -128,6 +128,10 @@ func Run(ctx context.Context, o Options) (err error) {
 			return err
 		}
 	}
+	if ctx.Err() != nil {
+		// The processes may have gone with the signal: what failed says nothing then.
+		return fmt.Errorf("interrupted: %w", ctx.Err())
+	}
 	if len(d.failed) > 0 {
 		d.dumpLogs()
 		return fmt.Errorf("%d step(s) did not behave: %s", len(d.failed), strings.Join(d.failed, "; "))
@@ -204,7 +208,7 @@ func (d *demo) installNftmesh(ctx context.Context) error {
 	if out, err := d.h.run("", filepath.Join(d.o.BinDir, "nftmesh"), "ca", "init", "--cert", ca, "--key", key); err != nil {
 		return fmt.Errorf("nftmesh ca init: %w: %s", err, out)
 	}
-	d.cmd("nftmesh ca init --cert ca.pem --key ca-key.pem")
+	d.cmd("nftmesh ca init --cert " + ca + " --key " + key)
 	return nil
 }
 
@@ -533,7 +537,7 @@ func (d *demo) callersReachHttpbin(ctx context.Context) error {
 	for _, name := range []string{"sleep", "notsleep"} {
 		p := d.pods[name]
 		d.step(fmt.Sprintf("From %s (%s): a request to httpbin.%s:%d, the Service VIP %s", name, p.node.name, meshNamespace, servicePort, d.vip))
-		d.cmd(fmt.Sprintf("ip netns exec %s curl http://%s:%d/", p.ns, d.vip, servicePort))
+		d.cmd(fmt.Sprintf("ip netns exec %s nftmesh-demo http-get http://%s:%d/   # the pod's curl", p.ns, d.vip, servicePort))
 		var body string
 		var err error
 		// The proxies learn the Service and its endpoints through their informers.
@@ -591,7 +595,7 @@ func (d *demo) showTelemetry(ctx context.Context) error {
 		}
 	}
 	d.step("node1's proxy metrics for the two callers (Istio's standard TCP metrics)")
-	d.cmd("curl http://" + n1.proxyHTTP + "/metrics | grep istio_tcp_connections_opened_total")
+	d.say("GET http://%s/metrics, the lines of istio_tcp_connections_opened_total (reporter destination):", n1.proxyHTTP)
 	metrics, err := httpGet("http://" + n1.proxyHTTP + "/metrics")
 	if err != nil {
 		return err
@@ -634,7 +638,7 @@ func (d *demo) applyPolicy(ctx context.Context) error {
 	}
 	notsleep, sleep := d.pods["notsleep"], d.pods["sleep"]
 	d.step("From notsleep again: refused")
-	d.cmd(fmt.Sprintf("ip netns exec %s curl http://%s:%d/", notsleep.ns, d.vip, servicePort))
+	d.cmd(fmt.Sprintf("ip netns exec %s nftmesh-demo http-get http://%s:%d/", notsleep.ns, d.vip, servicePort))
 	var err2 error
 	for deadline := time.Now().Add(15 * time.Second); ; {
 		if _, err2 = d.curl(notsleep); err2 != nil || time.Now().After(deadline) || ctx.Err() != nil {
@@ -656,7 +660,7 @@ func (d *demo) applyPolicy(ctx context.Context) error {
 		d.indent(accessText(denied[len(denied)-1]))
 	}
 	d.step("From sleep again: still allowed")
-	d.cmd(fmt.Sprintf("ip netns exec %s curl http://%s:%d/", sleep.ns, d.vip, servicePort))
+	d.cmd(fmt.Sprintf("ip netns exec %s nftmesh-demo http-get http://%s:%d/", sleep.ns, d.vip, servicePort))
 	body, err := d.curl(sleep)
 	if err != nil {
 		d.check(false, "sleep still reaches httpbin: %v", err)

@@ -16,7 +16,7 @@ type metrics struct {
 	cni      *prometheus.CounterVec
 }
 
-func newMetrics(reg prometheus.Registerer, enrolled, queued, proxies func() float64) *metrics {
+func newMetrics(reg prometheus.Registerer, enrolled, queued, proxies, annotationsPending func() float64) *metrics {
 	m := &metrics{
 		enrolled: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "nftmesh_agent_pods_enrolled", Help: "Pods of this node in the mesh (rules applied, handed to the proxy).",
@@ -38,6 +38,9 @@ func newMetrics(reg prometheus.Registerer, enrolled, queued, proxies func() floa
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "nftmesh_agent_queue_depth", Help: "Pods with enroll or remove work waiting, running or backing off.",
 		}, queued),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "nftmesh_agent_annotations_pending", Help: "Enrolled or removed pods whose redirection annotation is not written yet (retried with backoff).",
+		}, annotationsPending),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "nftmesh_agent_proxies_connected", Help: "Node proxies connected over ZDS and past their snapshot.",
 		}, proxies),

@@ -142,7 +142,15 @@ func Run(ctx context.Context, o Options) error {
 
 	kube := NewKube(client, o.NodeName, log)
 	defer kube.Stop()
-	enroller := &Enroller{Annotator: kube, Dataplane: dp, Host: host, Intent: o.Intent, Log: log, CheckNetNS: LoopbackUp}
+	var m *metrics
+	// The annotation is written behind the enrollment, off the CNI ADD's path (AsyncAnnotator).
+	annotator := NewAsyncAnnotator(kube, o.Workers, func(pod Pod, enabled bool, err error) {
+		op := map[bool]string{true: "enroll", false: "remove"}[enabled]
+		m.failures.WithLabelValues(op, "annotation").Inc()
+		log.Warn("pod annotation failed; retrying", "pod", pod.String(), "uid", pod.UID, "enabled", enabled, "error", err)
+		kube.Event(pod, "AnnotationFailed", err.Error())
+	})
+	enroller := &Enroller{Annotator: annotator, Dataplane: dp, Host: host, Intent: o.Intent, Log: log, CheckNetNS: LoopbackUp}
 	enroller.DeferProxy()
 	// Deferred before the ZDS server's Close, so it runs after it: no snapshot in flight
 	// holds a namespace it closes.
@@ -157,8 +165,8 @@ func Run(ctx context.Context, o Options) error {
 	var ready atomic.Bool
 	reg := prometheus.NewRegistry()
 	var queue *Queue[Work]
-	m := newMetrics(reg, func() float64 { return float64(enroller.Count()) }, func() float64 { return float64(queue.Len()) },
-		func() float64 { return float64(zsrv.Live()) })
+	m = newMetrics(reg, func() float64 { return float64(enroller.Count()) }, func() float64 { return float64(queue.Len()) },
+		func() float64 { return float64(zsrv.Live()) }, func() float64 { return float64(annotator.Pending()) })
 	queue = NewQueue(o.Workers, 200*time.Millisecond, 30*time.Second, func(ctx context.Context, uid string, w Work) error {
 		start := time.Now()
 		err := enroller.Process(ctx, uid, w)
@@ -191,8 +199,10 @@ func Run(ctx context.Context, o Options) error {
 
 	qctx, stopQueue := context.WithCancel(context.Background())
 	queueDone := make(chan struct{})
+	annotateDone := make(chan struct{})
 	go func() { queue.Run(qctx); close(queueDone) }()
-	defer func() { stopQueue(); <-queueDone }()
+	go func() { annotator.Run(qctx); close(annotateDone) }()
+	defer func() { stopQueue(); <-queueDone; <-annotateDone }()
 
 	if err := kube.Watch(ctrl); err != nil {
 		return fmt.Errorf("kubernetes: %w", err)

@@ -552,6 +552,50 @@ func TestHostPodIPs(t *testing.T) {
 	check("pod IP changes")
 }
 
+// Among many elements, each lookup finds its own: re-adding with the owner writes
+// nothing, another owner takes it over, a removal by a non-owner leaves it.
+func TestHostPodIPsMany(t *testing.T) {
+	nettest.Require(t, "nft")
+	ns := nettest.New(t)
+	m := quietManager()
+	host, err := compiler.HostState(intent(t, "default-dualstack"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Apply(ns.Handle, host); err != nil {
+		t.Fatal(err)
+	}
+	const n = 300
+	ip := func(i int) netip.Addr { return netip.AddrFrom4([4]byte{10, 244, byte(i >> 8), byte(i)}) }
+	uid := func(i int) string { return fmt.Sprintf("pod-%d", i) }
+	for i := range n {
+		if changed, err := m.AddPodIP(ns.Handle, ip(i), uid(i)); err != nil || !changed {
+			t.Fatalf("add %d: changed=%v err=%v", i, changed, err)
+		}
+	}
+	for i := range n {
+		if changed, err := m.AddPodIP(ns.Handle, ip(i), uid(i)); err != nil || changed {
+			t.Fatalf("re-add %d: changed=%v err=%v", i, changed, err)
+		}
+		if changed, err := m.RemovePodIP(ns.Handle, ip(i), uid(i+1)); err != nil || changed {
+			t.Fatalf("remove %d by a non-owner: changed=%v err=%v", i, changed, err)
+		}
+	}
+	if changed, err := m.AddPodIP(ns.Handle, ip(7), "new-owner"); err != nil || !changed {
+		t.Fatalf("take-over: changed=%v err=%v", changed, err)
+	}
+	if out := ns.MustRun(t, "nft", "list", "set", "inet", "nftmesh", "pod_ips_v4"); !strings.Contains(out, `10.244.0.7 comment "new-owner"`) ||
+		strings.Count(out, "comment") != n {
+		t.Errorf("set after take-over:\n%s", out)
+	}
+	// An address of the other family than the set's is refused, naming the set.
+	if _, err := m.podIP(ns.Handle, netip.MustParseAddr("fd00::1"), "x", func(c *kernel.Conn, table, _ string, a netip.Addr, o string) (bool, error) {
+		return c.AddElement(table, compiler.SetPodIPsV4, a, o)
+	}, "add"); err == nil || !strings.Contains(err.Error(), "pod_ips_v4") {
+		t.Errorf("IPv6 into the IPv4 set: %v", err)
+	}
+}
+
 // Sockets are kept per namespace between applies, and released by Remove and Close.
 func TestSocketCache(t *testing.T) {
 	nettest.Require(t, "nft")

@@ -126,7 +126,11 @@ func TestAgent(t *testing.T) {
 			return nil
 		})
 		// The new agent found the running pods (the /proc scan) and put them in the snapshot.
-		if n := MetricSum(r.agentMetrics(), "nftmesh_agent_pods_enrolled", nil); n != 2 {
+		m := r.agentMetrics()
+		if !strings.Contains(m, "\nnftmesh_agent_annotations_pending ") {
+			t.Error("nftmesh_agent_annotations_pending is not served")
+		}
+		if n := MetricSum(m, "nftmesh_agent_pods_enrolled", nil); n != 2 {
 			t.Errorf("nftmesh_agent_pods_enrolled = %v after restart, want 2 (sleep, httpbin)", n)
 		}
 		s, err := r.talk(sleep, httpbin)

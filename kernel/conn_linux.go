@@ -393,6 +393,10 @@ func (n *Conn) readElements(table string, s *LiveSet) ([]LiveElement, error) {
 	if err != nil {
 		return nil, err
 	}
+	return decodeElements(msgs)
+}
+
+func decodeElements(msgs []netlink.Message) ([]LiveElement, error) {
 	var out []LiveElement
 	for _, m := range msgs {
 		ad, err := attrs(m)
@@ -810,37 +814,89 @@ func (n *Conn) Delete(name string) (bool, error) {
 	return true, nil
 }
 
-// findElement reads the set and returns the element for addr, if any.
+// findElement looks addr up in the set: one request for the set's type, one for the
+// element (the kernel's single-element get), whatever the size of the table or the set.
+// Reading the whole table per pod made a node's n-th enrollment cost O(n).
 func (n *Conn) findElement(table, set string, addr netip.Addr) (*LiveElement, ruleset.SetType, error) {
-	live, err := n.readLive(table, false, false)
+	typ, err := n.setType(table, set)
 	if err != nil {
 		return nil, "", err
 	}
-	if live == nil {
-		return nil, "", fmt.Errorf("table inet %s does not exist", table)
+	if (typ == ruleset.SetTypeIPv4Addr) != addr.Is4() || typ == ruleset.SetTypeInetService {
+		return nil, "", fmt.Errorf("set %s holds %s, not %s", set, typ, addr)
 	}
-	var ls *LiveSet
-	for _, s := range live.Sets {
-		if s.Name == set {
-			ls = s
-		}
+	key, err := netlink.MarshalAttributes([]netlink.Attribute{{Type: unix.NFTA_DATA_VALUE, Data: addr.AsSlice()}})
+	if err != nil {
+		return nil, "", err
 	}
-	if ls == nil {
-		return nil, "", fmt.Errorf("set %s does not exist in table inet %s", set, table)
+	elem, err := netlink.MarshalAttributes([]netlink.Attribute{{Type: unix.NLA_F_NESTED | unix.NFTA_SET_ELEM_KEY, Data: key}})
+	if err != nil {
+		return nil, "", err
 	}
-	if (ls.Type == ruleset.SetTypeIPv4Addr) != addr.Is4() || ls.Type == ruleset.SetTypeInetService {
-		return nil, "", fmt.Errorf("set %s holds %s, not %s", set, ls.Type, addr)
+	list, err := netlink.MarshalAttributes([]netlink.Attribute{{Type: unix.NLA_F_NESTED | unix.NFTA_LIST_ELEM, Data: elem}})
+	if err != nil {
+		return nil, "", err
 	}
-	elems, err := n.readElements(table, ls)
+	body, err := netlink.MarshalAttributes([]netlink.Attribute{
+		{Type: unix.NFTA_SET_ELEM_LIST_TABLE, Data: []byte(table + "\x00")},
+		{Type: unix.NFTA_SET_ELEM_LIST_SET, Data: []byte(set + "\x00")},
+		{Type: unix.NLA_F_NESTED | unix.NFTA_SET_ELEM_LIST_ELEMENTS, Data: list},
+	})
+	if err != nil {
+		return nil, "", err
+	}
+	msgs, err := n.raw.execute(uint16(unix.NFNL_SUBSYS_NFTABLES<<8|unix.NFT_MSG_GETSETELEM), 0, append(nfgenmsg(unix.NFPROTO_INET), body...))
+	if errors.Is(err, unix.ENOENT) {
+		return nil, typ, nil
+	}
+	if err != nil {
+		return nil, "", fmt.Errorf("set %s: get %s: %w", set, addr, err)
+	}
+	elems, err := decodeElements(msgs)
 	if err != nil {
 		return nil, "", err
 	}
 	for _, e := range elems {
 		if e.Key == addr {
-			return &e, ls.Type, nil
+			return &e, typ, nil
 		}
 	}
-	return nil, ls.Type, nil
+	return nil, typ, nil
+}
+
+// setType reads one set's key type (a single-set get, not a dump of the table).
+func (n *Conn) setType(table, set string) (ruleset.SetType, error) {
+	msgs, err := n.raw.execute(uint16(unix.NFNL_SUBSYS_NFTABLES<<8|unix.NFT_MSG_GETSET), 0, append(nfgenmsg(unix.NFPROTO_INET),
+		mustAttrs([]netlink.Attribute{
+			{Type: unix.NFTA_SET_TABLE, Data: []byte(table + "\x00")},
+			{Type: unix.NFTA_SET_NAME, Data: []byte(set + "\x00")},
+		})...))
+	if errors.Is(err, unix.ENOENT) {
+		return "", fmt.Errorf("set %s does not exist in table inet %s", set, table)
+	}
+	if err != nil {
+		return "", fmt.Errorf("set %s: %w", set, err)
+	}
+	for _, m := range msgs {
+		ad, err := attrs(m)
+		if err != nil {
+			return "", err
+		}
+		for ad.Next() {
+			if ad.Type() == unix.NFTA_SET_KEY_TYPE {
+				return setTypeByMagic[ad.Uint32()], nil
+			}
+		}
+	}
+	return "", fmt.Errorf("set %s: no key type in the kernel's answer", set)
+}
+
+func mustAttrs(a []netlink.Attribute) []byte {
+	b, err := netlink.MarshalAttributes(a)
+	if err != nil {
+		panic(err) // only fixed, well-formed attributes are passed
+	}
+	return b
 }
 
 // AddElement makes addr an element of the set, with owner as its comment. It writes

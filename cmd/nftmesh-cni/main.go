@@ -2,6 +2,9 @@
 // passes the primary's result through unchanged, after the node agent has enrolled the pod
 // (or said it is not for the mesh); if the agent cannot do it, ADD fails and the pod does
 // not start outside the mesh. The agent installs the binary and the chain entry.
+//
+// The runtime execs the plugin for every pod, so its start-up is most of what it costs: it
+// links no net/http (agent/cniapi's framing is its own; TestNoHTTP checks).
 package main
 
 import (

@@ -14,6 +14,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/nftmesh/nftmesh/agent/cniapi"
 )
@@ -41,14 +42,25 @@ type fakeAgent struct {
 	mu   sync.Mutex
 	reqs []cniapi.Request
 	err  error
+	// hold, if set, makes Add wait for its ctx, say so on started and ended (the ctx's
+	// cause), and fail.
+	hold           bool
+	started, ended chan error
 }
 
 func (a *fakeAgent) Add(ctx context.Context, r cniapi.Request) (cniapi.Response, error) {
 	a.mu.Lock()
-	defer a.mu.Unlock()
 	a.reqs = append(a.reqs, r)
-	if a.err != nil {
-		return cniapi.Response{}, a.err
+	err, hold := a.err, a.hold
+	a.mu.Unlock()
+	if hold {
+		a.started <- nil
+		<-ctx.Done()
+		a.ended <- context.Cause(ctx)
+		return cniapi.Response{}, ctx.Err()
+	}
+	if err != nil {
+		return cniapi.Response{}, err
 	}
 	return cniapi.Response{Enrolled: true, Reason: "namespace labelled"}, nil
 }
@@ -81,15 +93,20 @@ func conf(sock string, extra string) string {
 
 func run(t *testing.T, command, ns, stdin string) (string, error) {
 	t.Helper()
+	cmd := pluginCmd(command, ns, stdin)
+	var out bytes.Buffer
+	cmd.Stdout = &out
+	err := cmd.Run()
+	return out.String(), err
+}
+
+func pluginCmd(command, ns, stdin string) *exec.Cmd {
 	cmd := exec.Command(plugin)
 	cmd.Env = []string{"CNI_COMMAND=" + command, "CNI_CONTAINERID=c0ffee", "CNI_NETNS=/var/run/netns/pod",
 		"CNI_IFNAME=eth0", "CNI_PATH=/opt/cni/bin",
 		"CNI_ARGS=IgnoreUnknown=1;K8S_POD_NAMESPACE=" + ns + ";K8S_POD_NAME=sleep;K8S_POD_INFRA_CONTAINER_ID=c0ffee;K8S_POD_UID=uid-1"}
 	cmd.Stdin = strings.NewReader(stdin)
-	var out bytes.Buffer
-	cmd.Stdout = &out
-	err := cmd.Run()
-	return out.String(), err
+	return cmd
 }
 
 func TestAddPassesPrevResultThrough(t *testing.T) {
@@ -158,5 +175,69 @@ func TestDelCheckVersion(t *testing.T) {
 	}
 	if out, err := run(t, "ADD", "demo", conf(sock, `,"timeout":"soon"`)); err == nil || !strings.Contains(out, "timeout") {
 		t.Errorf("bad timeout accepted: %v %s", err, out)
+	}
+}
+
+func holdingAgent(t *testing.T) (*fakeAgent, string) {
+	a, sock := startAgent(t)
+	a.hold, a.started, a.ended = true, make(chan error, 1), make(chan error, 1)
+	return a, sock
+}
+
+func wait(t *testing.T, c chan error, what string) error {
+	t.Helper()
+	select {
+	case err := <-c:
+		return err
+	case <-time.After(10 * time.Second):
+		t.Fatalf("%s: not within 10s", what)
+		return nil
+	}
+}
+
+// The runtime kills a plugin it has given up on: an ADD waiting in the agent must see its
+// ctx end, not go on enrolling a pod nobody waits for.
+func TestKilledPluginEndsTheAgentsWait(t *testing.T) {
+	a, sock := holdingAgent(t)
+	cmd := pluginCmd("ADD", "demo", conf(sock, ""))
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	wait(t, a.started, "the agent got the ADD")
+	cmd.Process.Kill()
+	cmd.Wait()
+	if err := wait(t, a.ended, "the agent's ADD ended"); err == nil || !strings.Contains(err.Error(), "the CNI plugin went away") {
+		t.Errorf("the agent's ADD ended with %v", err)
+	}
+}
+
+// The plugin gives up at its timeout, with an error saying so, and the agent learns of it.
+func TestAddTimesOut(t *testing.T) {
+	a, sock := holdingAgent(t)
+	start := time.Now()
+	out, err := run(t, "ADD", "demo", conf(sock, `,"timeout":"300ms"`))
+	if err == nil || !strings.Contains(out, "did not answer: context deadline exceeded") || !strings.Contains(out, "not started outside the mesh") {
+		t.Errorf("ADD with an agent that does not answer: %v, %s; want a CNI error naming the timeout", err, out)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("ADD with a 300ms timeout took %v", d)
+	}
+	wait(t, a.started, "the agent got the ADD")
+	if err := wait(t, a.ended, "the agent's ADD ended"); err == nil || !strings.Contains(err.Error(), "the CNI plugin went away") {
+		t.Errorf("the agent's ADD ended with %v", err)
+	}
+}
+
+// The plugin is exec'd for every pod: its start-up is most of its cost, and net/http (with
+// crypto/tls, HTTP/2...) about doubled it. cniapi must not bring it back.
+func TestNoHTTP(t *testing.T) {
+	out, err := exec.Command("go", "list", "-deps", ".").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range strings.Fields(string(out)) {
+		if p == "net/http" || p == "crypto/tls" || strings.HasPrefix(p, "k8s.io/") {
+			t.Errorf("the plugin links %s", p)
+		}
 	}
 }

@@ -98,6 +98,10 @@ func Run(ctx context.Context, o Options) error {
 	// Enrollment writes one annotation per pod; client-go's default 5 QPS would make
 	// 1,000 pods take minutes.
 	cfg.QPS, cfg.Burst = 200, 400
+	// Only Kubernetes' own types (pods, namespaces, events): protobuf costs the API server
+	// and the agent less than JSON for every watch event and every patch's answer.
+	cfg.ContentType = "application/vnd.kubernetes.protobuf"
+	cfg.AcceptContentTypes = "application/vnd.kubernetes.protobuf,application/json"
 	client, err := kubernetes.NewForConfig(cfg)
 	if err != nil {
 		return fmt.Errorf("kubernetes: %w", err)

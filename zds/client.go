@@ -39,6 +39,17 @@ type Handler interface {
 	SnapshotDone(ctx context.Context, named map[string]bool) error
 }
 
+type inSnapshotKey struct{}
+
+// InSnapshot reports whether an AddWorkload's ctx is of the snapshot a connection starts
+// with, rather than a pod added later. The agent sends later Adds only to its newest
+// connection, so a pod added later is served by no other proxy (docs/zds.md), while a
+// snapshot's pods may be an older proxy's too (an upgrade).
+func InSnapshot(ctx context.Context) bool {
+	v, _ := ctx.Value(inSnapshotKey{}).(bool)
+	return v
+}
+
 // Client is the proxy's end of ZDS: it connects to the agent, serves its requests and reconnects
 // when the agent goes away. Workloads keep running while it is disconnected: only a new snapshot
 // (or a Del) removes them.
@@ -194,7 +205,11 @@ func (s *clientSession) handle(ctx context.Context, data []byte, files []*os.Fil
 		if err != nil {
 			return fmt.Errorf("zds: add %s: %w: descriptor: %w", uid, errMalformed, err)
 		}
-		if err := h.AddWorkload(ctx, uid, infoFromPB(p.Add.GetWorkloadInfo()), ns); err != nil {
+		addCtx := ctx
+		if !s.snapshotDone {
+			addCtx = context.WithValue(ctx, inSnapshotKey{}, true)
+		}
+		if err := h.AddWorkload(addCtx, uid, infoFromPB(p.Add.GetWorkloadInfo()), ns); err != nil {
 			return fmt.Errorf("zds: add %s: %w", uid, err)
 		}
 	case *zdspb.WorkloadRequest_Keep:

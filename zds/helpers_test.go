@@ -174,11 +174,12 @@ type recHandler struct {
 	infos     map[string]WorkloadInfo
 	fail      map[string]error         // per uid: AddWorkload/DelWorkload/KeepWorkload fail
 	hold      map[string]chan struct{} // per uid: AddWorkload waits for the channel to close
+	inSnap    map[string]bool          // per uid: InSnapshot of its last Add's ctx
 }
 
 func newRecHandler(t *testing.T) *recHandler {
 	h := &recHandler{workloads: map[string]*netns.NS{}, infos: map[string]WorkloadInfo{},
-		fail: map[string]error{}, hold: map[string]chan struct{}{}}
+		fail: map[string]error{}, hold: map[string]chan struct{}{}, inSnap: map[string]bool{}}
 	// Registered before the client starts, so it runs after the client stopped.
 	t.Cleanup(h.closeAll)
 	return h
@@ -200,6 +201,7 @@ func (h *recHandler) AddWorkload(ctx context.Context, uid string, info WorkloadI
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	h.inSnap[uid] = InSnapshot(ctx)
 	h.record("add %s", uid)
 	if err := h.fail[uid]; err != nil {
 		ns.Close()

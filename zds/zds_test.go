@@ -38,6 +38,9 @@ func TestHelloAndSnapshot(t *testing.T) {
 	}
 	h.mu.Lock()
 	gotInfo := h.infos["a"]
+	if !h.inSnap["a"] || !h.inSnap["b"] {
+		t.Errorf("snapshot Adds not marked InSnapshot: %v", h.inSnap)
+	}
 	h.mu.Unlock()
 	if gotInfo != infoA {
 		t.Errorf("info %+v, want %+v", gotInfo, infoA)
@@ -68,6 +71,11 @@ func TestAddAndDelAfterSnapshot(t *testing.T) {
 		t.Fatal(err)
 	}
 	h.waitEvents(t, "snapshot []", "add x", "del x")
+	h.mu.Lock()
+	if h.inSnap["x"] {
+		t.Error("an Add after the snapshot is marked InSnapshot")
+	}
+	h.mu.Unlock()
 	if len(h.Workloads()) != 0 {
 		t.Errorf("workloads left: %v", h.Workloads())
 	}

@@ -10,6 +10,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -536,4 +537,44 @@ func (b *syncBuffer) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.b.String()
+}
+
+// The request is written by hand (Request.appendJSON), as json.Marshal writes it.
+func TestRequestJSON(t *testing.T) {
+	ips := []netip.Addr{netip.MustParseAddr("10.244.1.7"), netip.MustParseAddr("fd00:244:1::7"),
+		netip.MustParseAddr("::ffff:10.0.0.1"), netip.MustParseAddr("fe80::1%eth0"), {},
+		netip.MustParseAddr("fe80::1").WithZone(`a"b<c>\\d&e` + "\x01\u2028")}
+	reqs := []Request{{}, addReq, {Command: "DEL", PodName: "a", PodNamespace: "b", IPs: []netip.Addr{}},
+		{Command: "ADD", ContainerID: "c0ffee", NetNS: "/var/run/netns/cni-1234", PodName: "sleep-7f9d", PodNamespace: "demo",
+			PodUID: "0b1c2d3e-4f5a-6b7c-8d9e-0f1a2b3c4d5e", IPs: ips}}
+	for _, s := range []string{"", "plain", `"quoted" \back\slash`, "<html> & </html>", "\x00\x01\x07\b\f\n\r\t\x1f\x7f ",
+		"é ü 日本 🚀", "\u2028\u2029", "bad \xff utf-8 \xe2\x82", "\xed\xa0\x80 surrogate", "\uFFFD kept"} {
+		reqs = append(reqs, Request{Command: s, ContainerID: s, NetNS: s, PodName: s, PodNamespace: s, PodUID: s})
+	}
+	for _, r := range reqs {
+		checkRequestJSON(t, r)
+	}
+}
+
+func FuzzRequestJSON(f *testing.F) {
+	f.Add("ADD", "c0ffee", "/var/run/netns/x", "sleep", "demo", "uid-1", "10.0.0.1")
+	f.Add("", "\x00<>&", "\u2028", "\xff\xfe", `"\`, "日本", "fe80::1%eth0")
+	f.Fuzz(func(t *testing.T, cmd, id, netns, name, ns, uid, ip string) {
+		r := Request{Command: cmd, ContainerID: id, NetNS: netns, PodName: name, PodNamespace: ns, PodUID: uid}
+		if a, err := netip.ParseAddr(ip); err == nil {
+			r.IPs = []netip.Addr{a, a.WithZone(ip)}
+		}
+		checkRequestJSON(t, r)
+	})
+}
+
+func checkRequestJSON(t *testing.T, r Request) {
+	t.Helper()
+	want, err := json.Marshal(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := r.appendJSON(nil); !bytes.Equal(got, want) {
+		t.Errorf("%#v:\n got %s\nwant %s", r, got, want)
+	}
 }

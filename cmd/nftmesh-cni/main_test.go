@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"debug/buildinfo"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -11,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -240,4 +242,18 @@ func TestNoHTTP(t *testing.T) {
 			t.Errorf("the plugin links %s", p)
 		}
 	}
+}
+
+// The plugin is built without the runtime's GOMAXPROCS updater (//go:debug in main.go).
+func TestStartupSettings(t *testing.T) {
+	bi, err := buildinfo.ReadFile(plugin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range bi.Settings {
+		if s.Key == "DefaultGODEBUG" && slices.Contains(strings.Split(s.Value, ","), "updatemaxprocs=0") {
+			return
+		}
+	}
+	t.Errorf("the plugin's build settings %v have no DefaultGODEBUG with updatemaxprocs=0", bi.Settings)
 }

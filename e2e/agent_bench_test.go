@@ -99,17 +99,15 @@ const (
 
 // BenchmarkAgentCNIAdd: one fresh pod's CNI ADD at a time. Legs:
 //
-//	nftmesh             the pod is in an ambient-labelled namespace: the plugin waits for
-//	                    the agent to enroll it (rules, ZDS Add and Ack, probe set, annotation)
-//	nftmesh-static      as nftmesh, with the plugin built as the Dockerfile builds the one
-//	                    that ships (static); the installed one is the toolchain's default
+//	nftmesh             the pod is in an ambient-labelled namespace: the plugin (static, as
+//	                    it ships) waits for the agent to enroll it (rules, ZDS Add and Ack,
+//	                    probe set; the annotation follows the answer)
 //	agent-direct        as nftmesh, but the test sends the plugin's request to the agent's
 //	                    socket itself (cniapi.Call, in process): the ADD without the
 //	                    plugin's fork, exec and Go start-up
 //	plugin-noop         the pod is in an unlabelled namespace: the agent decides "not for
 //	                    the mesh" and answers at once; the plugin's fork/exec, its round
 //	                    trip to the agent and the agent's decision, nothing enrolled
-//	plugin-noop-static  the same with the static plugin
 //	baseline            Istio 1.21's way, in the plugin's place: `iptables-restore --noflush`
 //	                    of the in-pod rules, forked from a thread already in the pod's
 //	                    namespace, then the IPv4 policy routing over rtnetlink (istio-cni's
@@ -127,20 +125,16 @@ func BenchmarkAgentCNIAdd(b *testing.B) {
 	ambient := r.kubeNamespace(b, map[string]string{ambientLabel: "ambient"})
 	plain := r.kubeNamespace(b, nil)
 	time.Sleep(informerSettle) // the agent's namespace informer sees both
-	static := staticPlugin(b)
 	b.Run("nftmesh", func(b *testing.B) { r.benchAdds(b, ambient, true, r.cniAdd) })
-	b.Run("nftmesh-static", func(b *testing.B) { r.benchAdds(b, ambient, true, r.cniAddWith(static)) })
 	b.Run("agent-direct", func(b *testing.B) { r.benchAdds(b, ambient, true, r.directAdd) })
 	b.Run("plugin-noop", func(b *testing.B) { r.benchAdds(b, plain, false, r.cniAdd) })
-	b.Run("plugin-noop-static", func(b *testing.B) { r.benchAdds(b, plain, false, r.cniAddWith(static)) })
 	b.Run("baseline", func(b *testing.B) { r.benchBaseline(b, false) })
 	b.Run("baseline-dualstack", func(b *testing.B) { r.benchBaseline(b, true) })
 }
 
 // BenchmarkAgent1000Pods: 1,000 pods for the mesh on one node, their ADDs run
 // burstParallel at a time. Legs, as in BenchmarkAgentCNIAdd: cni (the installed plugin,
-// as a runtime runs it), cni-static (the static build that ships) and agent-direct (the
-// plugin's request sent by the test itself). One op is 1,000 pods on a node of its own:
+// as a runtime runs it) and agent-direct (the plugin's request sent by the test itself). One op is 1,000 pods on a node of its own:
 // a new rig (agent and proxy with no pod), stopped and cleaned up, untimed, after the op.
 // total-s is the time from the first ADD's start to the last one's end; p50-ms, p99-ms
 // and max-ms are of the single ADDs within the burst; annotated-s is the time until the
@@ -148,9 +142,7 @@ func BenchmarkAgentCNIAdd(b *testing.B) {
 // are the processes' open files per enrolled pod. Legs floor and istio-rules: see
 // benchBurstBare. Target (issue #12): 1,000 pods in at most 5 s on 2 cores.
 func BenchmarkAgent1000Pods(b *testing.B) {
-	static := staticPlugin(b)
 	b.Run("cni", func(b *testing.B) { benchBurst(b, func(r *benchRig) benchAdd { return r.cniAdd }) })
-	b.Run("cni-static", func(b *testing.B) { benchBurst(b, func(r *benchRig) benchAdd { return r.cniAddWith(static) }) })
 	b.Run("agent-direct", func(b *testing.B) { benchBurst(b, func(r *benchRig) benchAdd { return r.directAdd }) })
 	b.Run("floor", func(b *testing.B) { benchBurstBare(b, true) })
 	b.Run("istio-rules", func(b *testing.B) { benchBurstBare(b, false) })
@@ -938,29 +930,6 @@ func (r *benchRig) cniAdd(p *benchPod) (time.Duration, error) {
 // cniAddWith is cniAdd with another build of the plugin, at path bin.
 func (r *benchRig) cniAddWith(bin string) benchAdd {
 	return func(p *benchPod) (time.Duration, error) { return r.runPlugin(bin, p) }
-}
-
-// staticPluginBin is nftmesh-cni built as the Dockerfile builds the one that ships
-// (CGO_ENABLED=0, -trimpath, -ldflags "-s -w": a static executable). The plugin the agent
-// installs in these tests is cniBin, the toolchain's default build, which links
-// dynamically (the net package uses cgo) wherever a C compiler is found.
-var staticPluginBin = sync.OnceValues(func() (string, error) {
-	bin := filepath.Join(filepath.Dir(cniBin), "nftmesh-cni-static") // TestMain removes the directory
-	build := exec.Command(goTool(), "build", "-trimpath", "-ldflags", "-s -w", "-o", bin, "./cmd/nftmesh-cni")
-	build.Dir = ".." // the module root
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := build.CombinedOutput(); err != nil {
-		return "", fmt.Errorf("go build (CGO_ENABLED=0) ./cmd/nftmesh-cni: %v\n%s", err, out)
-	}
-	return bin, nil
-})
-
-func staticPlugin(tb testing.TB) string {
-	bin, err := staticPluginBin()
-	if err != nil {
-		tb.Fatal(err)
-	}
-	return bin
 }
 
 // runPlugin runs the plugin at bin for p's ADD.

@@ -59,7 +59,9 @@ func (p *packetConn) read() ([]byte, []*os.File, error) {
 	case flags&syscall.MSG_TRUNC != 0:
 		return nil, files, malformed("packet longer than %d bytes", maxPacket)
 	case flags&syscall.MSG_CTRUNC != 0:
-		return nil, files, malformed("ancillary data truncated (more than %d descriptors?)", maxFDs)
+		// The kernel also truncates when it cannot install a passed descriptor: this
+		// process at its open-file limit (EMFILE) looks the same as a peer sending too many.
+		return nil, files, malformed("ancillary data truncated: more than %d descriptors sent, or this process is at its open-file limit (RLIMIT_NOFILE)", maxFDs)
 	}
 	return append([]byte(nil), p.buf[:n]...), files, nil
 }

@@ -185,6 +185,14 @@ func TestAgent(t *testing.T) {
 			t.Errorf("CNI DEL with the agent down: %v: %s", res.ExitErr, res.Err)
 		}
 		r.startAgent()
+		// The proxy reconnects with its backoff; until then an ADD fails (and the kubelet
+		// would retry the sandbox).
+		r.eventually("the proxy reconnects", 15*time.Second, func() error {
+			if n := MetricSum(r.agentMetrics(), "nftmesh_agent_proxies_connected", nil); n != 1 {
+				return fmt.Errorf("proxies connected %v", n)
+			}
+			return nil
+		})
 		r.add(p) // and it enrolls once both are back
 		r.running(p)
 		r.enrolled(p, true)

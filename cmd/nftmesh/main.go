@@ -41,7 +41,7 @@ func commands() []command {
 		{"show", "print nftmesh's live table in a network namespace", runShow},
 		{"delete", "remove nftmesh's table and routing from a network namespace", runDelete},
 		{"policy", "explain and lint L4 authorization policies", runPolicy},
-		{"ca", "make a mesh root CA for demos and tests", runCA},
+		{"ca", "run the mesh CA service; make a root CA for demos and tests", runCA},
 		{"proxy", "run the node proxy (HBONE, L4 authorization, metrics)", runProxy},
 		{"agent", "run the node agent (enrolls this node's pods; the CNI plugin; ZDS)", runAgent},
 		{"version", "print the version", runVersion},

@@ -48,6 +48,8 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/nftmesh/nftmesh/agent"
+	"github.com/nftmesh/nftmesh/ca"
+	cakube "github.com/nftmesh/nftmesh/ca/kube"
 	"github.com/nftmesh/nftmesh/compiler"
 	"github.com/nftmesh/nftmesh/internal/controlplane"
 	"github.com/nftmesh/nftmesh/internal/kubetest"
@@ -754,7 +756,7 @@ func TestDaemonSets(t *testing.T) {
 		files           []string
 	}{
 		{"nftmesh-agent", "agent", "metrics-addr", "metrics-addr", "/readyz", "/healthz", []string{"intent"}},
-		{"nftmesh-proxy", "proxy", "metrics-addr", "ready-addr", "/healthz/ready", "", []string{"intent", "ca-cert", "ca-key"}},
+		{"nftmesh-proxy", "proxy", "metrics-addr", "ready-addr", "/healthz/ready", "", []string{"intent", "ca-root-file", "ca-token-file"}},
 	} {
 		t.Run(tc.component, func(t *testing.T) {
 			ds := typed[appsv1.DaemonSet](t, find(t, objs, "DaemonSet", tc.name))
@@ -816,12 +818,79 @@ func TestDaemonSets(t *testing.T) {
 				}
 				checkMountedFile(t, &pod.Spec, &c, cms, "--"+flag, file)
 			}
+			// No node holds the mesh's signing key: only the CA's Deployment mounts it.
+			for _, v := range pod.Spec.Volumes {
+				if v.Secret != nil && v.Secret.SecretName == "nftmesh-ca" {
+					t.Errorf("volume %q mounts the CA Secret on every node", v.Name)
+				}
+			}
+			if _, ok := flagValue(args, "ca-key"); ok {
+				t.Error("--ca-key: a node holds the signing key")
+			}
 		})
 	}
 }
 
-// checkMountedFile checks that file comes from a key of a ConfigMap of deploy/, or from a
-// key a Secret volume names (the Secret is a placeholder, filled by the user).
+// The CA service's Deployment: its flags' files come from the CA Secret, its Service and
+// probe match --listen, and it publishes the root the proxies mount.
+func TestCADeployment(t *testing.T) {
+	objs := allObjects(t)
+	d := typed[appsv1.Deployment](t, find(t, objs, "Deployment", "nftmesh-ca"))
+	pod := d.Spec.Template
+	if pod.Labels["nftmesh.dev/component"] != "ca" {
+		t.Errorf("pod label nftmesh.dev/component=%q, want ca (the agent never enrolls pods with it)", pod.Labels["nftmesh.dev/component"])
+	}
+	if d.Spec.Replicas == nil || *d.Spec.Replicas < 2 {
+		t.Error("fewer than 2 replicas: a restart would stall every proxy's renewals")
+	}
+	c := pod.Spec.Containers[0]
+	args := expandEnv(c.Args, c.Env)
+	if subcommand(args) != "ca serve" {
+		t.Fatalf("args %q: not `ca serve`", args)
+	}
+	for _, flag := range []string{"ca-cert", "ca-key"} {
+		file, ok := flagValue(args, flag)
+		if !ok {
+			t.Errorf("no --%s in args", flag)
+			continue
+		}
+		checkMountedFile(t, &pod.Spec, &c, nil, "--"+flag, file)
+	}
+	listen, _ := flagValue(args, "listen")
+	port := portOf(t, "--listen", listen)
+	svc := typed[corev1.Service](t, find(t, objs, "Service", "nftmesh-ca"))
+	if len(svc.Spec.Ports) != 1 || fmt.Sprint(svc.Spec.Ports[0].Port) != port {
+		t.Errorf("Service ports %v, want %s (--listen)", svc.Spec.Ports, port)
+	}
+	for k, v := range svc.Spec.Selector {
+		if pod.Labels[k] != v {
+			t.Errorf("the Service selects %s=%s, which the pods lack", k, v)
+		}
+	}
+	if c.ReadinessProbe == nil || c.ReadinessProbe.TCPSocket == nil || c.ReadinessProbe.TCPSocket.Port.String() != port {
+		t.Errorf("readiness probe %+v, want a TCP check of %s", c.ReadinessProbe, port)
+	}
+	// The proxies dial the name the CA's certificate holds, and mount the ConfigMap it writes.
+	ds := typed[appsv1.DaemonSet](t, find(t, objs, "DaemonSet", "nftmesh-proxy"))
+	proxyArgs := ds.Spec.Template.Spec.Containers[0].Args
+	addr, _ := flagValue(proxyArgs, "ca-address")
+	host, p, _ := strings.Cut(addr, ":")
+	if dns, _ := flagValue(args, "dns-name"); dns != host || p != port {
+		t.Errorf("the proxies dial %s; the CA's certificate names %s, and it listens on %s", addr, dns, port)
+	}
+	cm, _ := flagValue(args, "root-configmap")
+	if cm != namespace+"/"+publishedRoot {
+		t.Errorf("--root-configmap %q, want %s/%s (the proxies mount it)", cm, namespace, publishedRoot)
+	}
+}
+
+// publishedRoot is the ConfigMap the CA service writes at its start (--root-configmap):
+// not in deploy/, the proxies mount it.
+const publishedRoot = "nftmesh-ca-root"
+
+// checkMountedFile checks that file comes from a key of a ConfigMap of deploy/ (or the one
+// the CA publishes), from a key a Secret volume names (the Secret is a placeholder, filled
+// by the user), or from a projected ServiceAccount token.
 func checkMountedFile(t *testing.T, pod *corev1.PodSpec, c *corev1.Container, cms map[string]*corev1.ConfigMap, flag, file string) {
 	t.Helper()
 	for _, vm := range c.VolumeMounts {
@@ -841,6 +910,18 @@ func checkMountedFile(t *testing.T, pod *corev1.PodSpec, c *corev1.Container, cm
 			items = v.ConfigMap.Items
 		case v.Secret != nil:
 			items = v.Secret.Items
+		case v.Projected != nil:
+			// A token for the CA: bound to the pod, for the audience the CA checks.
+			for _, src := range v.Projected.Sources {
+				if tok := src.ServiceAccountToken; tok != nil && tok.Path == rel {
+					if tok.Audience != "istio-ca" {
+						t.Errorf("%s %s: token audience %q, want istio-ca (the CA's --token-audience)", flag, file, tok.Audience)
+					}
+					return
+				}
+			}
+			t.Errorf("%s %s: projected volume %q has no serviceAccountToken at %s", flag, file, v.Name, rel)
+			return
 		default:
 			t.Errorf("%s %s: volume %q is neither a ConfigMap nor a Secret", flag, file, v.Name)
 			return
@@ -854,6 +935,12 @@ func checkMountedFile(t *testing.T, pod *corev1.PodSpec, c *corev1.Container, cm
 			key = items[j].Key
 		} else if v.Secret != nil {
 			t.Errorf("%s %s: Secret volume %q should name its keys (items), so that a Secret without them holds the pod with an event", flag, file, v.Name)
+			return
+		}
+		if v.ConfigMap != nil && v.ConfigMap.Name == publishedRoot {
+			if key != "root-cert.pem" {
+				t.Errorf("%s %s: ConfigMap %s holds root-cert.pem, not %s", flag, file, publishedRoot, key)
+			}
 			return
 		}
 		if v.ConfigMap != nil {
@@ -1003,6 +1090,33 @@ func TestRBAC(t *testing.T) {
 		}
 	})
 
+	t.Run("ca", func(t *testing.T) {
+		client, err := kubernetes.NewForConfig(as("nftmesh-ca"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		authz, err := cakube.NewNodeAuthorizer(client, []string{namespace + "/nftmesh-proxy"}, log)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sctx, stop := context.WithTimeout(ctx, 30*time.Second)
+		defer stop()
+		if err := authz.Start(sctx); err != nil {
+			t.Fatalf("pod informer: %v", err)
+		}
+		// A TokenReview: a bogus token is refused by the API server, not forbidden to ask.
+		_, err = cakube.NewAuthenticator(client, nil).Authenticate(ctx, "not-a-token")
+		if ca.RefusalReason(err) != "unauthenticated" {
+			t.Errorf("token review as nftmesh-ca: %v, want a refusal of the token", err)
+		}
+		if _, err := cakube.PublishRoot(ctx, client, namespace, publishedRoot, []byte("root")); err != nil {
+			t.Errorf("publish the root: %v", err)
+		}
+		if _, err := cakube.PublishRoot(ctx, client, namespace, publishedRoot, []byte("root 2")); err != nil {
+			t.Errorf("publish a new root: %v", err)
+		}
+	})
+
 	t.Run("least", func(t *testing.T) {
 		for _, tc := range []struct {
 			sa      string
@@ -1021,6 +1135,12 @@ func TestRBAC(t *testing.T) {
 			{"nftmesh-proxy", false, authorizationv1.ResourceAttributes{Verb: "get", Resource: "secrets"}},
 			{"nftmesh-proxy", false, authorizationv1.ResourceAttributes{Verb: "create", Group: "security.istio.io", Resource: "authorizationpolicies"}},
 			{"nftmesh-proxy", false, authorizationv1.ResourceAttributes{Verb: "list", Resource: "namespaces"}},
+			{"nftmesh-proxy", false, authorizationv1.ResourceAttributes{Verb: "create", Group: "authentication.k8s.io", Resource: "tokenreviews"}},
+			{"nftmesh-ca", true, authorizationv1.ResourceAttributes{Verb: "create", Group: "authentication.k8s.io", Resource: "tokenreviews"}},
+			{"nftmesh-ca", false, authorizationv1.ResourceAttributes{Verb: "get", Resource: "secrets", Namespace: namespace, Name: "nftmesh-ca"}},
+			{"nftmesh-ca", false, authorizationv1.ResourceAttributes{Verb: "update", Resource: "configmaps", Namespace: namespace, Name: "nftmesh-intent"}},
+			{"nftmesh-ca", false, authorizationv1.ResourceAttributes{Verb: "patch", Resource: "pods"}},
+			{"nftmesh-ca", false, authorizationv1.ResourceAttributes{Verb: "create", Resource: "serviceaccounts", Subresource: "token"}},
 		} {
 			sar := &authorizationv1.SubjectAccessReview{Spec: authorizationv1.SubjectAccessReviewSpec{
 				User:               saUser(tc.sa),

@@ -37,6 +37,7 @@ type instance struct {
 	listeners []net.Listener
 	hbone     *hbone.Server
 	wg        sync.WaitGroup
+	release   func() // undoes the issuer's Hold of id (identity.Holder), once; nil without
 
 	nsMu     sync.RWMutex // held (read) while the namespace fd is in use
 	nsClosed bool
@@ -90,6 +91,13 @@ func (p *Proxy) startInstance(uid string, info zds.WorkloadInfo, ns *netns.NS) (
 		// TLS handshakes in flight: at most hbone.DefaultMaxHandshakes for this pod and
 		// hbone.DefaultNodeHandshakes across the node's pods; the excess is closed unhandshaken.
 		Handshakes: p.handshakes,
+	}
+	// An issuer that keeps the certificates of the identities in use fetches this one
+	// now, ahead of the first handshake; stop releases it (every instance is stopped
+	// once, whether it failed to start, was deleted, replaced or shut down).
+	if h, ok := p.issuer.(identity.Holder); ok {
+		h.Hold(inst.id)
+		inst.release = sync.OnceFunc(func() { h.Release(inst.id) })
 	}
 	// Listen first, serve later (serve, once the instance is registered): a connection
 	// served before would find no instance for its pod (an outbound dial from its
@@ -177,6 +185,9 @@ func (i *instance) stop(ctx context.Context, deadline time.Duration) {
 	i.spares.close()
 	i.netns.Close()
 	i.nsMu.Unlock()
+	if i.release != nil { // after the drain: its connections are done with the certificate
+		i.release()
+	}
 }
 
 func (i *instance) acceptLoop(l net.Listener, serve func(*net.TCPConn)) {

@@ -192,6 +192,12 @@ func (p *Proxy) AddWorkload(ctx context.Context, uid string, info zds.WorkloadIn
 	p.mu.Unlock()
 	if old != nil {
 		p.log.Info("workload in a new network namespace: replacing it", "uid", uid, "pod", info.Namespace+"/"+info.Name)
+		if h, ok := p.issuer.(identity.Holder); ok {
+			// Held across the swap, so that a drain that ends before the new instance's
+			// Hold does not drop (and refetch) the pod's certificate.
+			h.Hold(old.id)
+			defer h.Release(old.id)
+		}
 		p.drain(uid, old)
 	}
 

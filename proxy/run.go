@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -33,10 +34,16 @@ const MinCertTTL = 10 * time.Minute
 // workloads and the policies (a file or the Kubernetes API), and where to serve metrics
 // and readiness.
 type Options struct {
-	Config        Config
-	ZDSSocket     string // the agent's ZDS socket; "": zds.DefaultSocketPath
-	CACertFile    string // the mesh CA, for minting workload certificates (PEM)
-	CAKeyFile     string
+	Config     Config
+	ZDSSocket  string // the agent's ZDS socket; "": zds.DefaultSocketPath
+	CACertFile string // the mesh CA, for minting workload certificates here (PEM): tests and demos
+	CAKeyFile  string
+	// CAAddress is a CA service (istiod's IstioCertificateService, or nftmesh's own) to
+	// ask for workload certificates instead: exactly one of it and CACertFile/CAKeyFile.
+	CAAddress     string
+	CATokenFile   string        // with CAAddress: the bearer token sent, re-read for each request
+	CARootFile    string        // with CAAddress: the roots of the CA's TLS certificate and of the mesh (PEM)
+	CAClusterID   string        // with CAAddress: the clusterid header; "": identity.DefaultClusterID
 	TrustDomain   string        // "": identity.DefaultTrustDomain
 	CertTTL       time.Duration // 0: the issuer's default (24h); else at least MinCertTTL
 	ClusterID     string        // source_cluster and destination_cluster in the metrics
@@ -69,9 +76,26 @@ func Run(ctx context.Context, o Options) error {
 			return fmt.Errorf("--trust-domain: %w", err)
 		}
 	}
-	issuer, err := loadIssuer(o)
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	fetches := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "nftmesh_proxy_certificate_fetches_total",
+		Help: "Workload certificate requests to the CA service (--ca-address), by result: success, or failure (the CA unreachable or refusing, or its answer rejected).",
+	}, []string{"result"})
+	reg.MustRegister(fetches)
+	onFetch := func(_ identity.ID, err error) {
+		result := "success"
+		if err != nil {
+			result = "failure"
+		}
+		fetches.WithLabelValues(result).Inc()
+	}
+	issuer, err := loadIssuer(o, log, onFetch)
 	if err != nil {
 		return err
+	}
+	if c, ok := issuer.(io.Closer); ok {
+		defer c.Close() // last: after the proxy's shutdown, which releases every pod's identity
 	}
 	popts := policy.Options{RootNamespace: o.RootNamespace}
 	pstore := policy.NewStore(popts)
@@ -97,8 +121,6 @@ func Run(ctx context.Context, o Options) error {
 		return fmt.Errorf("--policies: %w", err)
 	}
 
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	p := New(cfg, issuer, store, pstore, NewMetrics(reg, o.ClusterID), log)
 
 	// Metrics and readiness on their own listeners, or on one when both addresses are the
@@ -162,13 +184,48 @@ func Run(ctx context.Context, o Options) error {
 	return runErr
 }
 
-// loadIssuer reads the CA files. A file that does not read is named with its flag; what
+// loadIssuer builds the issuer o names: a client of the CA service at CAAddress, or a CA
+// signing here with CACertFile and CAKeyFile. An error names the flag at fault.
+func loadIssuer(o Options, log *slog.Logger, onFetch func(identity.ID, error)) (identity.Issuer, error) {
+	local := o.CACertFile != "" || o.CAKeyFile != ""
+	switch {
+	case o.CAAddress != "" && local:
+		return nil, errors.New("--ca-address and --ca-cert/--ca-key are alternatives: give one")
+	case o.CAAddress != "":
+		return loadRemoteIssuer(o, log, onFetch)
+	case !local:
+		return nil, errors.New("a CA is required: --ca-address, or --ca-cert and --ca-key")
+	case o.CACertFile == "" || o.CAKeyFile == "":
+		return nil, errors.New("--ca-cert and --ca-key go together: give both")
+	}
+	return loadCAIssuer(o)
+}
+
+// loadRemoteIssuer makes the CA service's client; it reads the root and token files
+// now, but connects with the first request.
+func loadRemoteIssuer(o Options, log *slog.Logger, onFetch func(identity.ID, error)) (identity.Issuer, error) {
+	r, err := identity.NewRemoteIssuer(identity.RemoteOptions{
+		Address: o.CAAddress, RootFile: o.CARootFile, TokenFile: o.CATokenFile, ClusterID: o.CAClusterID,
+		TrustDomain: o.TrustDomain, Validity: o.CertTTL, Log: log, OnFetch: onFetch,
+	})
+	if err != nil {
+		var oe *identity.OptionError
+		if errors.As(err, &oe) {
+			flag := map[string]string{"Address": "--ca-address", "RootFile": "--ca-root-file", "TokenFile": "--ca-token-file",
+				"TrustDomain": "--trust-domain", "Validity": "--cert-ttl"}[oe.Option]
+			if flag != "" {
+				return nil, fmt.Errorf("%s: %w", flag, err)
+			}
+		}
+		return nil, fmt.Errorf("--ca-address %s: %w", o.CAAddress, err)
+	}
+	return r, nil
+}
+
+// loadCAIssuer reads the CA files. A file that does not read is named with its flag; what
 // NewCAIssuer refuses (a file that does not parse, which its message says, or a key that
 // does not match the certificate) is named with both flags and files.
-func loadIssuer(o Options) (*identity.CAIssuer, error) {
-	if o.CACertFile == "" || o.CAKeyFile == "" {
-		return nil, errors.New("--ca-cert and --ca-key are required")
-	}
+func loadCAIssuer(o Options) (*identity.CAIssuer, error) {
 	certPEM, err := input.ReadFile(o.CACertFile)
 	if err != nil {
 		return nil, fmt.Errorf("--ca-cert: %w", err)

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -22,7 +23,7 @@ import (
 )
 
 func runProxy(args []string, stdout, stderr io.Writer) int {
-	fs := newFlagSet("proxy", "proxy --ca-cert ca.pem --ca-key ca-key.pem (--kube | --kubeconfig FILE | --workloads workloads.yaml) [--intent intent.yaml] [flags]",
+	fs := newFlagSet("proxy", "proxy (--ca-address HOST:PORT | --ca-cert ca.pem --ca-key ca-key.pem) (--kube | --kubeconfig FILE | --workloads workloads.yaml) [--intent intent.yaml] [flags]",
 		"Run the node proxy: take pods from the agent over ZDS, listen in each pod's network namespace\n"+
 			"on the intent's ports (default 15001 outbound, 15006 inbound, 15008 HBONE) with its proxy mark\n"+
 			"(default 0x539) on every socket, tunnel mesh traffic over mutual-TLS HBONE with SPIFFE\n"+
@@ -33,16 +34,31 @@ func runProxy(args []string, stdout, stderr io.Writer) int {
 			"it serves once it has read them all, and a policy applied later takes effect on new and live\n"+
 			"connections), or static files for tests and demos without a cluster (--workloads, --policies;\n"+
 			"SIGHUP reloads the policies file). Live connections that changed policies deny are closed.\n"+
-			"SIGTERM and SIGINT stop accepting and drain until --shutdown-deadline.",
+			"SIGTERM and SIGINT stop accepting and drain until --shutdown-deadline.\n\n"+
+			"Workload certificates come from a CA service (--ca-address: istiod's IstioCertificateService,\n"+
+			"or nftmesh ca serve), asked with the node's token (--ca-token-file) for each pod's identity,\n"+
+			"with a key made here; fetched when a pod is added, renewed at half their lifetime, dropped\n"+
+			"with the identity's last pod, and checked against --ca-root-file. Or, for tests and demos,\n"+
+			"minted here with the CA's own key (--ca-cert, --ca-key).",
 		"0 after a clean shutdown; 2 bad flags, an input that does not load, or a failure to start.", stdout)
 	var o proxy.Options
 	intentFile := fs.String("intent", "", "intent `FILE` (YAML, kind: Intent, one document, at most 16 MiB; - reads stdin) the pods'\nrules come from: its ports and proxy mark; without it, the built-in default intent")
 	fs.StringVar(&o.ZDSSocket, "zds-socket", zds.DefaultSocketPath, "the agent's ZDS `PATH` (unix SOCK_SEQPACKET)")
-	fs.StringVar(&o.CACertFile, "ca-cert", "", "mesh root CA certificate `FILE` (PEM), for minting workload certificates (required)")
-	fs.StringVar(&o.CAKeyFile, "ca-key", "", "mesh root CA key `FILE` (PEM) (required)")
+	fs.StringVar(&o.CAAddress, "ca-address", "", "the CA service, `HOST:PORT` (an https:// prefix is allowed), to ask for workload certificates:\n"+
+		"istiod's (istiod.istio-system.svc:15012) or nftmesh ca serve's. Instead of --ca-cert and --ca-key")
+	fs.StringVar(&o.CATokenFile, "ca-token-file", defaultCATokenFile, "with --ca-address: the bearer token `FILE` sent to the CA (a projected service account token\n"+
+		"with audience istio-ca), read again for every request")
+	fs.StringVar(&o.CARootFile, "ca-root-file", defaultCARootFile, "with --ca-address: root certificates `FILE` (PEM) that the CA's TLS certificate must chain to;\n"+
+		"they are also the mesh's trust anchors: every workload certificate must chain to them\n"+
+		"(read again every minute)")
+	fs.StringVar(&o.CAClusterID, "ca-cluster-id", identity.DefaultClusterID, "with --ca-address: the clusterid header: the `ID` of the cluster whose API server checks\n"+
+		"the token (istiod's default)")
+	fs.StringVar(&o.CACertFile, "ca-cert", "", "mesh root CA certificate `FILE` (PEM), to mint workload certificates here, for tests and demos\n"+
+		"(the node then holds the CA's key); with --ca-key, instead of --ca-address")
+	fs.StringVar(&o.CAKeyFile, "ca-key", "", "mesh root CA key `FILE` (PEM), with --ca-cert")
 	fs.StringVar(&o.TrustDomain, "trust-domain", "cluster.local", "SPIFFE trust `DOMAIN`")
 	fs.StringVar(&o.ClusterID, "cluster-id", "Kubernetes", "the workloads' cluster `ID`, for the metrics' source_cluster and destination_cluster (istiod's default)")
-	fs.DurationVar(&o.CertTTL, "cert-ttl", 24*time.Hour, "lifetime `DURATION` of minted workload certificates, at least "+fmtDuration(proxy.MinCertTTL)+": they are renewed\nat half their lifetime, and peers whose clocks are ahead must still find them valid")
+	fs.DurationVar(&o.CertTTL, "cert-ttl", 24*time.Hour, "lifetime `DURATION` of workload certificates (asked of the CA with --ca-address), at least "+fmtDuration(proxy.MinCertTTL)+":\nthey are renewed at half their lifetime, and peers whose clocks are ahead must still find them valid")
 	fs.BoolVar(&o.InCluster, "kube", false, "read workloads, services and policies from the Kubernetes API with the in-cluster\nconfiguration (the pod's service account: list and watch pods, services, endpointslices\nand security.istio.io authorizationpolicies)")
 	fs.StringVar(&o.Kubeconfig, "kubeconfig", "", "read workloads, services and policies from the Kubernetes API that kubeconfig `FILE` names")
 	fs.StringVar(&o.WorkloadsFile, "workloads", "", "static workloads and services `FILE` (YAML, at most 16 MiB), instead of Kubernetes")
@@ -80,8 +96,38 @@ func runProxy(args []string, stdout, stderr io.Writer) int {
 		return fail("--workers: %d is more than %d, the limit here (4 × the %d CPUs this process may run on, and never less than %d)",
 			*workers, limit, runtime.NumCPU(), minMaxWorkers)
 	}
-	if o.CACertFile == "" || o.CAKeyFile == "" {
-		return fail("--ca-cert and --ca-key are required (see --help)")
+	local := o.CACertFile != "" || o.CAKeyFile != ""
+	switch {
+	case o.CAAddress != "" && local:
+		return fail("--ca-address and --ca-cert/--ca-key are alternatives: give one (a CA service, or a CA key here for tests and demos)")
+	case o.CAAddress == "" && !local:
+		return fail("a CA is required: --ca-address HOST:PORT, or --ca-cert and --ca-key (see --help)")
+	case local && (o.CACertFile == "" || o.CAKeyFile == ""):
+		return fail("--ca-cert and --ca-key go together: give both")
+	}
+	var remoteOnly []string
+	fs.Visit(func(f *flag.Flag) {
+		if strings.HasPrefix(f.Name, "ca-") && f.Name != "ca-address" && f.Name != "ca-cert" && f.Name != "ca-key" {
+			remoteOnly = append(remoteOnly, "--"+f.Name)
+		}
+	})
+	if local && len(remoteOnly) > 0 {
+		verb := "goes"
+		if len(remoteOnly) > 1 {
+			verb = "go"
+		}
+		return fail("%s %s with --ca-address, not with --ca-cert and --ca-key", strings.Join(remoteOnly, ", "), verb)
+	}
+	if o.CAAddress != "" {
+		for _, f := range []struct{ flag, value, hint string }{
+			{"--ca-token-file", o.CATokenFile, "the token file (default " + defaultCATokenFile + ")"},
+			{"--ca-root-file", o.CARootFile, "the CA's root certificates file (default " + defaultCARootFile + ")"},
+			{"--ca-cluster-id", o.CAClusterID, "the CA's cluster ID (istiod's default is " + identity.DefaultClusterID + ")"},
+		} {
+			if f.value == "" {
+				return fail("%s: \"\" is empty; give %s", f.flag, f.hint)
+			}
+		}
 	}
 	switch sources := btoi(o.InCluster) + btoi(o.Kubeconfig != "") + btoi(o.WorkloadsFile != ""); {
 	case sources == 0:
@@ -161,6 +207,13 @@ func runProxy(args []string, stdout, stderr io.Writer) int {
 	}
 	return exitOK
 }
+
+// Where ztunnel finds its CA token and roots: the istio-token projected volume, and the
+// istio-ca-root-cert ConfigMap (nftmesh's deployment mounts its CA's root there).
+const (
+	defaultCATokenFile = "/var/run/secrets/tokens/istio-token"
+	defaultCARootFile  = "/var/run/secrets/istio/root-cert.pem"
+)
 
 func btoi(b bool) int {
 	if b {

@@ -33,7 +33,7 @@ func TestProxyStartErrors(t *testing.T) {
 		args []string
 		want string
 	}{
-		{[]string{"proxy"}, "--ca-cert and --ca-key are required"},
+		{[]string{"proxy"}, "a CA is required: --ca-address HOST:PORT, or --ca-cert and --ca-key"},
 		{base, "one of --kube, --kubeconfig FILE and --workloads FILE is required"},
 		{append(base, "--kube", "--workloads", good), "--kube, --kubeconfig and --workloads are alternatives"},
 		{append(base, "--kubeconfig", good, "--workloads", good), "--kube, --kubeconfig and --workloads are alternatives"},
@@ -122,10 +122,57 @@ func TestProxyStartErrors(t *testing.T) {
 		}
 	})
 	out, _, code := runCLI("proxy", "--help")
-	for _, flag := range []string{"--zds-socket PATH", "--ca-cert FILE", "--workloads FILE", "--kube ", "--kubeconfig FILE", "in-cluster", "--policies FILE", "--log-format FORMAT", "--workers N", "--intent FILE", "SIGHUP", "Exit codes",
+	for _, flag := range []string{"--zds-socket PATH", "--ca-cert FILE", "--ca-address HOST:PORT", "--ca-token-file FILE", "--ca-root-file FILE",
+		"--ca-cluster-id ID", "/var/run/secrets/tokens/istio-token", "/var/run/secrets/istio/root-cert.pem", "proxy (--ca-address HOST:PORT | --ca-cert", "--workloads FILE", "--kube ", "--kubeconfig FILE", "in-cluster", "--policies FILE", "--log-format FORMAT", "--workers N", "--intent FILE", "SIGHUP", "Exit codes",
 		"--cert-ttl DURATION", "at least 10m", "at most 16 MiB", "- reads stdin", "one listener serves both", fmt.Sprintf("At most %d here", maxWorkers()), "a Kubernetes namespace name"} {
 		if code != exitOK || !strings.Contains(out, flag) {
 			t.Errorf("proxy --help lacks %q", flag)
+		}
+	}
+}
+
+// The CA flags: a CA service (--ca-address, with its token, roots and cluster ID) or a CA
+// key here (--ca-cert and --ca-key), exactly one; errors name the flag, exit 2.
+func TestProxyCAFlags(t *testing.T) {
+	dir := t.TempDir()
+	cert, key := filepath.Join(dir, "ca.pem"), filepath.Join(dir, "ca-key.pem")
+	if _, errOut, code := runCLI("ca", "init", "--cert", cert, "--key", key); code != exitOK {
+		t.Fatalf("ca init: %s", errOut)
+	}
+	good := filepath.Join(dir, "workloads.yaml")
+	os.WriteFile(good, []byte("workloads: []\n"), 0o644)
+	token := filepath.Join(dir, "token")
+	os.WriteFile(token, []byte("t0ken\n"), 0o600)
+	empty := filepath.Join(dir, "empty")
+	os.WriteFile(empty, nil, 0o600)
+	absent := filepath.Join(dir, "absent.pem")
+	common := []string{"proxy", "--workloads", good, "--metrics-addr", "127.0.0.1:0", "--ready-addr", "127.0.0.1:0"}
+	remote := append(append([]string{}, common...), "--ca-address", "127.0.0.1:1", "--ca-token-file", token, "--ca-root-file", cert)
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{common, "a CA is required"},
+		{append(append([]string{}, remote...), "--ca-cert", cert, "--ca-key", key), "--ca-address and --ca-cert/--ca-key are alternatives"},
+		{append(append([]string{}, common...), "--ca-cert", cert), "--ca-cert and --ca-key go together"},
+		{append(append([]string{}, common...), "--ca-key", key), "--ca-cert and --ca-key go together"},
+		{append(append([]string{}, common...), "--ca-cert", cert, "--ca-key", key, "--ca-token-file", token, "--ca-cluster-id", "x"),
+			"--ca-cluster-id, --ca-token-file go with --ca-address"},
+		{append(append([]string{}, common...), "--ca-cert", cert, "--ca-key", key, "--ca-root-file", cert), "--ca-root-file goes with --ca-address"},
+		{append(append([]string{}, remote...), "--ca-token-file", ""), `--ca-token-file: "" is empty`},
+		{append(append([]string{}, remote...), "--ca-root-file", ""), `--ca-root-file: "" is empty`},
+		{append(append([]string{}, remote...), "--ca-cluster-id", ""), `--ca-cluster-id: "" is empty`},
+		{append(append([]string{}, remote...), "--ca-address", "http://ca:15012"), `--ca-address: identity: CA address "http://ca:15012": the scheme must be https://`},
+		{append(append([]string{}, remote...), "--ca-address", "ca.example"), `--ca-address: identity: CA address "ca.example" is not host:port`},
+		{append(append([]string{}, remote...), "--ca-token-file", empty), "--ca-token-file: identity: CA token file " + empty + " is empty"},
+		{append(append([]string{}, remote...), "--ca-token-file", absent), "--ca-token-file: identity: CA token: open " + absent},
+		{append(append([]string{}, remote...), "--ca-root-file", absent), "--ca-root-file: identity: CA roots: open " + absent},
+		{append(append([]string{}, remote...), "--ca-root-file", token), "--ca-root-file: identity: CA roots " + token + ": no PEM CERTIFICATE block"},
+		{append(append([]string{}, remote...), "--cert-ttl", "5m"), "--cert-ttl: 5m0s is shorter than the minimum 10m"},
+	} {
+		_, errOut, code := runCLI(tc.args...)
+		if code != exitError || !strings.Contains(errOut, tc.want) {
+			t.Errorf("%v: exit %d, stderr %q; want exit 2 and %q", tc.args[1:], code, errOut, tc.want)
 		}
 	}
 }

@@ -23,13 +23,13 @@ import (
 // Issuer gives the proxy the certificates of the identities it acts for, and the roots
 // that peers' certificates must chain to.
 //
-// The first implementation is CAIssuer, which signs leaves itself with a CA certificate
-// and key (in production, from a Kubernetes Secret). The interface leaves room for:
-//   - a SPIFFE Workload API issuer, fetching X.509 SVIDs and trust bundles from a SPIRE
-//     agent's socket (FetchX509SVID / FetchX509Bundles); Roots then follows bundle updates;
-//   - an istiod issuer, sending a CSR for each identity to istiod's CA service
-//     (IstioCertificateService.CreateCertificate) with the node's credentials and
-//     the impersonated identity, as ztunnel does.
+// Two implementations exist: CAIssuer signs leaves itself with a CA certificate and key
+// (for tests and demos: the node then holds the mesh's signing key); RemoteIssuer sends a
+// CSR for each identity to a CA service speaking istiod's IstioCertificateService
+// (CreateCertificate) with the node's credentials and the impersonated identity, as
+// ztunnel does, against istiod or nftmesh's own CA. The interface leaves room for a SPIFFE
+// Workload API issuer, fetching X.509 SVIDs and trust bundles from a SPIRE agent's socket
+// (FetchX509SVID / FetchX509Bundles); Roots then follows bundle updates.
 //
 // Implementations must be safe for concurrent use, cache certificates and renew them
 // before they expire, so that calling Certificate on every handshake is cheap.
@@ -41,6 +41,16 @@ type Issuer interface {
 	Roots() *x509.CertPool
 	// TrustDomain returns the trust domain this issuer mints identities for.
 	TrustDomain() string
+}
+
+// Holder is an Issuer that wants to know which identities are in use, so that it can
+// fetch their certificates ahead of the first handshake and keep them renewed, and drop
+// them when no pod uses them any more. The proxy calls Hold once for every pod it starts
+// serving and Release once when it stops serving it; several pods may share an identity.
+// RemoteIssuer is one; CAIssuer, which mints on demand, is not.
+type Holder interface {
+	Hold(ID)
+	Release(ID)
 }
 
 var _ Issuer = (*CAIssuer)(nil)

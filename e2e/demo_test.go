@@ -30,9 +30,13 @@ func TestDemo(t *testing.T) {
 	}
 	text := string(out)
 	for _, want := range []string{
+		"only the CA holds the key",
 		"table inet nftmesh",
 		"ok: httpbin sees sleep's own pod IP",
 		"ok: httpbin sees notsleep's own pod IP",
+		"ok: the CA issued",
+		"ok: no node holds the CA key",
+		"ok: the CA refuses it (PermissionDenied)",
 		"ok: notsleep is refused once the policy is in",
 		"ok: sleep still reaches httpbin",
 		"every step behaved",

@@ -67,6 +67,8 @@ type demoNode struct {
 	agentHTTP   string // the agent's /metrics, /readyz
 	proxyHTTP   string // the proxy's /metrics
 	proxyReady  string // the proxy's /healthz/ready
+	proxyArgs   []string
+	caToken     string // the proxy's pod-bound token for the CA
 	cniConfDir  string
 	cniBinDir   string
 	primaryConf string
@@ -84,6 +86,11 @@ type demo struct {
 	pods    map[string]*demoPod
 	vip     netip.Addr
 	failed  []string
+	ca      *proc  // nftmesh ca serve
+	caAddr  string // its gRPC (TLS) address
+	caHTTP  string // its /metrics, /readyz
+	caRoot  string // the root certificate it wrote: the proxies' trust anchor
+	caKey   []byte // the CA's key, to check that no node has it
 }
 
 // Run runs the walkthrough, printing each step; it returns an error unless every step
@@ -114,8 +121,8 @@ func Run(ctx context.Context, o Options) (err error) {
 		}
 	}()
 	for _, f := range []func(context.Context) error{
-		d.startControlPlane, d.installNftmesh, d.makeNodes, d.startNodes, d.createPods,
-		d.showRules, d.callersReachHttpbin, d.showTelemetry, d.applyPolicy,
+		d.startControlPlane, d.installNftmesh, d.startCA, d.makeNodes, d.startNodes, d.createPods,
+		d.showRules, d.callersReachHttpbin, d.showTelemetry, d.showCA, d.applyPolicy,
 	} {
 		if err := ctx.Err(); err != nil {
 			return fmt.Errorf("interrupted: %w", err)
@@ -203,12 +210,77 @@ func (d *demo) installNftmesh(ctx context.Context) error {
 		return err
 	}
 	d.say("(the DaemonSets stay unscheduled: no kubelet runs here; the demo runs their processes itself)")
-	// The mesh CA: made here, handed to the proxies as files, stored as the Secret deploy/ names.
+	// The mesh CA: made here, as an administrator would, and stored as the Secret deploy/
+	// names (its placeholder, with no data, is already there: replaced, as
+	// deploy/ca-secret.yaml says).
 	ca, key := filepath.Join(d.work, "ca.pem"), filepath.Join(d.work, "ca-key.pem")
-	if out, err := d.h.run("", filepath.Join(d.o.BinDir, "nftmesh"), "ca", "init", "--cert", ca, "--key", key); err != nil {
+	d.cmd("nftmesh ca init --cert " + ca + " --key " + key)
+	out, err := d.h.run("", filepath.Join(d.o.BinDir, "nftmesh"), "ca", "init", "--cert", ca, "--key", key)
+	if err != nil {
 		return fmt.Errorf("nftmesh ca init: %w: %s", err, out)
 	}
-	d.cmd("nftmesh ca init --cert " + ca + " --key " + key)
+	d.indent(out)
+	create := []string{"create", "secret", "generic", "nftmesh-ca", "-n", "nftmesh-system",
+		"--from-file=ca.pem=" + ca, "--from-file=ca-key.pem=" + key, "--dry-run=client", "-o", "yaml"}
+	d.cmd("kubectl " + strings.Join(create, " ") + " | kubectl replace -f -")
+	secret, err := d.kubeQuiet("", create...)
+	if err != nil {
+		return err
+	}
+	if out, err = d.kubeQuiet(secret, "replace", "-f", "-"); err != nil {
+		return err
+	}
+	d.indent(out)
+	return nil
+}
+
+// startCA runs the mesh's CA service, as deploy/ca-deployment.yaml does: its key from the
+// Secret nftmesh-ca (written to a directory, as the kubelet mounts the Secret into the
+// CA's pod), the API server as the ServiceAccount nftmesh-ca (deploy/ca-rbac.yaml), and
+// the proxies' ServiceAccount as the one trusted to ask for its node's pods' identities.
+// The key nftmesh ca init wrote is then removed: only the Secret and the CA have it.
+func (d *demo) startCA(ctx context.Context) error {
+	d.step("Starting the mesh CA service (nftmesh ca serve): the only process that holds the signing key")
+	secret, err := d.client.CoreV1().Secrets("nftmesh-system").Get(ctx, "nftmesh-ca", metav1.GetOptions{})
+	if err != nil {
+		return err
+	}
+	vol := filepath.Join(d.work, "nftmesh-ca") // the CA pod's Secret volume
+	if err := os.Mkdir(vol, 0o700); err != nil {
+		return err
+	}
+	for _, k := range []string{"ca.pem", "ca-key.pem"} {
+		if len(secret.Data[k]) == 0 {
+			return fmt.Errorf("secret nftmesh-system/nftmesh-ca has no %s", k)
+		}
+		if err := os.WriteFile(filepath.Join(vol, k), secret.Data[k], 0o400); err != nil {
+			return err
+		}
+	}
+	d.caKey = secret.Data["ca-key.pem"]
+	if err := os.Remove(filepath.Join(d.work, "ca-key.pem")); err != nil {
+		return err
+	}
+	kc, err := d.tokenKubeconfig("nftmesh-ca")
+	if err != nil {
+		return err
+	}
+	d.caAddr, d.caHTTP = freeAddr(), freeAddr()
+	d.caRoot = filepath.Join(d.work, "root-cert.pem")
+	args := []string{"ca", "serve", "--ca-cert", filepath.Join(vol, "ca.pem"), "--ca-key", filepath.Join(vol, "ca-key.pem"),
+		"--listen", d.caAddr, "--dns-name", "127.0.0.1", "--trusted-accounts", "nftmesh-system/nftmesh-proxy",
+		"--kubeconfig", kc, "--root-out", d.caRoot, "--metrics-addr", d.caHTTP, "--log-format", "json"}
+	d.cmd("nftmesh " + strings.Join(args, " "))
+	if d.ca, err = d.h.start("ca", "", nil, filepath.Join(d.o.BinDir, "nftmesh"), args...); err != nil {
+		return err
+	}
+	if err := waitHTTP(ctx, d.ca, "http://"+d.caHTTP+"/readyz", 60*time.Second); err != nil {
+		return fmt.Errorf("CA service: %w", err)
+	}
+	d.say("the CA's key comes from the Secret nftmesh-ca (%s, as the CA pod mounts it); the copy nftmesh ca init wrote is deleted", vol)
+	d.say("ready (its pod cache synced) on %s, as ServiceAccount nftmesh-ca with deploy/'s RBAC; metrics http://%s/metrics", d.caAddr, d.caHTTP)
+	d.say("it wrote the mesh's root certificate, and nothing else, for the proxies: %s", d.caRoot)
+	d.say("only the CA holds the key: no node and no proxy has it")
 	return nil
 }
 
@@ -280,6 +352,9 @@ func (d *demo) startNodes(ctx context.Context) error {
 		return err
 	}
 	d.say("each half talks to the API server as its own ServiceAccount (a token from TokenRequest), with deploy/'s RBAC")
+	if err := d.proxyPods(ctx); err != nil {
+		return err
+	}
 	nftmesh := filepath.Join(d.o.BinDir, "nftmesh")
 	for _, n := range d.nodes {
 		n.agentHTTP, n.proxyHTTP, n.proxyReady = freeAddr(), freeAddr(), freeAddr()
@@ -298,7 +373,8 @@ func (d *demo) startNodes(ctx context.Context) error {
 		// The proxy runs in the demo's own namespace: it reaches the API server on
 		// 127.0.0.1, and works inside each pod's namespace through the descriptors ZDS
 		// hands it.
-		args = []string{"proxy", "--kubeconfig", proxyKC, "--ca-cert", filepath.Join(d.work, "ca.pem"), "--ca-key", filepath.Join(d.work, "ca-key.pem"),
+		args = []string{"proxy", "--kubeconfig", proxyKC,
+			"--ca-address", d.caAddr, "--ca-root-file", d.caRoot, "--ca-token-file", n.caToken,
 			"--zds-socket", sock, "--metrics-addr", n.proxyHTTP, "--ready-addr", n.proxyReady, "--log-format", "json", "--shutdown-deadline", "2s"}
 		d.cmd("nftmesh " + strings.Join(args, " "))
 		if n.proxy, err = d.h.start(n.name+" proxy", "", nil, nftmesh, args...); err != nil {
@@ -307,8 +383,57 @@ func (d *demo) startNodes(ctx context.Context) error {
 		if err := waitHTTP(ctx, n.proxy, "http://"+n.proxyReady+"/healthz/ready", 60*time.Second); err != nil {
 			return fmt.Errorf("%s proxy: %w", n.name, err)
 		}
+		n.proxyArgs = args
 		d.say("%s: agent ready (metrics http://%s/metrics), proxy connected over ZDS and ready", n.name, n.agentHTTP)
 	}
+	return nil
+}
+
+// proxyPods makes each node's proxy pod object (the DaemonSet's pod, which no kubelet runs
+// here: the demo runs its process) and a token bound to it, as the kubelet projects it
+// into the pod (deploy/proxy-daemonset.yaml): the proxy's credentials with the CA, which
+// signs only the identities of pods on that pod's node.
+func (d *demo) proxyPods(ctx context.Context) error {
+	var manifest strings.Builder
+	for _, n := range d.nodes {
+		fmt.Fprintf(&manifest, `---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: nftmesh-proxy-%[1]s
+  namespace: nftmesh-system
+  labels: {app.kubernetes.io/name: nftmesh, app.kubernetes.io/component: proxy, nftmesh.dev/component: proxy}
+spec:
+  nodeName: %[1]s
+  serviceAccountName: nftmesh-proxy
+  hostNetwork: true
+  containers: [{name: proxy, image: ghcr.io/nftmesh/nftmesh:latest}]
+`, n.name)
+	}
+	if _, err := d.kube(manifest.String(), "apply", "-f", "-"); err != nil {
+		return err
+	}
+	for _, n := range d.nodes {
+		pod := "nftmesh-proxy-" + n.name
+		// The kubelet's part: the pod runs (on the host's network).
+		status, _ := json.Marshal(map[string]any{"status": map[string]any{"phase": "Running", "podIP": n.ip.String(),
+			"podIPs": []map[string]string{{"ip": n.ip.String()}}, "hostIP": n.ip.String()}})
+		if _, err := d.client.CoreV1().Pods("nftmesh-system").Patch(ctx, pod, types.MergePatchType, status, metav1.PatchOptions{}, "status"); err != nil {
+			return err
+		}
+		n.caToken = filepath.Join(n.dir, "istio-token")
+		args := []string{"create", "token", "nftmesh-proxy", "-n", "nftmesh-system", "--bound-object-kind", "Pod",
+			"--bound-object-name", pod, "--audience", "istio-ca", "--duration", "1h"}
+		d.cmd("kubectl " + strings.Join(args, " ") + " > " + n.caToken)
+		token, err := d.kubeQuiet("", args...)
+		if err != nil {
+			return err
+		}
+		if err := os.WriteFile(n.caToken, []byte(strings.TrimSpace(token)+"\n"), 0o600); err != nil {
+			return err
+		}
+	}
+	d.say("each proxy asks the CA with a token bound to its own pod (audience istio-ca), and holds no CA key")
 	return nil
 }
 
@@ -671,8 +796,11 @@ func (d *demo) applyPolicy(ctx context.Context) error {
 	return nil
 }
 
-// dumpLogs prints the ends of the agents' and proxies' logs after a failure.
+// dumpLogs prints the ends of the CA's, the agents' and the proxies' logs after a failure.
 func (d *demo) dumpLogs() {
+	if d.ca != nil {
+		fmt.Fprintf(d.out, "\n--- %s log (last lines)\n%s\n", d.ca.name, tail(d.ca.log.String(), 25))
+	}
 	for _, n := range d.nodes {
 		for _, p := range []*proc{n.agent, n.proxy} {
 			if p != nil {

@@ -867,8 +867,13 @@ func TestCADeployment(t *testing.T) {
 			t.Errorf("the Service selects %s=%s, which the pods lack", k, v)
 		}
 	}
-	if c.ReadinessProbe == nil || c.ReadinessProbe.TCPSocket == nil || c.ReadinessProbe.TCPSocket.Port.String() != port {
-		t.Errorf("readiness probe %+v, want a TCP check of %s", c.ReadinessProbe, port)
+	metrics, _ := flagValue(args, "metrics-addr")
+	metricsPort := portOf(t, "--metrics-addr", metrics)
+	if p := c.ReadinessProbe; p == nil || p.HTTPGet == nil || p.HTTPGet.Path != "/readyz" || p.HTTPGet.Port.String() != metricsPort {
+		t.Errorf("readiness probe %+v, want GET /readyz on %s (ready once the pod cache synced, not when it listens)", p, metricsPort)
+	}
+	if got, want := pod.Annotations["prometheus.io/port"], metricsPort; got != want {
+		t.Errorf("prometheus.io/port %q, want %s (--metrics-addr)", got, want)
 	}
 	// The proxies dial the name the CA's certificate holds, and mount the ConfigMap it writes.
 	ds := typed[appsv1.DaemonSet](t, find(t, objs, "DaemonSet", "nftmesh-proxy"))

@@ -131,6 +131,7 @@ type remoteEntry struct {
 	stop     chan struct{} // closed when the last holder releases: ends the renewal loop
 	backoff  time.Duration // the last wait after a failure; 0 after a success
 	retryAt  time.Time     // no new attempt before, after a failure
+	lastErr  error         // the last attempt's failure, answered until retryAt
 }
 
 var (
@@ -283,6 +284,14 @@ func (r *RemoteIssuer) Certificate(ctx context.Context, id ID) (*tls.Certificate
 			r.mu.Unlock()
 			return c, nil
 		}
+		if e.fetching == nil && e.lastErr != nil && now.Before(e.retryAt) {
+			// The CA failed or refused a moment ago: every handshake of the pod must not
+			// become a request (a TokenReview on the API server each); the backoff holds.
+			err := e.lastErr
+			retry := e.retryAt.Sub(now)
+			r.mu.Unlock()
+			return nil, fmt.Errorf("%w (next attempt in %v)", err, retry.Round(time.Millisecond))
+		}
 		call := r.startFetchLocked(id, e)
 		r.mu.Unlock()
 		select {
@@ -327,6 +336,8 @@ func (r *RemoteIssuer) Hold(id ID) {
 	if e.holds > 1 {
 		return
 	}
+	// A new pod's prefetch does not wait out the backoff of an earlier, unheld failure.
+	e.backoff, e.retryAt, e.lastErr = 0, time.Time{}, nil
 	if err := r.checkID(id); err != nil {
 		// Counted, so that Release balances, but never fetched: no request could succeed.
 		r.log.Error("certificate prefetch: invalid identity", "identity", id.String(), "error", err)
@@ -395,11 +406,11 @@ func (r *RemoteIssuer) startFetchLocked(id ID, e *remoteEntry) *mintCall {
 				// Half of what is left now, not of NotAfter-NotBefore: istiod back-dates
 				// NotBefore by 2 minutes, and the CA's clock is not ours.
 				e.cert, e.renewAt = cert, now.Add(cert.Leaf.NotAfter.Sub(now)/2)
-				e.backoff, e.retryAt = 0, time.Time{}
+				e.backoff, e.retryAt, e.lastErr = 0, time.Time{}, nil
 			}
 		} else {
 			e.backoff = min(max(2*e.backoff, r.backoffMin), r.backoffMax)
-			e.retryAt = now.Add(jitter(e.backoff))
+			e.retryAt, e.lastErr = now.Add(jitter(e.backoff)), err
 		}
 		call.cert, call.err = cert, err
 		close(call.done)

@@ -51,6 +51,7 @@ type fakeCA struct {
 	newKey bool             // certify another key than the CSR's
 	inter  *tls.Certificate // sign with this intermediate (of root), sent between leaf and root
 	gate   chan struct{}
+	refuse bool // answer PermissionDenied
 }
 
 type caRequest struct {
@@ -149,10 +150,13 @@ func (ca *fakeCA) CreateCertificate(ctx context.Context, req *pb.IstioCertificat
 	rec.csr = csr
 	ca.mu.Lock()
 	ca.requests = append(ca.requests, rec)
-	gate, san, signer, newKey, inter := ca.gate, ca.san, ca.signer, ca.newKey, ca.inter
+	gate, san, signer, newKey, inter, refuse := ca.gate, ca.san, ca.signer, ca.newKey, ca.inter, ca.refuse
 	ca.mu.Unlock()
 	if gate != nil {
 		<-gate
+	}
+	if refuse {
+		return nil, status.Error(codes.PermissionDenied, "no-pod-on-node: test refusal")
 	}
 	if san == "" {
 		san = rec.impersonated
@@ -690,5 +694,33 @@ func TestRemoteUnheld(t *testing.T) {
 	})
 	if n := r.Fetches(); n != 2 {
 		t.Errorf("%d fetches, want 2", n)
+	}
+}
+
+// A CA that refuses is asked again only after the backoff, however many handshakes of
+// the pod want the certificate meanwhile; the refusal is what they get.
+func TestRemoteRefusalBacksOff(t *testing.T) {
+	t.Parallel()
+	f := newRemoteFixture(t)
+	f.ca.mu.Lock()
+	f.ca.refuse = true
+	f.ca.mu.Unlock()
+	r := f.issuer(t)
+	r.Hold(idA)
+	deadline := time.Now().Add(time.Second)
+	calls := 0
+	for time.Now().Before(deadline) {
+		_, err := r.Certificate(context.Background(), idA)
+		if err == nil || !strings.Contains(err.Error(), "PermissionDenied") {
+			t.Fatalf("call %d: %v, want the CA's refusal", calls, err)
+		}
+		calls++
+	}
+	// 500 ms doubling: the hold's fetch and at most a few retries in a second.
+	if n := r.Fetches(); n > 4 {
+		t.Errorf("%d requests to the CA for %d calls in a second, want at most 4 (the backoff)", n, calls)
+	}
+	if calls < 100 {
+		t.Errorf("only %d calls in a second: the refusal should be answered at once", calls)
 	}
 }

@@ -310,6 +310,9 @@ func isString(v *structpb.Value) bool {
 // certificate for Options.DNSNames that the CA signs, until ctx ends; then it stops
 // gracefully (requests in flight get RequestTimeout to finish) and returns nil. It closes
 // ln.
+// maxStreamsPerConn bounds the requests in flight on one connection.
+const maxStreamsPerConn = 64
+
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	if s.serving == nil {
 		ln.Close()
@@ -328,6 +331,9 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	srv := grpc.NewServer(
 		grpc.Creds(credentials.NewTLS(tlsConfig)),
 		grpc.MaxRecvMsgSize(MaxRequestBytes),
+		// A proxy asks for one certificate per identity at a time; more in flight on one
+		// connection is a client flooding the service (each request costs a TokenReview).
+		grpc.MaxConcurrentStreams(maxStreamsPerConn),
 		grpc.MaxHeaderListSize(maxHeaderBytes),
 		grpc.ConnectionTimeout(s.timeout),
 		// Clients may ping every 15 s, between calls too: a node proxy keeps its channel

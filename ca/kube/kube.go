@@ -9,10 +9,13 @@ package kube
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"slices"
 	"strings"
+	"sync"
+	"time"
 
 	authnv1 "k8s.io/api/authentication/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -68,7 +71,33 @@ func RESTConfig(kubeconfig string) (*rest.Config, error) {
 type authenticator struct {
 	client    kubernetes.Interface
 	audiences []string
+	reviews   chan struct{} // a slot per TokenReview in flight
+
+	mu    sync.Mutex
+	cache map[[sha256.Size]byte]reviewResult // by the token's hash
 }
+
+// reviewResult is a TokenReview's answer, kept for reviewCacheTTL: a caller that sends
+// the same token again (a proxy's renewals and prefetches, or a flood of a bad token)
+// costs the API server nothing more meanwhile. The API server itself caches a success
+// for 10 s, so this makes no token live longer.
+type reviewResult struct {
+	caller  ca.Caller
+	refusal error // a ca.Refusal, or nil
+	expires time.Time
+}
+
+const (
+	reviewCacheTTL = 10 * time.Second
+	// reviewCacheMax bounds the cache; when full, expired answers go, then all.
+	reviewCacheMax = 10000
+	// reviewsInFlight bounds the TokenReviews the service has outstanding, so that a flood
+	// of requests queues here (until the request's deadline) instead of in client-go's
+	// rate limiter, where it would delay every proxy's renewals.
+	reviewsInFlight = 32
+	// maxTokenBytes: a ServiceAccount token is a JWS of a few hundred bytes to a few KiB.
+	maxTokenBytes = 16 << 10
+)
 
 // NewAuthenticator authenticates a caller by a TokenReview (authentication.k8s.io/v1) of
 // its token for audiences (none: DefaultAudience). The token must be a ServiceAccount's
@@ -89,13 +118,52 @@ func NewAuthenticator(client kubernetes.Interface, audiences []string) ca.Authen
 	if len(audiences) == 0 {
 		audiences = []string{DefaultAudience}
 	}
-	return &authenticator{client: client, audiences: slices.Clone(audiences)}
+	return &authenticator{client: client, audiences: slices.Clone(audiences), reviews: make(chan struct{}, reviewsInFlight),
+		cache: map[[sha256.Size]byte]reviewResult{}}
 }
 
 func (a *authenticator) Authenticate(ctx context.Context, token string) (ca.Caller, error) {
 	if token == "" {
 		return ca.Caller{}, ca.Refuse("unauthenticated", errors.New("no bearer token"))
 	}
+	// Not a JWS compact serialization: no API server would accept it, so none is asked.
+	if len(token) > maxTokenBytes || strings.Count(token, ".") != 2 {
+		return ca.Caller{}, ca.Refuse("unauthenticated", errors.New("the bearer token is not a ServiceAccount token (a JWT)"))
+	}
+	key := sha256.Sum256([]byte(token))
+	now := time.Now()
+	a.mu.Lock()
+	r, ok := a.cache[key]
+	a.mu.Unlock()
+	if ok && now.Before(r.expires) {
+		return r.caller, r.refusal
+	}
+	select {
+	case a.reviews <- struct{}{}:
+		defer func() { <-a.reviews }()
+	case <-ctx.Done():
+		return ca.Caller{}, fmt.Errorf("kubernetes: token review: waiting for a slot: %w", context.Cause(ctx))
+	}
+	caller, err := a.review(ctx, token)
+	if err == nil || ca.RefusalReason(err) != "" { // an API failure is not an answer about the token
+		a.mu.Lock()
+		if len(a.cache) >= reviewCacheMax {
+			for k, v := range a.cache {
+				if !now.Before(v.expires) {
+					delete(a.cache, k)
+				}
+			}
+			if len(a.cache) >= reviewCacheMax {
+				clear(a.cache)
+			}
+		}
+		a.cache[key] = reviewResult{caller: caller, refusal: err, expires: now.Add(reviewCacheTTL)}
+		a.mu.Unlock()
+	}
+	return caller, err
+}
+
+func (a *authenticator) review(ctx context.Context, token string) (ca.Caller, error) {
 	review, err := a.client.AuthenticationV1().TokenReviews().Create(ctx, &authnv1.TokenReview{
 		Spec: authnv1.TokenReviewSpec{Token: token, Audiences: a.audiences},
 	}, metav1.CreateOptions{})

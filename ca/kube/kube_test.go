@@ -4,9 +4,11 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -441,7 +443,7 @@ func TestAuthenticatorChecksTheReview(t *testing.T) {
 	}
 
 	status = authnv1.TokenReviewStatus{Authenticated: true, User: saUser, Audiences: []string{"istio-ca"}}
-	caller, err := authn.Authenticate(t.Context(), "t")
+	caller, err := authn.Authenticate(t.Context(), jwtShaped())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -453,43 +455,78 @@ func TestAuthenticatorChecksTheReview(t *testing.T) {
 	}
 
 	status.Audiences = []string{"other"}
-	_, err = authn.Authenticate(t.Context(), "t")
+	_, err = authn.Authenticate(t.Context(), jwtShaped())
 	wantRefusal(t, err, "unauthenticated", "ns/proxy", "audiences [other], none of ours (istio-ca)")
 	status.Audiences = nil
-	wantRefusal(t, second(authn.Authenticate(t.Context(), "t")), "unauthenticated", "none of ours")
+	wantRefusal(t, second(authn.Authenticate(t.Context(), jwtShaped())), "unauthenticated", "none of ours")
 
 	status.Audiences = []string{"istio-ca"}
 	for _, user := range []string{"admin", "system:serviceaccount:ns", "system:serviceaccount::proxy", "system:serviceaccount:ns:", "system:serviceaccount:ns:a:b", "system:node:n"} {
 		status.User = saUser
 		status.User.Username = user
-		wantRefusal(t, second(authn.Authenticate(t.Context(), "t")), "unauthenticated", `user "`+user+`" is not a ServiceAccount`)
+		wantRefusal(t, second(authn.Authenticate(t.Context(), jwtShaped())), "unauthenticated", `user "`+user+`" is not a ServiceAccount`)
 	}
 	status.User = saUser
 	status.User.Groups = []string{"system:authenticated"}
-	wantRefusal(t, second(authn.Authenticate(t.Context(), "t")), "unauthenticated", "is not a ServiceAccount")
+	wantRefusal(t, second(authn.Authenticate(t.Context(), jwtShaped())), "unauthenticated", "is not a ServiceAccount")
 
 	status = authnv1.TokenReviewStatus{Authenticated: false, Error: "[invalid bearer token, square/go-jose: error in cryptographic primitive]"}
-	wantRefusal(t, second(authn.Authenticate(t.Context(), "t")), "unauthenticated", "cryptographic primitive")
+	wantRefusal(t, second(authn.Authenticate(t.Context(), jwtShaped())), "unauthenticated", "cryptographic primitive")
 	wantRefusal(t, second(authn.Authenticate(t.Context(), "")), "unauthenticated", "no bearer token")
 
 	fail = true
-	_, err = authn.Authenticate(t.Context(), "t")
+	_, err = authn.Authenticate(t.Context(), jwtShaped())
 	if err == nil || ca.RefusalReason(err) != "" || !strings.Contains(err.Error(), "forbidden") {
 		t.Fatalf("a failed review: %v, want a failure that is no refusal and says why", err)
 	}
 }
 
-// A non-ServiceAccount token the API server accepts (the control plane's admin, for the
-// API server's own audience) is refused.
+// A non-ServiceAccount token the API server accepts (the control plane's admin) is refused.
 func TestAuthenticatorRefusesNonServiceAccount(t *testing.T) {
 	f := newFixture(t)
 	_, issuer := signingKey(t, f.cp) // the API server's audience defaults to its issuer
 	authn := NewAuthenticator(f.cp.Client, []string{issuer})
 	_, err := authn.Authenticate(t.Context(), f.cp.RESTConfig.BearerToken)
-	wantRefusal(t, err, "unauthenticated", `user "admin" is not a ServiceAccount`)
+	// The control plane's admin token is a static token, not a JWT: refused without a review.
+	wantRefusal(t, err, "unauthenticated", `not a ServiceAccount token`)
 }
 
 func second[T any](_ T, err error) error { return err }
+
+var jwtCounter atomic.Int64
+
+// jwtShaped is a new token of a JWT's shape (three dot-separated parts) each time: the
+// authenticator asks the API server only about such tokens, and remembers each answer.
+func jwtShaped() string { return fmt.Sprintf("header.claims%d.signature", jwtCounter.Add(1)) }
+
+// The authenticator asks the API server once per token within reviewCacheTTL, good or
+// bad, and not at all about a token that is no JWT.
+func TestAuthenticatorCachesReviews(t *testing.T) {
+	var reviews atomic.Int64
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		reviews.Add(1)
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(authnv1.TokenReview{TypeMeta: metav1.TypeMeta{Kind: "TokenReview", APIVersion: "authentication.k8s.io/v1"},
+			Status: authnv1.TokenReviewStatus{Authenticated: false, Error: "invalid bearer token"}})
+	}))
+	defer srv.Close()
+	client, err := kubernetes.NewForConfig(&rest.Config{Host: srv.URL})
+	if err != nil {
+		t.Fatal(err)
+	}
+	authn := NewAuthenticator(client, nil)
+	bad := jwtShaped()
+	for range 50 {
+		wantRefusal(t, second(authn.Authenticate(t.Context(), bad)), "unauthenticated", "invalid bearer token")
+	}
+	if n := reviews.Load(); n != 1 {
+		t.Errorf("%d TokenReviews for one token asked 50 times, want 1", n)
+	}
+	wantRefusal(t, second(authn.Authenticate(t.Context(), "not-a-jwt")), "unauthenticated", "not a ServiceAccount token")
+	if n := reviews.Load(); n != 1 {
+		t.Errorf("a token that is no JWT was reviewed (%d reviews)", n)
+	}
+}
 
 func errString(err error) string {
 	if err == nil {

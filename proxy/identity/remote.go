@@ -111,6 +111,7 @@ type RemoteIssuer struct {
 	fetchHook func(ID) // called as a fetch starts, for tests
 
 	backoffMin, backoffMax time.Duration // for tests
+	clampMargin            time.Duration // how long before its end an unextended certificate is renewed
 	rootsEvery             time.Duration
 
 	ctx    context.Context // ends at Close
@@ -194,7 +195,7 @@ func NewRemoteIssuer(opts RemoteOptions) (*RemoteIssuer, error) {
 	r := &RemoteIssuer{
 		td: opts.TrustDomain, clusterID: opts.ClusterID, tokenFile: opts.TokenFile, rootFile: opts.RootFile,
 		validity: opts.Validity, timeout: opts.Timeout, now: opts.Clock, log: opts.Log, onFetch: opts.OnFetch,
-		serverName: opts.ServerName, backoffMin: remoteBackoffMin, backoffMax: remoteBackoffMax,
+		serverName: opts.ServerName, backoffMin: remoteBackoffMin, backoffMax: remoteBackoffMax, clampMargin: time.Minute,
 		rootsEvery: rootsReloadEvery, entries: map[ID]*remoteEntry{},
 	}
 	if _, err := r.loadRoots(); err != nil {
@@ -398,6 +399,7 @@ func (r *RemoteIssuer) startFetchLocked(id ID, e *remoteEntry) *mintCall {
 	go func() {
 		defer r.wg.Done()
 		cert, err := r.fetch(id)
+		clamped := false
 		r.mu.Lock()
 		e.fetching = nil
 		now := r.now()
@@ -405,7 +407,20 @@ func (r *RemoteIssuer) startFetchLocked(id ID, e *remoteEntry) *mintCall {
 			if r.entries[id] == e { // else released meanwhile: discarded
 				// Half of what is left now, not of NotAfter-NotBefore: istiod back-dates
 				// NotBefore by 2 minutes, and the CA's clock is not ours.
-				e.cert, e.renewAt = cert, now.Add(cert.Leaf.NotAfter.Sub(now)/2)
+				left := cert.Leaf.NotAfter.Sub(now)
+				wait := left / 2
+				if old := e.cert; old != nil && !cert.Leaf.NotAfter.After(old.Leaf.NotAfter) {
+					// The CA did not extend it (it cuts certificates at its own expiry):
+					// renewing at every half-life would only bunch requests up towards the
+					// end. Ask again a minute before it ends, for a CA rotated meanwhile,
+					// and within that minute not before it has ended.
+					wait = max(wait, left-r.clampMargin)
+					if left <= r.clampMargin {
+						wait = left
+					}
+					clamped = true
+				}
+				e.cert, e.renewAt = cert, now.Add(wait)
 				e.backoff, e.retryAt, e.lastErr = 0, time.Time{}, nil
 			}
 		} else {
@@ -421,6 +436,9 @@ func (r *RemoteIssuer) startFetchLocked(id ID, e *remoteEntry) *mintCall {
 			r.onFetch(id, err)
 		}
 		switch {
+		case err == nil && clamped:
+			r.log.Warn("the CA renewed a certificate without extending it: is the CA's own certificate about to expire?",
+				"identity", id.String(), "not_after", cert.Leaf.NotAfter.UTC().Format(time.RFC3339))
 		case err == nil:
 			r.log.Debug("certificate fetched", "identity", id.String(), "not_after", cert.Leaf.NotAfter.UTC().Format(time.RFC3339))
 		case r.ctx.Err() != nil: // closing

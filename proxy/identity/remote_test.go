@@ -46,12 +46,13 @@ type fakeCA struct {
 	srv      *grpc.Server
 	requests []caRequest
 	// What to get wrong, for the tests of the client's checks.
-	san    string           // the leaf's URI SAN instead of the impersonated identity
-	signer *testCA          // sign with another root, and send that root
-	newKey bool             // certify another key than the CSR's
-	inter  *tls.Certificate // sign with this intermediate (of root), sent between leaf and root
-	gate   chan struct{}
-	refuse bool // answer PermissionDenied
+	san      string           // the leaf's URI SAN instead of the impersonated identity
+	signer   *testCA          // sign with another root, and send that root
+	newKey   bool             // certify another key than the CSR's
+	inter    *tls.Certificate // sign with this intermediate (of root), sent between leaf and root
+	gate     chan struct{}
+	refuse   bool      // answer PermissionDenied
+	notAfter time.Time // if set, every leaf ends then (a CA cutting at its own expiry)
 }
 
 type caRequest struct {
@@ -150,7 +151,7 @@ func (ca *fakeCA) CreateCertificate(ctx context.Context, req *pb.IstioCertificat
 	rec.csr = csr
 	ca.mu.Lock()
 	ca.requests = append(ca.requests, rec)
-	gate, san, signer, newKey, inter, refuse := ca.gate, ca.san, ca.signer, ca.newKey, ca.inter, ca.refuse
+	gate, san, signer, newKey, inter, refuse, notAfter := ca.gate, ca.san, ca.signer, ca.newKey, ca.inter, ca.refuse, ca.notAfter
 	ca.mu.Unlock()
 	if gate != nil {
 		<-gate
@@ -194,6 +195,9 @@ func (ca *fakeCA) CreateCertificate(ctx context.Context, req *pb.IstioCertificat
 		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
 		BasicConstraintsValid: true,
 		URIs:                  []*url.URL{u},
+	}
+	if !notAfter.IsZero() {
+		tmpl.NotAfter = notAfter
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, issuer.cert, pub, issuerKey)
 	if err != nil {
@@ -722,5 +726,27 @@ func TestRemoteRefusalBacksOff(t *testing.T) {
 	}
 	if calls < 100 {
 		t.Errorf("only %d calls in a second: the refusal should be answered at once", calls)
+	}
+}
+
+// A CA that cannot extend a certificate (it cuts them at its own expiry) is not asked at
+// every half of an ever shorter life: the renewal waits until shortly before the end.
+func TestRemoteUnextendedRenewal(t *testing.T) {
+	t.Parallel()
+	f := newRemoteFixture(t)
+	end := time.Now().Add(8 * time.Second).Truncate(time.Second)
+	f.ca.mu.Lock()
+	f.ca.notAfter = end
+	f.ca.mu.Unlock()
+	r := f.issuer(t)
+	r.clampMargin = 2 * time.Second
+	r.Hold(idA)
+	if _, err := r.Certificate(context.Background(), idA); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Until(end.Add(-500 * time.Millisecond)))
+	// Halving: about 4 s, 6 s, 7 s, 7.5 s ... (5+ requests); with the margin: 4 s, 6 s.
+	if n := r.Fetches(); n > 3 {
+		t.Errorf("%d requests before the unextendable certificate ended, want at most 3", n)
 	}
 }

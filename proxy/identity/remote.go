@@ -271,11 +271,12 @@ func (r *RemoteIssuer) Certificate(ctx context.Context, id ID) (*tls.Certificate
 			return nil, fmt.Errorf("identity: certificate for %s: issuer closed", id)
 		}
 		e := r.entries[id]
+		now := r.now()
 		if e == nil {
+			r.sweepLocked(now)
 			e = &remoteEntry{}
 			r.entries[id] = e
 		}
-		now := r.now()
 		if c := e.cert; c != nil && now.Before(c.Leaf.NotAfter) {
 			// Not held: no loop renews it, so a caller past half its life starts the
 			// renewal (unless the last attempt failed a moment ago).
@@ -307,6 +308,17 @@ func (r *RemoteIssuer) Certificate(ctx context.Context, id ID) (*tls.Certificate
 			return call.cert, nil
 		}
 		// Expired as soon as fetched (the clock jumped): go round again.
+	}
+}
+
+// sweepLocked forgets identities no pod holds whose certificate has expired (or that
+// never got one), with nothing in flight: asked for once (a pooled connection racing a
+// pod's removal), they would otherwise stay for the proxy's lifetime. r.mu is held.
+func (r *RemoteIssuer) sweepLocked(now time.Time) {
+	for id, e := range r.entries {
+		if e.holds == 0 && e.fetching == nil && (e.cert == nil || !now.Before(e.cert.Leaf.NotAfter)) && !now.Before(e.retryAt) {
+			delete(r.entries, id)
+		}
 	}
 }
 

@@ -750,3 +750,34 @@ func TestRemoteUnextendedRenewal(t *testing.T) {
 		t.Errorf("%d requests before the unextendable certificate ended, want at most 3", n)
 	}
 }
+
+// An identity no pod holds, asked for once, is forgotten once its certificate has expired
+// (when another identity is first asked for); a held one stays.
+func TestRemoteForgetsUnheld(t *testing.T) {
+	t.Parallel()
+	f := newRemoteFixture(t)
+	f.opts.Validity = time.Second
+	r := f.issuer(t)
+	r.Hold(idB)
+	if _, err := r.Certificate(context.Background(), idA); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.Certificate(context.Background(), idB); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2500 * time.Millisecond) // idA's certificate (up to 2 s, rounded up) has expired
+	other := ForServiceAccount(idA.TrustDomain, "other", "sa")
+	if _, err := r.Certificate(context.Background(), other); err != nil {
+		t.Fatal(err)
+	}
+	r.mu.Lock()
+	_, hasA := r.entries[idA]
+	_, hasB := r.entries[idB]
+	r.mu.Unlock()
+	if hasA {
+		t.Error("an unheld identity with an expired certificate is still kept")
+	}
+	if !hasB {
+		t.Error("a held identity was forgotten")
+	}
+}

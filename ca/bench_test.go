@@ -18,6 +18,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -57,17 +58,22 @@ import (
 //     its CPU counts too). serial: one request at a time (ns/op is the latency);
 //     parallel: 8 requests in flight per CPU.
 //   - grpc-kube: the same with ca/kube's Authenticator (a TokenReview) and NodeAuthorizer
-//     (a pod informer) against a real kube-apiserver and etcd on the same machine, a
-//     pod-bound token of a trusted proxy asking for the identity of a pod on its node:
-//     the whole path, with the Kubernetes client's own rate limit off (the path's
-//     capacity). The API server caches a token's authentication for 10 s, so every
-//     review but the first is a cache hit there, as for a node proxy's token.
-//   - grpc-kube-qps100/parallel: the same as deployed (cakube.RESTConfig: at most 100
-//     requests a second, burst 200), the burst spent before timing: the sustained rate.
+//     (a pod informer) against a real kube-apiserver and etcd on the same machine, the
+//     client configured as serveCA's (cakube.RESTConfig: protobuf, at most 100 requests a
+//     second, burst 200), a trusted proxy's pod-bound token asking for the identity of a
+//     pod on its node: the whole path as deployed for one node proxy. The Authenticator
+//     remembers a token's review for 10 s, so nearly every request is decided from the
+//     caches.
+//   - grpc-kube-review: the same with a new token for every request (a TokenReview each,
+//     as when many nodes' proxies ask at once), the client's rate limit off: what a review
+//     costs and how many the API server answers.
+//   - grpc-kube-review-qps100/parallel: a new token each, the client as deployed, its
+//     burst spent before timing: the sustained rate of new tokens.
 //
-// The kube legs are skipped when the control plane is not built (scripts/setup).
-// Each request asks for the same identity with the same CSR (the service keeps no
-// state per request). certs/s is b.N over the elapsed time.
+// The kube legs are skipped when the control plane is not built (scripts/setup). Each
+// request asks for the same identity with the same CSR (the service keeps no state per
+// request). certs/s is b.N over the elapsed time; self-cpu-us/cert is this process's CPU
+// (client and service) per certificate, apiserver-cpu-us/cert kube-apiserver's.
 func BenchmarkCASign(b *testing.B) {
 	signer, keyPEM := benchSigner(b)
 	caKey := parseKey(b, keyPEM)
@@ -107,27 +113,37 @@ func BenchmarkCASign(b *testing.B) {
 
 	b.Run("grpc", func(b *testing.B) {
 		benchGRPC(b, signer, csrPEM, 8, true, func(*testing.B) grpcEnv {
-			return grpcEnv{authn: instantAuthn{}, authz: instantAuthz{}, token: "proxy-token", id: app}
+			return grpcEnv{authn: instantAuthn{}, authz: instantAuthz{}, token: func() string { return "proxy-token" }, id: app}
 		})
 	})
 
-	var kube *kubeEnv // started once, for both kube legs
-	kubeEnvFor := func(deployed bool) func(*testing.B) grpcEnv {
+	var kube *kubeEnv // started once, for the kube legs
+	kubeEnvFor := func(review, deployed bool) func(*testing.B) grpcEnv {
 		return func(b *testing.B) grpcEnv {
 			if kube == nil {
 				kube = startKube(b)
 			}
-			e := grpcEnv{authn: kube.authnUnlimited, authz: kube.authz, token: kube.token, id: kube.id, apiserver: kube.apiserver}
+			e := grpcEnv{authn: kube.authnUnlimited, authz: kube.authz, id: kube.id, apiserver: kube.apiserver,
+				token: func() string { return kube.token }}
+			if review {
+				e.token = kube.freshToken
+			}
 			if deployed {
 				e.authn = kube.authnDeployed
+			}
+			if review && deployed {
 				kube.drainBurst(b)
 			}
 			return e
 		}
 	}
-	b.Run("grpc-kube", func(b *testing.B) { benchGRPC(b, signer, csrPEM, 8, true, kubeEnvFor(false)) })
-	b.Run("grpc-kube-qps100", func(b *testing.B) { benchGRPC(b, signer, csrPEM, 8, false, kubeEnvFor(true)) })
+	b.Run("grpc-kube", func(b *testing.B) { benchGRPC(b, signer, csrPEM, 8, true, kubeEnvFor(false, true)) })
+	b.Run("grpc-kube-review", func(b *testing.B) { benchGRPC(b, signer, csrPEM, 8, true, kubeEnvFor(true, false)) })
+	b.Run("grpc-kube-review-qps100", func(b *testing.B) { benchGRPC(b, signer, csrPEM, 8, false, kubeEnvFor(true, true)) })
 	if kube != nil {
+		if kube.next.Load() > int64(len(kube.fresh)) {
+			b.Errorf("%d fresh tokens used, only %d minted: some were reviewed twice", kube.next.Load(), len(kube.fresh))
+		}
 		if err := kube.stop(); err != nil {
 			b.Error(err)
 		}
@@ -138,7 +154,7 @@ func BenchmarkCASign(b *testing.B) {
 type grpcEnv struct {
 	authn ca.Authenticator
 	authz ca.Authorizer
-	token string
+	token func() string // the token of the next request
 	id    identity.ID
 	// apiserver is kube-apiserver's process ID, if there is one: its CPU time is reported.
 	apiserver int
@@ -149,11 +165,11 @@ type grpcEnv struct {
 func benchGRPC(b *testing.B, signer *ca.Signer, csrPEM string, parallelism int, serial bool, env func(*testing.B) grpcEnv) {
 	if serial {
 		b.Run("serial", func(b *testing.B) {
-			client, ctx, req, pid := startServer(b, signer, csrPEM, env)
+			call, pid := startServer(b, signer, csrPEM, env)
 			cpu := startCPU(pid)
 			b.ResetTimer()
 			for range b.N {
-				if _, err := client.CreateCertificate(ctx, req); err != nil {
+				if err := call(); err != nil {
 					b.Fatal(err)
 				}
 			}
@@ -163,13 +179,13 @@ func benchGRPC(b *testing.B, signer *ca.Signer, csrPEM string, parallelism int, 
 		})
 	}
 	b.Run("parallel", func(b *testing.B) {
-		client, ctx, req, pid := startServer(b, signer, csrPEM, env)
+		call, pid := startServer(b, signer, csrPEM, env)
 		b.SetParallelism(parallelism)
 		cpu := startCPU(pid)
 		b.ResetTimer()
 		b.RunParallel(func(pb *testing.PB) {
 			for pb.Next() {
-				if _, err := client.CreateCertificate(ctx, req); err != nil {
+				if err := call(); err != nil {
 					b.Error(err)
 					return
 				}
@@ -181,13 +197,13 @@ func benchGRPC(b *testing.B, signer *ca.Signer, csrPEM string, parallelism int, 
 	})
 }
 
-// startServer serves a Server on 127.0.0.1 until b ends and returns a client over TLS,
-// the context of a request (token, timeout) and the request, after one request to warm
-// the connection up.
-func startServer(b *testing.B, signer *ca.Signer, csrPEM string, env func(*testing.B) grpcEnv) (pb.IstioCertificateServiceClient, context.Context, *pb.IstioCertificateRequest, int) {
+// startServer serves a Server on 127.0.0.1 until b ends and returns a function that asks
+// it for a certificate over TLS (one connection), after one request to warm it up, and
+// kube-apiserver's process ID, if any.
+func startServer(b *testing.B, signer *ca.Signer, csrPEM string, env func(*testing.B) grpcEnv) (call func() error, apiserver int) {
 	b.Helper()
 	e := env(b)
-	token, id := e.token, e.id
+	id := e.id
 	srv, err := ca.NewServer(ca.Options{
 		Signer: signer, Authenticator: e.authn, Authorizer: e.authz,
 		DNSNames: []string{"nftmesh-ca.test"}, Registerer: prometheus.NewRegistry(),
@@ -222,16 +238,21 @@ func startServer(b *testing.B, signer *ca.Signer, csrPEM string, env func(*testi
 	req := &pb.IstioCertificateRequest{Csr: csrPEM, ValidityDuration: 86400, Metadata: md}
 	rctx, rcancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	b.Cleanup(rcancel)
-	rctx = metadata.AppendToOutgoingContext(rctx, "authorization", "Bearer "+token, "clusterid", "Kubernetes")
 	client := pb.NewIstioCertificateServiceClient(conn)
-	resp, err := client.CreateCertificate(rctx, req)
+	call = func() error {
+		ctx := metadata.AppendToOutgoingContext(rctx, "authorization", "Bearer "+e.token(), "clusterid", "Kubernetes")
+		_, err := client.CreateCertificate(ctx, req)
+		return err
+	}
+	wctx := metadata.AppendToOutgoingContext(rctx, "authorization", "Bearer "+e.token(), "clusterid", "Kubernetes")
+	resp, err := client.CreateCertificate(wctx, req)
 	if err != nil {
 		b.Fatal(err)
 	}
 	if got, err := identity.FromCertificate(parseLeaf(b, resp.CertChain[0])); err != nil || got != id {
 		b.Fatalf("certificate for %v (%v), want %v", got, err, id)
 	}
-	return client, rctx, req, e.apiserver
+	return call, e.apiserver
 }
 
 // cpuMeter measures the CPU time of this process (the client and the service) and of
@@ -301,10 +322,15 @@ func (instantAuthz) Authorize(context.Context, ca.Caller, identity.ID) error { r
 
 // kubeEnv is a control plane with a trusted proxy's pod and an app's pod on node-a, the
 // proxy's pod-bound token, and the real Authenticator and a started NodeAuthorizer.
-// authnDeployed's client is configured as serveCA's (cakube.RESTConfig: at most 100
-// requests a second, burst 200); authnUnlimited's has no client-side limit.
+// kubeEnv is a control plane with a trusted proxy's pod and an app's pod on node-a, the
+// proxy's pod-bound token and a pool of fresh ones (each reviewed once), the real
+// Authenticators and a started NodeAuthorizer. authnDeployed's client is configured as
+// serveCA's (cakube.RESTConfig: at most 100 requests a second, burst 200);
+// authnUnlimited's has no client-side limit.
 type kubeEnv struct {
 	token          string
+	fresh          []string
+	next           atomic.Int64
 	id             identity.ID
 	authnDeployed  ca.Authenticator
 	authnUnlimited ca.Authenticator
@@ -313,8 +339,18 @@ type kubeEnv struct {
 	stop           func() error
 }
 
-// drainBurst spends the deployed client's burst (200 requests), so that what follows
-// runs at its sustained rate.
+// freshTokens is how many tokens startKube mints: more than the review legs use in one
+// run of BenchmarkCASign at 1 s each.
+const freshTokens = 6000
+
+// freshToken returns a token no request has used (wrapping round if the pool runs out,
+// which BenchmarkCASign reports).
+func (k *kubeEnv) freshToken() string {
+	return k.fresh[int(k.next.Add(1)-1)%len(k.fresh)]
+}
+
+// drainBurst spends the deployed client's burst (200 requests) on reviews of fresh
+// tokens, so that what follows runs at its sustained rate.
 func (k *kubeEnv) drainBurst(b *testing.B) {
 	b.Helper()
 	const burst, workers = 200, 16
@@ -323,7 +359,7 @@ func (k *kubeEnv) drainBurst(b *testing.B) {
 		go func() {
 			var err error
 			for range burst / workers {
-				if _, err = k.authnDeployed.Authenticate(context.Background(), k.token); err != nil {
+				if _, err = k.authnDeployed.Authenticate(context.Background(), k.freshToken()); err != nil {
 					break
 				}
 			}
@@ -379,14 +415,38 @@ func startKube(b *testing.B) *kubeEnv {
 	}
 	proxy := cp.RunningPod(b, kubetest.PodSpec{Namespace: ns, Name: "nftmesh-proxy-a", NodeName: "node-a", ServiceAccountName: "nftmesh-proxy"})
 	cp.RunningPod(b, kubetest.PodSpec{Namespace: ns, Name: "app-1", NodeName: "node-a", ServiceAccountName: "app"})
-	tr, err := cp.Client.CoreV1().ServiceAccounts(ns).CreateToken(ctx, "nftmesh-proxy", &authnv1.TokenRequest{Spec: authnv1.TokenRequestSpec{
-		Audiences:      []string{cakube.DefaultAudience},
-		BoundObjectRef: &authnv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: proxy.Name, UID: proxy.UID},
-	}}, metav1.CreateOptions{})
-	if err != nil {
+	mint := func() (string, error) {
+		tr, err := cp.Client.CoreV1().ServiceAccounts(ns).CreateToken(ctx, "nftmesh-proxy", &authnv1.TokenRequest{Spec: authnv1.TokenRequestSpec{
+			Audiences:      []string{cakube.DefaultAudience},
+			BoundObjectRef: &authnv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: proxy.Name, UID: proxy.UID},
+		}}, metav1.CreateOptions{})
+		if err != nil {
+			return "", err
+		}
+		return tr.Status.Token, nil
+	}
+	if env.token, err = mint(); err != nil {
 		b.Fatal(err)
 	}
-	env.token = tr.Status.Token
+	began = time.Now()
+	env.fresh = make([]string, freshTokens)
+	const workers = 16
+	errs := make(chan error, workers)
+	for w := range workers {
+		go func() {
+			var err error
+			for i := w; i < len(env.fresh) && err == nil; i += workers {
+				env.fresh[i], err = mint()
+			}
+			errs <- err
+		}()
+	}
+	for range workers {
+		if err := <-errs; err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.Logf("%d tokens minted in %v", len(env.fresh), time.Since(began).Round(time.Millisecond))
 	env.id = identity.ForServiceAccount(identity.DefaultTrustDomain, ns, "app")
 
 	// As serveCA builds them.

@@ -188,8 +188,10 @@ func (s *Server) CreateCertificate(ctx context.Context, req *pb.IstioCertificate
 		var refusal *Refusal
 		switch {
 		case errors.As(err, &refusal):
-			return nil, s.refuse(r, codes.PermissionDenied, reasonOr(err, ReasonUnauthorized),
-				fmt.Errorf("%s may not have a certificate for %s: %w", caller, id, err))
+			if !strings.Contains(err.Error(), id.String()) { // ca/kube's refusals name both already
+				err = fmt.Errorf("%s may not have a certificate for %s: %w", caller, id, err)
+			}
+			return nil, s.refuse(r, codes.PermissionDenied, reasonOr(err, ReasonUnauthorized), err)
 		case ctx.Err() != nil:
 			return nil, s.refuse(r, codes.DeadlineExceeded, ReasonTimeout,
 				fmt.Errorf("authorization of %s for %s did not finish in %v: %w", caller, id, s.timeout, err))

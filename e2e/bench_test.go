@@ -32,7 +32,8 @@ import (
 // proxy, httpbin's app; and the baseline, in the same run, over the same veths and
 // namespaces with the two pods' rules removed ("direct": plain TCP, forwarded by both
 // nodes). Each benchmark has a "direct" and a "mesh" sub-benchmark; stream, latency and
-// connection rate also have floor legs, through two bare relays (floor_test.go).
+// connection rate also have floor legs, through two bare relays (floor_test.go), and a
+// peer leg, through two HAProxy processes (haproxy_test.go).
 //
 //	go test -run '^$' -bench . -benchtime 2s -count 5 ./e2e/
 //
@@ -56,6 +57,7 @@ type leg struct {
 var (
 	legs      = []leg{{name: "direct"}, {name: "mesh", mesh: true}}
 	floorLegs = []leg{{name: "floor-tcp", relay: "tcp"}, {name: "floor-tls", relay: "tls"}}
+	peerLegs  = []leg{{name: "peer-haproxy", relay: haproxyRelay}} // haproxy_test.go
 )
 
 // target is where notsleep's client dials app port on leg l.
@@ -92,7 +94,7 @@ func newBenchMesh(b testing.TB) *Mesh {
 		}
 	})
 	m.Serve(m.Httpbin, closePort, func(c net.Conn) { io.WriteString(c, "bye\n") })
-	for _, l := range floorLegs {
+	for _, l := range slices.Concat(floorLegs, peerLegs) {
 		m.startRelays(b, l.relay, sinkPort, rrPort, closePort)
 	}
 	return m
@@ -157,8 +159,9 @@ func (d *nsDialer) dial(dst netip.AddrPort) (net.Conn, error) {
 // BenchmarkStream: one long TCP stream, notsleep to httpbin, 256 KiB writes; MB/s.
 func BenchmarkStream(b *testing.B) {
 	m := newBenchMesh(b)
-	for _, leg := range slices.Concat(legs, floorLegs) {
+	for _, leg := range slices.Concat(legs, floorLegs, peerLegs) {
 		b.Run(leg.name, func(b *testing.B) {
+			m.skipLeg(b, leg)
 			m.setLeg(leg.mesh)
 			c, err := Dial(m.Notsleep.NS, "tcp4", m.target(leg, sinkPort))
 			if err != nil {
@@ -196,8 +199,9 @@ func BenchmarkStream(b *testing.B) {
 // httpbin; p50 and p99 round trip in µs. The latency the proxies add is mesh minus direct.
 func BenchmarkLatency1K(b *testing.B) {
 	m := newBenchMesh(b)
-	for _, leg := range slices.Concat(legs, floorLegs) {
+	for _, leg := range slices.Concat(legs, floorLegs, peerLegs) {
 		b.Run(leg.name, func(b *testing.B) {
+			m.skipLeg(b, leg)
 			m.setLeg(leg.mesh)
 			c, err := Dial(m.Notsleep.NS, "tcp4", m.target(leg, rrPort))
 			if err != nil {
@@ -262,7 +266,9 @@ func BenchmarkConnRate(b *testing.B) {
 		return nil
 	}
 	// floor-tls would pay a TLS handshake per connection, which pooled HBONE does not.
-	for _, leg := range slices.Concat(legs, floorLegs[:1]) {
+	// peer-haproxy does pay it (a full one, no resumption: haproxy_test.go): the cost of
+	// a production proxy pair without a pooled tunnel.
+	for _, leg := range slices.Concat(legs, floorLegs[:1], peerLegs) {
 		dst := m.target(leg, closePort)
 		for _, conc := range []int{1, par} {
 			name := leg.name + "/seq"
@@ -270,6 +276,7 @@ func BenchmarkConnRate(b *testing.B) {
 				name = fmt.Sprintf("%s/par%d", leg.name, conc)
 			}
 			b.Run(name, func(b *testing.B) {
+				m.skipLeg(b, leg)
 				m.setLeg(leg.mesh)
 				if err := one(dialers[0], dst); err != nil { // warm: the pooled connection
 					b.Fatal(err)

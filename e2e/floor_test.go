@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -265,10 +266,14 @@ func (c *corked) SetDeadline(t time.Time) error      { return c.c.SetDeadline(t)
 func (c *corked) SetReadDeadline(t time.Time) error  { return c.c.SetReadDeadline(t) }
 func (c *corked) SetWriteDeadline(t time.Time) error { return c.c.SetWriteDeadline(t) }
 
-// startRelays starts the floor relays of one kind ("tcp" or "tls") for the given app
+// startRelays starts the floor relays of one kind ("tcp" or "tls"; or the "haproxy" peer) for the given app
 // ports: the outbound one in notsleep's namespace, the inbound one in httpbin's.
 func (m *Mesh) startRelays(tb testing.TB, kind string, ports ...int) {
 	tb.Helper()
+	if kind == haproxyRelay { // a peer leg (haproxy_test.go)
+		m.startHAProxies(tb, ports...)
+		return
+	}
 	upstream := netip.AddrPortFrom(m.Httpbin.V4, relayInPort)
 	if kind == "tls" {
 		upstream = netip.AddrPortFrom(m.Httpbin.V4, relayInPort+1)
@@ -296,8 +301,11 @@ func (m *Mesh) startRelays(tb testing.TB, kind string, ports ...int) {
 // relayAddr is where a client in notsleep dials the outbound relay of kind for app port.
 func (m *Mesh) relayAddr(kind string, appPort int) netip.AddrPort {
 	port := relayPortBase + appPort
-	if kind == "tls" {
+	switch kind {
+	case "tls":
 		port += relayTLSOffset
+	case haproxyRelay:
+		port += haproxyOutOffset
 	}
 	return netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(port))
 }
@@ -339,14 +347,15 @@ func startRelay(tb testing.TB, name string, ns *nettest.Netns, cfg relayConfig) 
 	return p
 }
 
-// TestFloorRelays: the benchmarks' relays carry what they must (so that a floor is never
+// TestFloorRelays: the benchmarks' relays (and the peer legs' proxies) carry what they must (so that a floor is never
 // the cost of a relay that dropped the work): a stream and its half-close, request and
 // response in turn, and a server that speaks first and closes.
 func TestFloorRelays(t *testing.T) {
 	m := newBenchMesh(t)
 	m.setLeg(false)
-	for _, l := range floorLegs {
+	for _, l := range slices.Concat(floorLegs, peerLegs) {
 		t.Run(l.name, func(t *testing.T) {
+			m.skipLeg(t, l)
 			dial := func(port int) net.Conn {
 				c, err := Dial(m.Notsleep.NS, "tcp4", m.target(l, port))
 				if err != nil {

@@ -60,7 +60,7 @@ func NewSigner(certPEM, keyPEM []byte) (*Signer, error) {
 }
 
 func newSigner(certPEM, keyPEM []byte, now func() time.Time) (*Signer, error) {
-	certs, err := parseCertificates(certPEM)
+	certs, err := identity.ParseCertificates(certPEM)
 	if err != nil {
 		return nil, fmt.Errorf("ca: CA certificate: %w", err)
 	}
@@ -92,7 +92,7 @@ func newSigner(certPEM, keyPEM []byte, now func() time.Time) (*Signer, error) {
 		}
 		s.chainPEM = append(s.chainPEM, string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})))
 	}
-	if s.key, err = parsePrivateKey(keyPEM); err != nil {
+	if s.key, err = identity.ParsePrivateKey(keyPEM); err != nil {
 		return nil, fmt.Errorf("ca: CA key: %w", err)
 	}
 	if pub, ok := s.key.Public().(interface{ Equal(crypto.PublicKey) bool }); !ok || !pub.Equal(ca.PublicKey) {
@@ -284,61 +284,6 @@ func parseCSR(csrPEM string) (*x509.CertificateRequest, error) {
 		return nil, fmt.Errorf("CSR signature does not verify: %v", err)
 	}
 	return csr, nil
-}
-
-// parseCertificates returns every CERTIFICATE block of data, in order; there must be one.
-func parseCertificates(data []byte) ([]*x509.Certificate, error) {
-	var certs []*x509.Certificate
-	for {
-		var block *pem.Block
-		if block, data = pem.Decode(data); block == nil {
-			break
-		}
-		if block.Type != "CERTIFICATE" {
-			continue
-		}
-		c, err := x509.ParseCertificate(block.Bytes)
-		if err != nil {
-			return nil, fmt.Errorf("certificate %d: %w", len(certs)+1, err)
-		}
-		certs = append(certs, c)
-	}
-	if len(certs) == 0 {
-		return nil, errors.New("no PEM CERTIFICATE block")
-	}
-	return certs, nil
-}
-
-// parsePrivateKey returns the first private key in data, in the formats
-// identity.NewCAIssuer takes.
-func parsePrivateKey(data []byte) (crypto.Signer, error) {
-	for {
-		var block *pem.Block
-		if block, data = pem.Decode(data); block == nil {
-			return nil, errors.New("no PEM private key block (PRIVATE KEY, EC PRIVATE KEY or RSA PRIVATE KEY)")
-		}
-		var key any
-		var err error
-		switch block.Type {
-		case "PRIVATE KEY":
-			key, err = x509.ParsePKCS8PrivateKey(block.Bytes)
-		case "EC PRIVATE KEY":
-			key, err = x509.ParseECPrivateKey(block.Bytes)
-		case "RSA PRIVATE KEY":
-			key, err = x509.ParsePKCS1PrivateKey(block.Bytes)
-		default:
-			continue
-		}
-		if err != nil {
-			return nil, fmt.Errorf("%s: %w", block.Type, err)
-		}
-		switch k := key.(type) {
-		case *ecdsa.PrivateKey, *rsa.PrivateKey, ed25519.PrivateKey:
-			return k.(crypto.Signer), nil
-		default:
-			return nil, fmt.Errorf("unsupported private key type %T", key)
-		}
-	}
 }
 
 func rfc3339(t time.Time) string { return t.UTC().Format(time.RFC3339) }

@@ -44,7 +44,7 @@ func newTestCA(t *testing.T, td string, ttl time.Duration) testCA {
 	if err != nil {
 		t.Fatal(err)
 	}
-	certs, err := parseCertificates(certPEM)
+	certs, err := ParseCertificates(certPEM)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -64,7 +64,7 @@ func (ca testCA) issuer(t *testing.T, opts CAOptions) *CAIssuer {
 // certificate with the chain leaf, CA.
 func (ca testCA) sign(t *testing.T, tmpl *x509.Certificate) *tls.Certificate {
 	t.Helper()
-	caKey, err := parsePrivateKey(ca.keyPEM)
+	caKey, err := ParsePrivateKey(ca.keyPEM)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -125,7 +125,7 @@ func NewCAIssuer(certPEM, keyPEM []byte, opts CAOptions) (*CAIssuer, error) {
 	if opts.Clock == nil {
 		opts.Clock = time.Now
 	}
-	certs, err := parseCertificates(certPEM)
+	certs, err := ParseCertificates(certPEM)
 	if err != nil {
 		return nil, fmt.Errorf("identity: CA certificate: %w", err)
 	}
@@ -148,7 +148,7 @@ func NewCAIssuer(certPEM, keyPEM []byte, opts CAOptions) (*CAIssuer, error) {
 				c.Subject, c.NotBefore.UTC().Format(time.RFC3339), c.NotAfter.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339))
 		}
 	}
-	key, err := parsePrivateKey(keyPEM)
+	key, err := ParsePrivateKey(keyPEM)
 	if err != nil {
 		return nil, fmt.Errorf("identity: CA key: %w", err)
 	}
@@ -297,8 +297,9 @@ func randomSerial() (*big.Int, error) {
 	return rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 128))
 }
 
-// parseCertificates returns every CERTIFICATE block of data, in order; there must be one.
-func parseCertificates(data []byte) ([]*x509.Certificate, error) {
+// ParseCertificates returns every CERTIFICATE block of data (PEM), in order; there must
+// be one.
+func ParseCertificates(data []byte) ([]*x509.Certificate, error) {
 	var certs []*x509.Certificate
 	for {
 		var block *pem.Block
@@ -311,7 +312,7 @@ func parseCertificates(data []byte) ([]*x509.Certificate, error) {
 		}
 		c, err := x509.ParseCertificate(block.Bytes)
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("certificate %d: %w", len(certs)+1, err)
 		}
 		certs = append(certs, c)
 	}
@@ -321,8 +322,9 @@ func parseCertificates(data []byte) ([]*x509.Certificate, error) {
 	return certs, nil
 }
 
-// parsePrivateKey returns the first private key in data.
-func parsePrivateKey(data []byte) (crypto.Signer, error) {
+// ParsePrivateKey returns the first private key in data (PEM: PKCS#8, SEC 1 "EC PRIVATE
+// KEY" or PKCS#1 "RSA PRIVATE KEY"; ECDSA, RSA or Ed25519).
+func ParsePrivateKey(data []byte) (crypto.Signer, error) {
 	for {
 		var block *pem.Block
 		block, data = pem.Decode(data)

@@ -414,7 +414,7 @@ func TestGenerateRoot(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	certs, err := parseCertificates(certPEM)
+	certs, err := ParseCertificates(certPEM)
 	if err != nil || len(certs) != 1 {
 		t.Fatalf("%d certificates, %v", len(certs), err)
 	}

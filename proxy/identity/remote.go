@@ -590,7 +590,7 @@ func (r *RemoteIssuer) checkReply(id ID, key *ecdsa.PrivateKey, chain []string) 
 	}
 	var certs []*x509.Certificate
 	for i, elem := range chain {
-		cs, err := parseCertificates([]byte(elem))
+		cs, err := ParseCertificates([]byte(elem))
 		if err != nil {
 			return nil, fmt.Errorf("identity: certificate for %s from the CA: element %d: %w", id, i, err)
 		}
@@ -656,7 +656,7 @@ func (r *RemoteIssuer) loadRoots() (changed bool, err error) {
 	if same {
 		return false, nil
 	}
-	certs, err := parseCertificates(data)
+	certs, err := ParseCertificates(data)
 	if err != nil {
 		return false, fmt.Errorf("identity: CA roots %s: %w", r.rootFile, err)
 	}

@@ -67,7 +67,7 @@ type caRequest struct {
 func newFakeCA(t *testing.T) *fakeCA {
 	t.Helper()
 	root := newTestCA(t, "cluster.local", time.Hour)
-	key, err := parsePrivateKey(root.keyPEM)
+	key, err := ParsePrivateKey(root.keyPEM)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -175,7 +175,7 @@ func (ca *fakeCA) CreateCertificate(ctx context.Context, req *pb.IstioCertificat
 	}
 	if signer != nil {
 		issuer = *signer
-		if issuerKey, err = parsePrivateKey(signer.keyPEM); err != nil {
+		if issuerKey, err = ParsePrivateKey(signer.keyPEM); err != nil {
 			return nil, err
 		}
 	}

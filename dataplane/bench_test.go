@@ -21,7 +21,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -35,10 +34,10 @@ import (
 	"time"
 
 	mdnetlink "github.com/mdlayher/netlink"
-	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/nftmesh/nftmesh/compiler"
+	"github.com/nftmesh/nftmesh/internal/istiobaseline"
 	"github.com/nftmesh/nftmesh/internal/netns"
 	"github.com/nftmesh/nftmesh/internal/nettest"
 	"github.com/nftmesh/nftmesh/kernel"
@@ -637,47 +636,10 @@ func runRestore(cmd *exec.Cmd, stdin *os.File) error {
 	return nil
 }
 
-// istioRouting adds the pod's policy routing the way istio-cni does, with rtnetlink from
-// a thread inside the pod's namespace: per family, `ip rule add fwmark 0x111/0xfff pref
-// 32764 lookup 100` and `ip route add local default dev lo table 100`.
-func istioRouting(r *ruleset.Routing) error {
-	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
-	if err != nil {
-		return err
-	}
-	defer h.Close()
-	lo, err := h.LinkByName("lo")
-	if err != nil {
-		return err
-	}
-	families := []int{netlink.FAMILY_V4}
-	if r.IPv6 {
-		families = append(families, netlink.FAMILY_V6)
-	}
-	for _, fam := range families {
-		rule := netlink.NewRule()
-		rule.Family, rule.Mark, rule.Table, rule.Priority = fam, r.Mark, r.Table, r.Priority
-		mask := r.Mask
-		rule.Mask = &mask
-		if err := h.RuleAdd(rule); err != nil {
-			return fmt.Errorf("rule add: %w", err)
-		}
-		dst := &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}
-		if fam == netlink.FAMILY_V6 {
-			dst = &net.IPNet{IP: net.IPv6zero, Mask: net.CIDRMask(0, 128)}
-		}
-		route := &netlink.Route{Family: fam, LinkIndex: lo.Attrs().Index, Dst: dst, Table: r.Table, Type: unix.RTN_LOCAL, Scope: netlink.SCOPE_HOST}
-		if err := h.RouteAdd(route); err != nil {
-			return fmt.Errorf("route add: %w", err)
-		}
-	}
-	return nil
-}
-
 // BenchmarkBaselineIptablesRestore: the fresh enroll of BenchmarkEnrollFresh done Istio's
 // way. Each op restores Istio's rules with `iptables-restore --noflush` (rules read from
 // a file, process start included) and adds the same policy routing in-process with
-// rtnetlink, as istio-cni does (see istioRouting): routing is on both sides. Sub-benchmarks:
+// rtnetlink, as istio-cni does (see istiobaseline.Routing): routing is on both sides. Sub-benchmarks:
 //
 //	ipv4/netns-exec/nft   `ip netns exec NS iptables-restore --noflush < rules`
 //	ipv4/setns/nft        iptables-restore forked from a thread already in the netns (istio-cni's way)
@@ -772,13 +734,13 @@ func baselineEnroll(ns benchNS, netnsExec bool, steps []restoreStep, files []*os
 		if err := restores(); err != nil {
 			return err
 		}
-		return inNetnsThread(int(f.Fd()), func() error { return istioRouting(r) })
+		return inNetnsThread(int(f.Fd()), func() error { return istiobaseline.Routing(r) })
 	}
 	return inNetnsThread(int(f.Fd()), func() error {
 		if err := restores(); err != nil {
 			return err
 		}
-		return istioRouting(r)
+		return istiobaseline.Routing(r)
 	})
 }
 

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"sync"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -36,6 +37,9 @@ type Kube struct {
 	nsFact   informers.SharedInformerFactory
 	recorder record.EventRecorder
 	stopRec  func()
+
+	mu      sync.Mutex
+	written map[string]bool // pod UID -> the redirection value this agent last wrote
 }
 
 // podResync is how often the pod informer re-offers every pod of the node.
@@ -80,6 +84,9 @@ func (k *Kube) Watch(c *Controller) error {
 				obj = t.Obj
 			}
 			if p, ok := obj.(*corev1.Pod); ok {
+				k.mu.Lock()
+				delete(k.written, string(p.UID))
+				k.mu.Unlock()
 				c.PodDeleted(p)
 			}
 		},
@@ -155,7 +162,14 @@ func (k *Kube) SetRedirection(ctx context.Context, pod Pod, enabled bool) error 
 	if enabled {
 		value = RedirectionEnabled
 	}
-	if cached, err := k.pods.Pods(pod.Namespace).Get(pod.Name); err == nil && string(cached.UID) == pod.UID {
+	// The cache says what is there, unless it has not yet seen this agent's last write,
+	// which was the other value (an enable, then a quick removal, then an enable again):
+	// then the cache still shows the first enable, and skipping would leave the pod
+	// without its annotation.
+	k.mu.Lock()
+	last, wrote := k.written[pod.UID]
+	k.mu.Unlock()
+	if cached, err := k.pods.Pods(pod.Namespace).Get(pod.Name); err == nil && string(cached.UID) == pod.UID && (!wrote || last == enabled) {
 		if v, ok := cached.Annotations[AnnotationRedirection]; ok == enabled && (!enabled || v == RedirectionEnabled) {
 			return nil
 		}
@@ -167,6 +181,14 @@ func (k *Kube) SetRedirection(ctx context.Context, pod Pod, enabled bool) error 
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	_, err := k.client.CoreV1().Pods(pod.Namespace).Patch(ctx, pod.Name, types.MergePatchType, patch, metav1.PatchOptions{}, "status")
+	if err == nil {
+		k.mu.Lock()
+		if k.written == nil {
+			k.written = map[string]bool{}
+		}
+		k.written[pod.UID] = enabled
+		k.mu.Unlock()
+	}
 	// The uid precondition fails as 422 Invalid ("metadata.uid: field is immutable"): the
 	// name belongs to a newer pod now, and ours is gone.
 	replaced := apierrors.IsInvalid(err) || apierrors.IsConflict(err)

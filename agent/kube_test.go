@@ -55,3 +55,31 @@ func TestRedirectionAnnotationOfReplacedPod(t *testing.T) {
 		t.Errorf("the newer pod got the old pod's annotation: %v, %v", got.Annotations, err)
 	}
 }
+
+// Enable, disable, enable in quick succession ends enabled, whatever the informer has
+// seen meanwhile: the cache may still show the first enable when the second comes.
+func TestRedirectionAnnotationFlip(t *testing.T) {
+	cp := kubetest.Shared(t)
+	ns := cp.Namespace(t, nil)
+	for i := range 20 {
+		name := "flip-" + string(rune('a'+i))
+		p := cp.RunningPod(t, kubetest.PodSpec{Namespace: ns, Name: name, NodeName: "n-flip", PodIPs: []string{"10.0.1.1"}})
+		k := NewKube(cp.Client, "n-flip", quiet)
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		if err := k.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
+		pod := Pod{UID: string(p.UID), Name: name, Namespace: ns}
+		for _, v := range []bool{true, false, true} {
+			if err := k.SetRedirection(ctx, pod, v); err != nil {
+				t.Fatal(err)
+			}
+		}
+		got, err := cp.Client.CoreV1().Pods(ns).Get(ctx, name, metav1.GetOptions{})
+		if err != nil || got.Annotations[AnnotationRedirection] != RedirectionEnabled {
+			t.Fatalf("round %d: after enable, disable, enable: %v, %v", i, got.Annotations, err)
+		}
+		k.Stop()
+		cancel()
+	}
+}

@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
@@ -21,6 +20,7 @@ import (
 	"github.com/nftmesh/nftmesh/compiler"
 	"github.com/nftmesh/nftmesh/dataplane"
 	"github.com/nftmesh/nftmesh/internal/netns"
+	"github.com/nftmesh/nftmesh/internal/opshttp"
 	"github.com/nftmesh/nftmesh/zds"
 )
 
@@ -194,7 +194,7 @@ func Run(ctx context.Context, o Options) error {
 
 	var httpErr chan error
 	if opsLn != nil {
-		srv := &http.Server{Handler: opsHandler(reg, &ready), ReadHeaderTimeout: 5 * time.Second}
+		srv := &http.Server{Handler: opshttp.Handler(reg, &ready, "starting: reconciling running pods"), ReadHeaderTimeout: 5 * time.Second}
 		httpErr = make(chan error, 1)
 		go func() { httpErr <- srv.Serve(opsLn) }()
 		defer srv.Close()
@@ -322,22 +322,6 @@ func toSet(xs []string) map[string]bool {
 		m[x] = true
 	}
 	return m
-}
-
-// opsHandler serves /metrics, /healthz (the process serves) and /readyz (start-up done:
-// running pods reconciled, ZDS and the CNI socket served).
-func opsHandler(reg *prometheus.Registry, ready *atomic.Bool) http.Handler {
-	mux := http.NewServeMux()
-	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
-	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
-	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if !ready.Load() {
-			http.Error(w, "starting: reconciling running pods", http.StatusServiceUnavailable)
-			return
-		}
-		fmt.Fprintln(w, "ok")
-	})
-	return mux
 }
 
 // countingHandler counts CNI calls by command and result.

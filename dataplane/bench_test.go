@@ -25,7 +25,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -38,6 +37,7 @@ import (
 
 	"github.com/nftmesh/nftmesh/compiler"
 	"github.com/nftmesh/nftmesh/internal/istiobaseline"
+	"github.com/nftmesh/nftmesh/internal/latency"
 	"github.com/nftmesh/nftmesh/internal/netns"
 	"github.com/nftmesh/nftmesh/internal/nettest"
 	"github.com/nftmesh/nftmesh/kernel"
@@ -263,23 +263,8 @@ func waitNetnsTeardown(before int) {
 // latencies collects the duration of each operation.
 type latencies []time.Duration
 
-func (l latencies) percentile(p float64) time.Duration {
-	if len(l) == 0 {
-		return 0
-	}
-	s := slices.Clone(l)
-	slices.Sort(s)
-	i := int(float64(len(s))*p+0.999999) - 1
-	return s[max(0, min(i, len(s)-1))]
-}
-
-func (l latencies) mean() time.Duration {
-	var sum time.Duration
-	for _, d := range l {
-		sum += d
-	}
-	return sum / time.Duration(max(1, len(l)))
-}
+func (l latencies) percentile(p float64) time.Duration { return latency.Percentile(l, p) }
+func (l latencies) mean() time.Duration                { return latency.Mean(l) }
 
 func micros(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
 func millis(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }

@@ -60,6 +60,7 @@ import (
 	"github.com/nftmesh/nftmesh/compiler"
 	"github.com/nftmesh/nftmesh/internal/istiobaseline"
 	"github.com/nftmesh/nftmesh/internal/kubetest"
+	"github.com/nftmesh/nftmesh/internal/latency"
 	"github.com/nftmesh/nftmesh/internal/nettest"
 	"github.com/nftmesh/nftmesh/proxy/identity"
 	"github.com/nftmesh/nftmesh/proxy/workload"
@@ -1123,23 +1124,8 @@ func istioEnroll(path string, steps []benchRestore, files []*os.File, routing *r
 // benchLatencies are the durations of single operations.
 type benchLatencies []time.Duration
 
-func (l benchLatencies) percentile(p float64) time.Duration {
-	if len(l) == 0 {
-		return 0
-	}
-	s := slices.Clone(l)
-	slices.Sort(s)
-	i := int(float64(len(s))*p+0.999999) - 1
-	return s[max(0, min(i, len(s)-1))]
-}
-
-func (l benchLatencies) mean() time.Duration {
-	var sum time.Duration
-	for _, d := range l {
-		sum += d
-	}
-	return sum / time.Duration(max(1, len(l)))
-}
+func (l benchLatencies) percentile(p float64) time.Duration { return latency.Percentile(l, p) }
+func (l benchLatencies) mean() time.Duration                { return latency.Mean(l) }
 
 func benchMillis(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 

@@ -21,12 +21,12 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"k8s.io/apimachinery/pkg/util/validation"
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/nftmesh/nftmesh/ca"
 	cakube "github.com/nftmesh/nftmesh/ca/kube"
+	"github.com/nftmesh/nftmesh/internal/opshttp"
 	"github.com/nftmesh/nftmesh/proxy"
 	"github.com/nftmesh/nftmesh/proxy/identity"
 )
@@ -381,7 +381,7 @@ func serveCA(ctx context.Context, cfg caServeConfig, log *slog.Logger, listening
 			return fmt.Errorf("--metrics-addr: %w", err)
 		}
 		metricsAddr = mln.Addr().String()
-		hs := &http.Server{Handler: caOpsHandler(reg, &ready), ReadHeaderTimeout: 5 * time.Second}
+		hs := &http.Server{Handler: opshttp.Handler(reg, &ready, "starting: syncing the pod cache"), ReadHeaderTimeout: 5 * time.Second}
 		go hs.Serve(mln)
 		defer hs.Close()
 	}
@@ -414,22 +414,6 @@ func serveCA(ctx context.Context, cfg caServeConfig, log *slog.Logger, listening
 		"ca_not_after", cfg.signer.NotAfter().UTC().Format(time.RFC3339))
 	ready.Store(true)
 	return srv.Serve(ctx, ln)
-}
-
-// caOpsHandler serves /metrics, /healthz (the process serves) and /readyz (the pod cache
-// has synced: requests are answered).
-func caOpsHandler(reg *prometheus.Registry, ready *atomic.Bool) http.Handler {
-	mux := http.NewServeMux()
-	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
-	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
-	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if !ready.Load() {
-			http.Error(w, "starting: syncing the pod cache", http.StatusServiceUnavailable)
-			return
-		}
-		fmt.Fprintln(w, "ok")
-	})
-	return mux
 }
 
 // listFlag is a repeatable, comma-separated list flag; the first Set replaces the default.

@@ -570,6 +570,12 @@ func TestRemoteRenewalOutlivesCADown(t *testing.T) {
 		c, err := r.Certificate(context.Background(), idA)
 		return err == nil && c != first
 	})
+	// OnFetch runs just after the new certificate is published: wait for it too.
+	waitFor(t, "the renewal's OnFetch", 2*time.Second, func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return successes >= 2
+	})
 	mu.Lock()
 	defer mu.Unlock()
 	if failures == 0 || successes != 2 {

@@ -68,8 +68,13 @@ func (m *Mesh) target(l leg, port int) netip.AddrPort {
 	return netip.AddrPortFrom(m.Httpbin.V4, uint16(port))
 }
 
-func newBenchMesh(b testing.TB) *Mesh {
-	m := NewMesh(b, compiler.CaptureTProxy)
+// newBenchMesh is a mesh with TPROXY capture, the benchmarks' apps and their relays and
+// peers; workers sets the threads of proxies, relays and peers (0: each one's default).
+func newBenchMesh(b testing.TB, workers int) *Mesh {
+	in := compiler.DefaultIntent()
+	capture := compiler.CaptureTProxy
+	in.Spec.InboundCapture = &capture
+	m := newMesh(b, in, workers)
 	m.Serve(m.Httpbin, sinkPort, func(c net.Conn) {
 		buf := make([]byte, 256<<10)
 		var n int64
@@ -156,89 +161,206 @@ func (d *nsDialer) dial(dst netip.AddrPort) (net.Conn, error) {
 	return res.c, res.err
 }
 
-// BenchmarkStream: one long TCP stream, notsleep to httpbin, 256 KiB writes; MB/s.
-func BenchmarkStream(b *testing.B) {
-	m := newBenchMesh(b)
-	for _, leg := range slices.Concat(legs, floorLegs, peerLegs) {
-		b.Run(leg.name, func(b *testing.B) {
-			m.skipLeg(b, leg)
-			m.setLeg(leg.mesh)
-			c, err := Dial(m.Notsleep.NS, "tcp4", m.target(leg, sinkPort))
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer c.Close()
-			buf := make([]byte, 256<<10)
-			b.SetBytes(int64(len(buf)))
-			cpu0 := m.proxyCPU(b, leg)
-			b.ResetTimer()
-			for range b.N {
-				if _, err := c.Write(buf); err != nil {
-					b.Fatal(err)
-				}
-			}
-			c.(interface{ CloseWrite() error }).CloseWrite()
-			c.SetReadDeadline(time.Now().Add(30 * time.Second))
-			var n int64
-			if err := binary.Read(c, binary.BigEndian, &n); err != nil {
-				b.Fatalf("byte count: %v", err)
-			}
-			b.StopTimer()
-			if want := int64(b.N) * int64(len(buf)); n != want {
-				b.Fatalf("the app read %d bytes, want %d", n, want)
-			}
-			if leg.mesh || leg.relay != "" {
-				// CPU both proxies (or relays) spent per MB moved (10 ms resolution).
-				b.ReportMetric((m.proxyCPU(b, leg)-cpu0).Seconds()*1e3/(float64(n)/1e6), "proxy-cpu-ms/MB")
-			}
+// benchWorkers are the worker counts the node-proxy benchmarks run at, each with a mesh,
+// relays and peers of its own: 1 (one thread each: the proxies' --workers 1, the relays'
+// GOMAXPROCS=1, HAProxy's nbthread 1) and 0, every process's own default (the proxy's
+// --workers default; Go's GOMAXPROCS for the relays; HAProxy's nbthread, a thread per
+// CPU). NFTMESH_E2E_WORKERS, a comma-separated list such as "1,2,default", picks others.
+func benchWorkers(tb testing.TB) []int {
+	v := os.Getenv("NFTMESH_E2E_WORKERS")
+	if v == "" {
+		return []int{1, 0}
+	}
+	var ws []int
+	for _, f := range strings.Split(v, ",") {
+		if f == "default" {
+			ws = append(ws, 0)
+			continue
+		}
+		n, err := strconv.Atoi(f)
+		if err != nil || n < 1 {
+			tb.Fatalf("NFTMESH_E2E_WORKERS=%q: %q is neither a worker count (1 or more) nor \"default\"", v, f)
+		}
+		ws = append(ws, n)
+	}
+	return ws
+}
+
+// forWorkers runs fn in a sub-benchmark per worker count (workers=1, workers=default),
+// each with its own mesh, torn down before the next starts, then logs the mesh's figures
+// as ratios to the peer's against the targets.
+func forWorkers(b *testing.B, targets []ratioTarget, fn func(b *testing.B, m *Mesh, r *ratios)) {
+	for _, w := range benchWorkers(b) {
+		name := "workers=default"
+		if w > 0 {
+			name = fmt.Sprintf("workers=%d", w)
+		}
+		b.Run(name, func(b *testing.B) {
+			r := &ratios{v: map[string]float64{}}
+			fn(b, newBenchMesh(b, w), r)
+			r.log(b, targets)
 		})
 	}
 }
 
-// BenchmarkLatency1K: 1 KiB request, 1 KiB response over one connection, notsleep to
-// httpbin; p50 and p99 round trip in µs. The latency the proxies add is mesh minus direct.
-func BenchmarkLatency1K(b *testing.B) {
-	m := newBenchMesh(b)
-	for _, leg := range slices.Concat(legs, floorLegs, peerLegs) {
-		b.Run(leg.name, func(b *testing.B) {
-			m.skipLeg(b, leg)
-			m.setLeg(leg.mesh)
-			c, err := Dial(m.Notsleep.NS, "tcp4", m.target(leg, rrPort))
-			if err != nil {
-				b.Fatal(err)
+// ratios keeps the last figures of each leg of one run, to compare the mesh with the peer.
+type ratios struct {
+	mu sync.Mutex
+	v  map[string]float64 // by leg name, sub-case and unit: "mesh/seq conns/s"
+}
+
+// report reports a metric of the running sub-benchmark and keeps it for the ratios.
+func (r *ratios) report(b *testing.B, key string, v float64, unit string) {
+	b.ReportMetric(v, unit)
+	r.mu.Lock()
+	r.v[key+" "+unit] = v
+	r.mu.Unlock()
+}
+
+// ratioTarget is one figure compared between the mesh and the peer: mesh/peer must be at
+// least (atLeast) or at most bound.
+type ratioTarget struct {
+	variant, unit string // variant: "" or the sub-case ("seq", "par8")
+	atLeast       bool
+	bound         float64
+}
+
+// log prints mesh/peer for each target of which both legs ran, and whether it is met.
+func (r *ratios) log(b *testing.B, targets []ratioTarget) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, t := range targets {
+		key := func(leg string) string {
+			if t.variant != "" {
+				leg += "/" + t.variant
 			}
-			defer c.Close()
-			req, resp := make([]byte, rrSize), make([]byte, rrSize)
-			rt := func() {
-				if _, err := c.Write(req); err != nil {
-					b.Fatal(err)
-				}
-				if _, err := io.ReadFull(c, resp); err != nil {
-					b.Fatal(err)
-				}
+			return leg + " " + t.unit
+		}
+		mesh, ok1 := r.v[key("mesh")]
+		peer, ok2 := r.v[key(peerLegs[0].name)]
+		if !ok1 || !ok2 || peer == 0 {
+			continue
+		}
+		ratio := mesh / peer
+		op, met := "≤", ratio <= t.bound
+		if t.atLeast {
+			op, met = "≥", ratio >= t.bound
+		}
+		verdict := "met"
+		if !met {
+			verdict = "MISSED"
+		}
+		// The floor the same way: what the least a pair of Go relays costs makes of the
+		// target (floor-tls carries TLS as the mesh does; floor-tcp, the connection rate's
+		// floor, does not).
+		floor := ""
+		for _, f := range floorLegs {
+			if v, ok := r.v[key(f.name)]; ok {
+				floor += fmt.Sprintf("; %s %.2fx", f.name, v/peer)
 			}
-			for range 200 { // warm up: windows, caches, the pooled connection
-				rt()
-			}
-			lat := make([]time.Duration, 0, b.N)
-			cpu0 := m.proxyCPU(b, leg)
-			b.ResetTimer()
-			for range b.N {
-				t0 := time.Now()
-				rt()
-				lat = append(lat, time.Since(t0))
-			}
-			b.StopTimer()
-			slices.Sort(lat)
-			q := func(p float64) float64 { return float64(lat[int(p*float64(len(lat)-1))]) / 1e3 }
-			b.ReportMetric(q(0.50), "p50-µs")
-			b.ReportMetric(q(0.99), "p99-µs")
-			b.ReportMetric(q(0.999), "p99.9-µs")
-			if leg.mesh || leg.relay != "" {
-				b.ReportMetric(float64((m.proxyCPU(b, leg)-cpu0).Microseconds())/float64(b.N), "proxy-cpu-µs/op")
-			}
-		})
+		}
+		// Printed, not logged: testing drops the log of a benchmark that has sub-benchmarks.
+		fmt.Printf("%s: mesh / %s %s: %.2f / %.2f = %.2fx (target %s %.1fx: %s%s)\n", b.Name(),
+			peerLegs[0].name, strings.TrimSpace(t.variant+" "+t.unit), mesh, peer, ratio, op, t.bound, verdict, floor)
 	}
+}
+
+// The targets of issue #15, each a ratio of the mesh to the peer in the same run.
+var (
+	streamTargets  = []ratioTarget{{unit: "MB/s", atLeast: true, bound: 1.2}, {unit: "proxy-cpu-ms/MB", bound: 1}}
+	latencyTargets = []ratioTarget{{unit: "p50-µs", bound: 0.9}, {unit: "p99-µs", bound: 0.9}, {unit: "p99.9-µs", bound: 1}}
+	connTargets    = []ratioTarget{{variant: "seq", unit: "conns/s", atLeast: true, bound: 2}, {variant: "par8", unit: "conns/s", atLeast: true, bound: 2}}
+)
+
+// BenchmarkStream: one long TCP stream, notsleep to httpbin, 256 KiB writes; MB/s.
+func BenchmarkStream(b *testing.B) {
+	forWorkers(b, streamTargets, func(b *testing.B, m *Mesh, r *ratios) {
+		for _, leg := range slices.Concat(legs, floorLegs, peerLegs) {
+			b.Run(leg.name, func(b *testing.B) {
+				m.skipLeg(b, leg)
+				m.setLeg(leg.mesh)
+				c, err := Dial(m.Notsleep.NS, "tcp4", m.target(leg, sinkPort))
+				if err != nil {
+					b.Fatal(err)
+				}
+				defer c.Close()
+				buf := make([]byte, 256<<10)
+				b.SetBytes(int64(len(buf)))
+				cpu0 := m.proxyCPU(b, leg)
+				b.ResetTimer()
+				for range b.N {
+					if _, err := c.Write(buf); err != nil {
+						b.Fatal(err)
+					}
+				}
+				c.(interface{ CloseWrite() error }).CloseWrite()
+				c.SetReadDeadline(time.Now().Add(30 * time.Second))
+				var n int64
+				if err := binary.Read(c, binary.BigEndian, &n); err != nil {
+					b.Fatalf("byte count: %v", err)
+				}
+				b.StopTimer()
+				if want := int64(b.N) * int64(len(buf)); n != want {
+					b.Fatalf("the app read %d bytes, want %d", n, want)
+				}
+				r.mu.Lock() // testing reports MB/s itself; the ratio needs it too
+				r.v[leg.name+" MB/s"] = float64(n) / 1e6 / b.Elapsed().Seconds()
+				r.mu.Unlock()
+				if leg.mesh || leg.relay != "" {
+					// CPU both proxies (or relays) spent per MB moved (10 ms resolution).
+					r.report(b, leg.name, (m.proxyCPU(b, leg)-cpu0).Seconds()*1e3/(float64(n)/1e6), "proxy-cpu-ms/MB")
+				}
+			})
+		}
+	})
+}
+
+// BenchmarkLatency1K: 1 KiB request, 1 KiB response over one connection, notsleep to
+// httpbin; p50, p99 and p99.9 round trip in µs. The latency the proxies add is mesh
+// minus direct.
+func BenchmarkLatency1K(b *testing.B) {
+	forWorkers(b, latencyTargets, func(b *testing.B, m *Mesh, r *ratios) {
+		for _, leg := range slices.Concat(legs, floorLegs, peerLegs) {
+			b.Run(leg.name, func(b *testing.B) {
+				m.skipLeg(b, leg)
+				m.setLeg(leg.mesh)
+				c, err := Dial(m.Notsleep.NS, "tcp4", m.target(leg, rrPort))
+				if err != nil {
+					b.Fatal(err)
+				}
+				defer c.Close()
+				req, resp := make([]byte, rrSize), make([]byte, rrSize)
+				rt := func() {
+					if _, err := c.Write(req); err != nil {
+						b.Fatal(err)
+					}
+					if _, err := io.ReadFull(c, resp); err != nil {
+						b.Fatal(err)
+					}
+				}
+				for range 200 { // warm up: windows, caches, the pooled connection
+					rt()
+				}
+				lat := make([]time.Duration, 0, b.N)
+				cpu0 := m.proxyCPU(b, leg)
+				b.ResetTimer()
+				for range b.N {
+					t0 := time.Now()
+					rt()
+					lat = append(lat, time.Since(t0))
+				}
+				b.StopTimer()
+				slices.Sort(lat)
+				q := func(p float64) float64 { return float64(lat[int(p*float64(len(lat)-1))]) / 1e3 }
+				r.report(b, leg.name, q(0.50), "p50-µs")
+				r.report(b, leg.name, q(0.99), "p99-µs")
+				r.report(b, leg.name, q(0.999), "p99.9-µs")
+				if leg.mesh || leg.relay != "" {
+					r.report(b, leg.name, float64((m.proxyCPU(b, leg)-cpu0).Microseconds())/float64(b.N), "proxy-cpu-µs/op")
+				}
+			})
+		}
+	})
 }
 
 // BenchmarkConnRate: new connections per second, notsleep to httpbin: connect, read the
@@ -246,12 +368,7 @@ func BenchmarkLatency1K(b *testing.B) {
 // stream on the one pooled HBONE connection node2 keeps to httpbin (checked). seq: one
 // at a time; par8: eight clients at once.
 func BenchmarkConnRate(b *testing.B) {
-	m := newBenchMesh(b)
 	const par = 8
-	dialers := make([]*nsDialer, par)
-	for i := range dialers {
-		dialers[i] = newNSDialer(b, m.Notsleep.NS)
-	}
 	one := func(d *nsDialer, dst netip.AddrPort) error {
 		c, err := d.dial(dst)
 		if err != nil {
@@ -265,66 +382,73 @@ func BenchmarkConnRate(b *testing.B) {
 		}
 		return nil
 	}
-	// floor-tls would pay a TLS handshake per connection, which pooled HBONE does not.
-	// peer-haproxy does pay it (a full one, no resumption: haproxy_test.go): the cost of
-	// a production proxy pair without a pooled tunnel.
-	for _, leg := range slices.Concat(legs, floorLegs[:1], peerLegs) {
-		dst := m.target(leg, closePort)
-		for _, conc := range []int{1, par} {
-			name := leg.name + "/seq"
-			if conc > 1 {
-				name = fmt.Sprintf("%s/par%d", leg.name, conc)
-			}
-			b.Run(name, func(b *testing.B) {
-				m.skipLeg(b, leg)
-				m.setLeg(leg.mesh)
-				if err := one(dialers[0], dst); err != nil { // warm: the pooled connection
-					b.Fatal(err)
-				}
-				cpu0 := m.proxyCPU(b, leg)
-				lat := make([][]time.Duration, conc)
-				b.ResetTimer()
-				var wg sync.WaitGroup
-				errs := make(chan error, conc)
-				for w := range conc {
-					n := b.N / conc
-					if w < b.N%conc {
-						n++
-					}
-					wg.Go(func() {
-						for range n {
-							t0 := time.Now()
-							if err := one(dialers[w], dst); err != nil {
-								errs <- err
-								return
-							}
-							lat[w] = append(lat[w], time.Since(t0))
-						}
-					})
-				}
-				wg.Wait()
-				b.StopTimer()
-				close(errs)
-				if err := <-errs; err != nil {
-					b.Fatal(err)
-				}
-				b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "conns/s")
-				all := slices.Concat(lat...)
-				slices.Sort(all)
-				b.ReportMetric(float64(all[len(all)/2])/1e3, "p50-µs")
-				b.ReportMetric(float64(all[len(all)*99/100])/1e3, "p99-µs")
-				b.ReportMetric(float64(all[len(all)-1])/1e3, "max-µs")
-				if leg.mesh || leg.relay != "" {
-					b.ReportMetric(float64((m.proxyCPU(b, leg)-cpu0).Microseconds())/float64(b.N), "proxy-cpu-µs/op")
-				}
-				if leg.mesh {
-					if n := hboneConns(b, m.Notsleep.NS); n != 1 {
-						b.Errorf("notsleep has %d HBONE connections to httpbin, want 1 (pooled)", n)
-					}
-				}
-			})
+	forWorkers(b, connTargets, func(b *testing.B, m *Mesh, r *ratios) {
+		dialers := make([]*nsDialer, par)
+		for i := range dialers {
+			dialers[i] = newNSDialer(b, m.Notsleep.NS)
 		}
-	}
+		// floor-tls would pay a TLS handshake per connection, which pooled HBONE does not.
+		// peer-haproxy does pay it (a full one, no resumption: haproxy_test.go): the cost of
+		// a production proxy pair without a pooled tunnel.
+		for _, leg := range slices.Concat(legs, floorLegs[:1], peerLegs) {
+			dst := m.target(leg, closePort)
+			for _, conc := range []int{1, par} {
+				variant := "seq"
+				if conc > 1 {
+					variant = fmt.Sprintf("par%d", conc)
+				}
+				name := leg.name + "/" + variant
+				b.Run(name, func(b *testing.B) {
+					m.skipLeg(b, leg)
+					m.setLeg(leg.mesh)
+					if err := one(dialers[0], dst); err != nil { // warm: the pooled connection
+						b.Fatal(err)
+					}
+					cpu0 := m.proxyCPU(b, leg)
+					lat := make([][]time.Duration, conc)
+					b.ResetTimer()
+					var wg sync.WaitGroup
+					errs := make(chan error, conc)
+					for w := range conc {
+						n := b.N / conc
+						if w < b.N%conc {
+							n++
+						}
+						wg.Go(func() {
+							for range n {
+								t0 := time.Now()
+								if err := one(dialers[w], dst); err != nil {
+									errs <- err
+									return
+								}
+								lat[w] = append(lat[w], time.Since(t0))
+							}
+						})
+					}
+					wg.Wait()
+					b.StopTimer()
+					close(errs)
+					if err := <-errs; err != nil {
+						b.Fatal(err)
+					}
+					r.report(b, name, float64(b.N)/b.Elapsed().Seconds(), "conns/s")
+					all := slices.Concat(lat...)
+					slices.Sort(all)
+					b.ReportMetric(float64(all[len(all)/2])/1e3, "p50-µs")
+					b.ReportMetric(float64(all[len(all)*99/100])/1e3, "p99-µs")
+					b.ReportMetric(float64(all[len(all)-1])/1e3, "max-µs")
+					if leg.mesh || leg.relay != "" {
+						r.report(b, name, float64((m.proxyCPU(b, leg)-cpu0).Microseconds())/float64(b.N), "proxy-cpu-µs/op")
+					}
+					if leg.mesh {
+						if n := hboneConns(b, m.Notsleep.NS); n != 1 {
+							b.Errorf("notsleep has %d HBONE connections to httpbin, want 1 (pooled)", n)
+						}
+					}
+				})
+			}
+		}
+	})
 }
 
 // hboneConns counts the established TCP connections to port 15008 in ns.

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -293,8 +294,8 @@ func (m *Mesh) startRelays(tb testing.TB, kind string, ports ...int) {
 		m.relays = map[string][]*Proc{}
 	}
 	m.relays[kind] = []*Proc{
-		startRelay(tb, "relay-in-"+kind, m.Httpbin.NS, in),
-		startRelay(tb, "relay-out-"+kind, m.Notsleep.NS, out),
+		startRelay(tb, "relay-in-"+kind, m.Httpbin.NS, in, m.workers),
+		startRelay(tb, "relay-out-"+kind, m.Notsleep.NS, out, m.workers),
 	}
 }
 
@@ -310,7 +311,9 @@ func (m *Mesh) relayAddr(kind string, appPort int) netip.AddrPort {
 	return netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(port))
 }
 
-func startRelay(tb testing.TB, name string, ns *nettest.Netns, cfg relayConfig) *Proc {
+// startRelay starts one relay process; workers > 0 sets its GOMAXPROCS (as many threads
+// as the proxies get), 0 leaves Go's default.
+func startRelay(tb testing.TB, name string, ns *nettest.Netns, cfg relayConfig, workers int) *Proc {
 	tb.Helper()
 	cfgJSON, err := json.Marshal(cfg)
 	if err != nil {
@@ -322,8 +325,8 @@ func startRelay(tb testing.TB, name string, ns *nettest.Netns, cfg relayConfig) 
 	}
 	cmd := exec.Command("ip", "netns", "exec", ns.Name, self)
 	cmd.Env = append(os.Environ(), relayEnv+"="+string(cfgJSON))
-	if w := os.Getenv("NFTMESH_E2E_WORKERS"); w != "" { // as many threads as the proxies get
-		cmd.Env = append(cmd.Env, "GOMAXPROCS="+w)
+	if workers > 0 {
+		cmd.Env = append(cmd.Env, "GOMAXPROCS="+strconv.Itoa(workers))
 	}
 	p := startProc(tb, name, cmd)
 	tb.Cleanup(func() {
@@ -351,7 +354,7 @@ func startRelay(tb testing.TB, name string, ns *nettest.Netns, cfg relayConfig) 
 // the cost of a relay that dropped the work): a stream and its half-close, request and
 // response in turn, and a server that speaks first and closes.
 func TestFloorRelays(t *testing.T) {
-	m := newBenchMesh(t)
+	m := newBenchMesh(t, 0)
 	m.setLeg(false)
 	for _, l := range slices.Concat(floorLegs, peerLegs) {
 		t.Run(l.name, func(t *testing.T) {

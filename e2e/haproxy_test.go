@@ -12,7 +12,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -37,11 +36,11 @@ const (
 )
 
 // haproxyThreads is the inbound and outbound haproxy's nbthread: as many threads as the
-// proxies run Go code on (NFTMESH_E2E_WORKERS sets their --workers; unset, they take
-// the CPUs the process may use, which is what runtime.NumCPU reports here).
-func haproxyThreads() int {
-	if w, err := strconv.Atoi(os.Getenv("NFTMESH_E2E_WORKERS")); err == nil && w > 0 {
-		return w
+// proxies run Go code on when the benchmark sets their --workers; otherwise HAProxy's own
+// default, a thread per CPU the process may use (what runtime.NumCPU reports here).
+func (m *Mesh) haproxyThreads() int {
+	if m.workers > 0 {
+		return m.workers
 	}
 	return runtime.NumCPU()
 }
@@ -95,7 +94,7 @@ defaults
 	timeout connect 5s
 	timeout client 1m
 	timeout server 1m
-`, haproxyThreads())
+`, m.haproxyThreads())
 	in, out := global, global
 	for _, p := range ports {
 		inAddr := netip.AddrPortFrom(m.Httpbin.V4, uint16(haproxyInBase+p))
@@ -188,7 +187,7 @@ func (m *Mesh) skipLeg(tb testing.TB, l leg) {
 // TestHAProxyPeerTLS: the inbound haproxy speaks TLS 1.3 only, with the mesh CA's
 // certificate for httpbin, and refuses a client without a certificate from the mesh CA.
 func TestHAProxyPeerTLS(t *testing.T) {
-	m := newBenchMesh(t)
+	m := newBenchMesh(t, 0)
 	m.skipLeg(t, peerLegs[0])
 	dst := netip.AddrPortFrom(m.Httpbin.V4, uint16(haproxyInBase+closePort))
 	handshake := func(cfg *tls.Config) (tls.ConnectionState, error) {

@@ -126,8 +126,11 @@ type Mesh struct {
 	podDesired, hostDesired ruleset.Desired
 	rulesOn                 map[*Pod]bool
 	relays                  map[string][]*Proc // the benchmarks' floor relays by kind
-	nextIndex               int
-	agentLogs               *nettest.SyncBuffer
+	// workers is the proxies' --workers, and the threads of the benchmarks' relays and
+	// HAProxy peers; 0: each one's default.
+	workers   int
+	nextIndex int
+	agentLogs *nettest.SyncBuffer
 }
 
 // Deadlines: short, so that a failure fails fast instead of hanging.
@@ -153,13 +156,19 @@ func NewMesh(tb testing.TB, capture compiler.CaptureMode) *Mesh {
 // NewMeshWithIntent is NewMesh for any intent: its capture mode, ports and marks.
 func NewMeshWithIntent(tb testing.TB, in compiler.Intent) *Mesh {
 	tb.Helper()
+	return newMesh(tb, in, 0)
+}
+
+// newMesh is NewMeshWithIntent with the proxies' --workers (0: their default).
+func newMesh(tb testing.TB, in compiler.Intent, workers int) *Mesh {
+	tb.Helper()
 	nettest.Require(tb)
 	cfg, err := compiler.Resolve(in)
 	if err != nil {
 		tb.Fatal(err)
 	}
 	m := &Mesh{tb: tb, Capture: cfg.InboundCapture, Intent: in, Config: cfg, Dir: tb.TempDir(), nextIndex: 10,
-		agentLogs: &nettest.SyncBuffer{}, rulesOn: map[*Pod]bool{}}
+		agentLogs: &nettest.SyncBuffer{}, rulesOn: map[*Pod]bool{}, workers: workers}
 	m.Node1 = m.newNode("node1", 1)
 	m.Node2 = m.newNode("node2", 2)
 	m.Sleep = m.newPod("sleep", m.Node1, 1, true, nil)
@@ -423,9 +432,8 @@ func (m *Mesh) ProxyArgs(sock string) []string {
 		"--workloads", m.WorkloadsFile, "--policies", m.PoliciesFile, "--intent", m.IntentFile,
 		"--log-format", "json", "--shutdown-deadline", shutdownDeadline.String(),
 	}
-	// NFTMESH_E2E_WORKERS sets the proxies' --workers (benchmarks: BENCHMARKS.md).
-	if w := os.Getenv("NFTMESH_E2E_WORKERS"); w != "" {
-		args = append(args, "--workers", w)
+	if m.workers > 0 { // the benchmarks' worker counts (bench_test.go)
+		args = append(args, "--workers", strconv.Itoa(m.workers))
 	}
 	return args
 }

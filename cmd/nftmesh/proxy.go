@@ -68,10 +68,11 @@ func runProxy(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&o.ReadyAddr, "ready-addr", ":15021", "readiness listen `ADDR` (GET /healthz/ready: 200 after the agent's first snapshot, else 503)")
 	logFormat := fs.String("log-format", "text", "log `FORMAT`: text or json")
 	fs.DurationVar(&o.Config.ShutdownDeadline, "shutdown-deadline", 10*time.Second, "how long to drain connections on shutdown (positive)")
-	workers := fs.Int("workers", 0, "`N` threads running proxy code at once (GOMAXPROCS); 0: the CPUs the process may use,\n"+
-		"which follows a container CPU limit. Each extra worker costs thread wake-ups per packet: give\n"+
-		"the proxy what its node can spare, as ztunnel's worker threads. At most "+fmt.Sprint(maxWorkers())+" here\n"+
-		"(4 × the CPUs the process may run on, and never less than "+fmt.Sprint(minMaxWorkers)+")")
+	workers := fs.Int("workers", 0, "`N` threads running proxy code at once (GOMAXPROCS); 0: a container CPU limit if there is one\n"+
+		"(or $GOMAXPROCS), else a quarter of the CPUs the process may use, at least 1: "+fmt.Sprint(defaultWorkers())+" here.\n"+
+		"Each extra worker costs thread wake-ups per packet: give the proxy what its node can spare,\n"+
+		"as ztunnel's worker threads. At most "+fmt.Sprint(maxWorkers())+" here (4 × the CPUs the process may run on,\n"+
+		"and never less than "+fmt.Sprint(minMaxWorkers)+")")
 	if done, code := parseFlags(fs, args, stderr); done {
 		return code
 	}
@@ -183,7 +184,10 @@ func runProxy(args []string, stdout, stderr io.Writer) int {
 	if o.Config.Mesh, err = compiler.Resolve(in); err != nil {
 		return fail("--intent: %s: %v", intent.source(), err)
 	}
-	if *workers > 0 {
+	if *workers == 0 {
+		*workers = defaultWorkers()
+	}
+	if *workers != runtime.GOMAXPROCS(0) { // else Go keeps following a changed CPU limit
 		runtime.GOMAXPROCS(*workers)
 	}
 
@@ -220,6 +224,22 @@ func btoi(b bool) int {
 		return 1
 	}
 	return 0
+}
+
+// defaultWorkers is --workers 0: a CPU limit (Go's default GOMAXPROCS follows a
+// container's CPU quota) or $GOMAXPROCS when there is one, since someone chose it;
+// otherwise a quarter of the CPUs, at least one, which is ztunnel's default
+// (DEFAULT_WORKER_THREAD_CPU_FRACTION; ztunnel floors it at 2). A node proxy shares the
+// node with its workloads, and on this project's 2-CPU benchmark machine one worker beat
+// two on every node-proxy figure: a second thread is woken for work the first would have
+// done, and waking a thread is a proxy's dearest operation on a virtual machine
+// (BENCHMARKS.md, "Against a real peer").
+func defaultWorkers() int {
+	procs, cpus := runtime.GOMAXPROCS(0), runtime.NumCPU()
+	if os.Getenv("GOMAXPROCS") != "" || procs < cpus {
+		return procs
+	}
+	return max(1, (cpus+3)/4)
 }
 
 // minMaxWorkers is the least --workers limit, whatever the CPUs: room to oversubscribe a

@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"runtime"
 	"slices"
 	"strconv"
@@ -342,7 +343,7 @@ func BenchmarkLatency1K(b *testing.B) {
 					rt()
 				}
 				lat := make([]time.Duration, 0, b.N)
-				cpu0 := m.proxyCPU(b, leg)
+				cpu0, cs0 := m.proxyCPU(b, leg), m.proxySwitches(b, leg)
 				b.ResetTimer()
 				for range b.N {
 					t0 := time.Now()
@@ -357,6 +358,7 @@ func BenchmarkLatency1K(b *testing.B) {
 				r.report(b, leg.name, q(0.999), "p99.9-µs")
 				if leg.mesh || leg.relay != "" {
 					r.report(b, leg.name, float64((m.proxyCPU(b, leg)-cpu0).Microseconds())/float64(b.N), "proxy-cpu-µs/op")
+					r.report(b, leg.name, (m.proxySwitches(b, leg)-cs0)/float64(b.N), "proxy-switches/op")
 				}
 			})
 		}
@@ -532,15 +534,46 @@ func BenchmarkProxyMemory(b *testing.B) {
 	b.ReportMetric(float64(enroll.Microseconds())/pods, "µs/enroll")
 }
 
+// proxySwitches is the context switches (voluntary and not) all threads of the two
+// processes in the middle of leg l have made so far: each is a sleep or a preemption, the
+// most expensive thing a proxy does on a virtual machine.
+func (m *Mesh) proxySwitches(tb testing.TB, l leg) float64 {
+	var n float64
+	for _, p := range m.middle(l) {
+		tasks, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/status", p.Pid()))
+		if err != nil {
+			tb.Fatal(err)
+		}
+		for _, t := range tasks {
+			data, err := os.ReadFile(t)
+			if err != nil {
+				continue // the thread ended
+			}
+			for _, line := range strings.Split(string(data), "\n") {
+				if f := strings.Fields(line); len(f) == 2 && strings.HasSuffix(f[0], "ctxt_switches:") {
+					v, _ := strconv.ParseFloat(f[1], 64)
+					n += v
+				}
+			}
+		}
+	}
+	return n
+}
+
+// middle is the two processes in the middle of leg l: both proxies, or both relays; none
+// on the direct leg.
+func (m *Mesh) middle(l leg) []*Proc {
+	if l.mesh {
+		return []*Proc{m.Node1.Proxy, m.Node2.Proxy}
+	}
+	return m.relays[l.relay]
+}
+
 // proxyCPU is the CPU time (user and system) the two processes in the middle of leg l
 // (both proxies, or both relays) have used so far; none on the direct leg.
 func (m *Mesh) proxyCPU(tb testing.TB, l leg) time.Duration {
-	procs := m.relays[l.relay]
-	if l.mesh {
-		procs = []*Proc{m.Node1.Proxy, m.Node2.Proxy}
-	}
 	var d time.Duration
-	for _, p := range procs {
+	for _, p := range m.middle(l) {
 		data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p.Pid()))
 		if err != nil {
 			tb.Fatal(err)

@@ -2,11 +2,9 @@ package hbone
 
 import (
 	"bufio"
-	"crypto/tls"
 	"io"
 	"net"
 	"sync"
-	"time"
 
 	"github.com/nftmesh/nftmesh/internal/rawio"
 )
@@ -14,7 +12,7 @@ import (
 // bufConn sits under the tls.Conn of both ends of an HBONE connection.
 //
 // Writes: crypto/tls writes every record (at most 16 KiB) with its own write(2). While corked
-// (the server's writer flushing a batch, the client's transport flushing a write) the records
+// (a writer flushing a batch of frames, on either end) the records
 // gather and go out in large writes instead.
 //
 // Reads: crypto/tls reads about one record per read(2); the buffer below it takes whatever the
@@ -106,28 +104,4 @@ func (c *bufConn) flushLocked() error {
 		c.buf = c.buf[:0]
 	}
 	return err
-}
-
-// corkedTLS is the connection x/net's client transport writes to: every write it makes (a
-// flush of its frame buffer, up to 512 KiB of DATA) leaves in as few write(2) as it can.
-type corkedTLS struct {
-	*tls.Conn
-	bc *bufConn
-}
-
-// Close as x/net closes a *tls.Conn (it cannot see one through corkedTLS): close_notify,
-// but at most 250 ms stuck behind a dead peer before the socket is closed under it.
-func (c corkedTLS) Close() error {
-	t := time.AfterFunc(250*time.Millisecond, func() { c.bc.Conn.Close() })
-	defer t.Stop()
-	return c.Conn.Close()
-}
-
-func (c corkedTLS) Write(p []byte) (int, error) {
-	c.bc.cork()
-	n, err := c.Conn.Write(p)
-	if uerr := c.bc.uncork(); err == nil {
-		err = uerr
-	}
-	return n, err
 }

@@ -7,10 +7,12 @@
 //
 // One CONNECT carries one proxied TCP connection. Both directions half-close independently
 // (END_STREAM one way is FIN the other) and resets propagate (RST_STREAM one way is TCP RST the
-// other). The client is golang.org/x/net/http2. The server is this package's own HTTP/2 server
-// on x/net's framer and HPACK: x/net's http2.Server cannot end a response while it still reads
-// the request (it answers a handler that returns early with RST_STREAM NO_ERROR), nor reset a
-// stream with CONNECT_ERROR, and a TCP tunnel needs both.
+// other). Both ends are this package's own HTTP/2 on x/net's framer and HPACK. The server:
+// x/net's http2.Server cannot end a response while it still reads the request (it answers a
+// handler that returns early with RST_STREAM NO_ERROR), nor reset a stream with CONNECT_ERROR,
+// and a TCP tunnel needs both. The client: x/net's ClientConn hands every response DATA frame
+// from its read loop to the reading goroutine, a thread wake-up per round trip; ours writes
+// small ones to the tunnel's destination from the read loop (client.go).
 package hbone
 
 import (

@@ -5,12 +5,10 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
-	"net/url"
 	"slices"
 	"sync"
 	"time"
@@ -45,7 +43,6 @@ type Pool struct {
 	ReadIdleTimeout, PingTimeout time.Duration
 
 	initOnce sync.Once
-	t2       *http2.Transport
 	mu       sync.Mutex
 	conns    map[PoolKey][]*poolConn
 	limits   map[PoolKey]int // the server's MAX_CONCURRENT_STREAMS, once seen, if below MaxStreams
@@ -58,11 +55,11 @@ type Pool struct {
 type poolConn struct {
 	key   PoolKey
 	ready chan struct{}
-	cc    *http2.ClientConn
+	cc    *h2Client
 	tc    *tls.Conn
 	err   error
 
-	streams    int // tunnels reserved or in flight, counted here (x/net counts differently)
+	streams    int // tunnels reserved or in flight, counted here (cc counts streams open on the wire)
 	waiters    int // Connect calls waiting for the dial
 	cancelDial context.CancelFunc
 	idle       *time.Timer
@@ -85,29 +82,6 @@ func (p *Pool) maxStreams() int {
 
 func (p *Pool) init() {
 	p.initOnce.Do(func() {
-		// http2.Transport has no fields for the receive windows; they come from the
-		// net/http Transport it is configured on (http.HTTP2Config).
-		t1 := &http.Transport{
-			HTTP2: &http.HTTP2Config{
-				MaxReceiveBufferPerStream: streamWindow,
-				// x/net adds this to the initial 65535: the total is the 16 MiB of docs/hbone.md.
-				MaxReceiveBufferPerConnection: connWindow - initialWindow,
-				MaxReadFrameSize:              maxFrameSize,
-				SendPingTimeout:               orDefault(p.ReadIdleTimeout, defaultReadIdle),
-				PingTimeout:                   orDefault(p.PingTimeout, defaultPingTimeout),
-			},
-		}
-		t2, err := http2.ConfigureTransports(t1)
-		if err != nil {
-			// Only fails when t1 already speaks h2, and t1 is ours.
-			panic(fmt.Sprintf("hbone: configuring the HTTP/2 transport: %v", err))
-		}
-		t2.ReadIdleTimeout = orDefault(p.ReadIdleTimeout, defaultReadIdle)
-		t2.PingTimeout = orDefault(p.PingTimeout, defaultPingTimeout)
-		t2.MaxReadFrameSize = maxFrameSize
-		t2.MaxHeaderListSize = maxHeaderListSize
-		t2.DisableCompression = true
-		p.t2 = t2
 		p.conns = make(map[PoolKey][]*poolConn)
 		p.limits = make(map[PoolKey]int)
 	})
@@ -125,9 +99,6 @@ func (p *Pool) Connect(ctx context.Context, key PoolKey, authority netip.AddrPor
 	h := hdr.Clone()
 	if h == nil {
 		h = make(http.Header)
-	}
-	if _, ok := h["User-Agent"]; !ok {
-		h["User-Agent"] = nil // x/net would add Go-http-client/2.0
 	}
 	var lastErr error
 	for attempt := 0; attempt < 4; attempt++ {
@@ -220,10 +191,9 @@ func (p *Pool) acquireOnce(ctx context.Context, key PoolKey) (pc *poolConn, fres
 		if c.streams >= limit {
 			continue
 		}
-		// ReserveNewRequest: x/net refuses (rather than queues) a request beyond its own
-		// count, which includes resets not yet acknowledged; reserving makes the check and
-		// the claim one step.
-		if !c.cc.ReserveNewRequest() {
+		// reserve checks the connection's own count of streams open on the wire and claims
+		// a slot in one step.
+		if !c.cc.reserve() {
 			if st := c.cc.State(); st.Closed || st.Closing {
 				if c.streams == 0 {
 					p.removeLocked(c)
@@ -280,7 +250,7 @@ func (p *Pool) awaitDial(ctx context.Context, c *poolConn, fresh bool) (*poolCon
 		p.mu.Unlock()
 		return nil, fresh, c.err
 	}
-	ok := c.cc.ReserveNewRequest()
+	ok := c.cc.reserve()
 	if !ok {
 		p.releaseLocked(c)
 		st := c.cc.State()
@@ -300,21 +270,16 @@ func (p *Pool) awaitDial(ctx context.Context, c *poolConn, fresh bool) (*poolCon
 func (p *Pool) dial(ctx context.Context, c *poolConn) {
 	defer p.dials.Done()
 	defer c.cancelDial()
-	tc, conn, err := p.dialTLS(ctx, c.key)
-	var cc *http2.ClientConn
+	tc, bc, err := p.dialTLS(ctx, c.key)
+	var cc *h2Client
 	if err == nil {
-		cc, err = p.t2.NewClientConn(conn)
-		if err != nil {
-			tc.Close()
-		}
-	}
-	if err == nil {
-		// Wait for the server's SETTINGS (they precede the PING ACK): until then x/net
-		// assumes 1000 streams, and reservations made on that guess are refused later. This
-		// also turns a rejected client certificate into a dial error.
-		if perr := cc.Ping(ctx); perr != nil {
+		cc = newH2Client(tc, bc, orDefault(p.ReadIdleTimeout, defaultReadIdle), orDefault(p.PingTimeout, defaultPingTimeout), p.logger())
+		// Wait for the server's SETTINGS: until then its stream limit is unknown, and
+		// reservations made on a guess would be refused later. This also turns a rejected
+		// client certificate into a dial error.
+		if werr := cc.waitSettings(ctx); werr != nil {
 			cc.Close()
-			cc, err = nil, fmt.Errorf("waiting for the server's SETTINGS: %w", perr)
+			cc, err = nil, fmt.Errorf("waiting for the server's SETTINGS: %w", werr)
 		}
 	}
 	if err != nil {
@@ -339,9 +304,8 @@ func (p *Pool) dial(ctx context.Context, c *poolConn) {
 	}
 }
 
-// dialTLS opens and handshakes one connection for key. conn is what the HTTP/2 transport
-// uses: tc over a buffered, corked socket.
-func (p *Pool) dialTLS(ctx context.Context, key PoolKey) (tc *tls.Conn, conn net.Conn, err error) {
+// dialTLS opens and handshakes one connection for key: tc over a buffered, corked socket.
+func (p *Pool) dialTLS(ctx context.Context, key PoolKey) (tc *tls.Conn, bc *bufConn, err error) {
 	if p.Dial == nil || p.TLSConfig == nil {
 		return nil, nil, errors.New("Pool.Dial or Pool.TLSConfig is nil")
 	}
@@ -358,7 +322,7 @@ func (p *Pool) dialTLS(ctx context.Context, key PoolKey) (tc *tls.Conn, conn net
 	if err != nil {
 		return nil, nil, err
 	}
-	bc := newBufConn(raw)
+	bc = newBufConn(raw)
 	tc = tls.Client(bc, conf)
 	if err := tc.HandshakeContext(ctx); err != nil {
 		raw.Close()
@@ -368,58 +332,21 @@ func (p *Pool) dialTLS(ctx context.Context, key PoolKey) (tc *tls.Conn, conn net
 		raw.Close()
 		return nil, nil, fmt.Errorf("ALPN %q, want h2", proto)
 	}
-	bc.buffered() // before x/net's reader starts
-	return tc, corkedTLS{Conn: tc, bc: bc}, nil
+	return tc, bc, nil
 }
 
 // roundTrip sends the CONNECT on pc and waits for the response headers.
 func (p *Pool) roundTrip(ctx context.Context, pc *poolConn, authority netip.AddrPort, h http.Header) (net.Conn, error) {
 	a := authority.String()
-	pr, pw := io.Pipe()
-	body := &reqBody{pr: pr, srcc: make(chan io.Reader, 1), closed: make(chan struct{})}
-	// x/net ties the whole stream to the request's context; the tunnel outlives ctx, so the
-	// stream gets its own, cancelled through ctx only until the response arrives.
-	sctx, cancel := context.WithCancel(context.Background())
-	req := (&http.Request{
-		Method:        http.MethodConnect,
-		URL:           &url.URL{Host: a},
-		Host:          a,
-		Header:        h,
-		Body:          body,
-		ContentLength: -1, // streamed: no content-length, END_STREAM at CloseWrite
-		Proto:         "HTTP/2.0",
-		ProtoMajor:    2,
-	}).WithContext(sctx)
-	stop := context.AfterFunc(ctx, cancel)
-	resp, err := pc.cc.RoundTrip(req)
-	if !stop() {
-		// ctx ended first.
-		if err == nil {
-			resp.Body.Close()
-		}
-		err = ctx.Err()
-	}
+	st, err := pc.cc.roundTrip(ctx, a, h)
 	if err != nil {
-		cancel()
-		pw.Close()
+		var se *StatusError
+		if errors.As(err, &se) {
+			return nil, err
+		}
 		return nil, fmt.Errorf("hbone: CONNECT %s via %v: %w", a, pc.key.Dst, err)
 	}
-	if resp.StatusCode != http.StatusOK {
-		resp.Body.Close()
-		cancel()
-		pw.Close()
-		return nil, &StatusError{Code: resp.StatusCode}
-	}
-	return &clientConn{
-		pool:   p,
-		pc:     pc,
-		resp:   resp,
-		pw:     pw,
-		body:   body,
-		cancel: cancel,
-		local:  pc.tc.LocalAddr(),
-		remote: net.TCPAddrFromAddrPort(authority),
-	}, nil
+	return newClientConn(p, pc, st, net.TCPAddrFromAddrPort(authority)), nil
 }
 
 // release frees a stream slot.
@@ -495,7 +422,7 @@ func (p *Pool) Close() error {
 	p.init()
 	p.mu.Lock()
 	p.closed = true
-	var ccs []*http2.ClientConn
+	var ccs []*h2Client
 	for _, list := range p.conns {
 		for _, c := range list {
 			select {

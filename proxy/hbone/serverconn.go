@@ -1,8 +1,6 @@
 package hbone
 
 import (
-	"bufio"
-	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -11,12 +9,10 @@ import (
 	"log/slog"
 	"net"
 	"slices"
-	"sync"
 	"sync/atomic"
 	"time"
 
 	"golang.org/x/net/http2"
-	"golang.org/x/net/http2/hpack"
 )
 
 // The server's per-connection code is in four files: this one holds the connection itself
@@ -63,33 +59,18 @@ var errTooManyQueued = fmt.Errorf("hbone: too many frames queued for a peer that
 const maxWindow = 1<<31 - 1
 
 type serverConn struct {
+	frameWriter // sc.mu guards all connection and stream state
 	srv         *Server
-	conn        *tls.Conn
 	raw         net.Conn // under conn: closing it never blocks
-	cork        *bufConn
 	tls         tls.ConnectionState
 	log         *slog.Logger
-	fr          *http2.Framer
-	bw          *bufio.Writer
-	dataHeader  [9]byte // the writer's scratch: a local would escape through bw
-	henc        *hpack.Encoder
-	hbuf        bytes.Buffer
 	maxStreams  uint32
 	readIdle    time.Duration
 	pingTimeout time.Duration
 	start       time.Time
 	lastRead    atomic.Int64 // time.Since(start) of the last frame read
-	writerDone  chan struct{}
 
-	mu         sync.Mutex
-	wcond      *sync.Cond // the writer goroutine waits here for frames
-	ctrl, ord  []wframe
-	spareCtrl  []wframe // the queues' other halves, reused batch after batch
-	spareOrd   []wframe
-	nCtrl      int  // frames other than DATA waiting to be written, the batch being written included (maxQueuedCtrl)
-	nCtrlBatch int  // of those, in the batch being written
-	writing    bool // a goroutine is writing a batch: it owns fr's writer, bw and the cork
-	wstop      bool // writing must end; enqueue drops frames
+	// Guarded by mu.
 	closed     bool // torn down
 	finishing  bool // fkClose queued
 	streams    map[uint32]*stream
@@ -127,31 +108,25 @@ type pendingTunnel struct {
 func newServerConn(s *Server, tc *tls.Conn, cork *bufConn, log *slog.Logger) *serverConn {
 	sc := &serverConn{
 		srv:         s,
-		conn:        tc,
 		raw:         cork.Conn,
-		cork:        cork,
 		tls:         tc.ConnectionState(),
 		log:         log,
 		maxStreams:  s.maxStreams(),
 		readIdle:    orDefault(s.ReadIdleTimeout, defaultReadIdle),
 		pingTimeout: orDefault(s.PingTimeout, defaultPingTimeout),
 		start:       time.Now(),
-		writerDone:  make(chan struct{}),
 		streams:     make(map[uint32]*stream),
 		sendWindow:  initialWindow,
 		peerInit:    initialWindow,
 		peerFrame:   16384,
 		recvAvail:   initialWindow,
 	}
-	sc.wcond = sync.NewCond(&sc.mu)
-	sc.bw = bufio.NewWriterSize(tc, 32<<10)
-	sc.fr = http2.NewFramer(sc.bw, tc)
-	sc.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
-	sc.fr.MaxHeaderListSize = maxHeaderListSize
-	sc.fr.SetMaxReadFrameSize(maxFrameSize)
-	sc.fr.SetReuseFrames()
-	sc.henc = hpack.NewEncoder(&sc.hbuf)
-	cork.buffered()
+	sc.initWriter(tc, cork, []http2.Setting{
+		{ID: http2.SettingMaxConcurrentStreams, Val: sc.maxStreams},
+		{ID: http2.SettingInitialWindowSize, Val: streamWindow},
+		{ID: http2.SettingMaxFrameSize, Val: maxFrameSize},
+		{ID: http2.SettingMaxHeaderListSize, Val: maxHeaderListSize},
+	})
 	cork.drained = sc.startPending
 	return sc
 }

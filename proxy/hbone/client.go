@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"strconv"
@@ -50,6 +51,7 @@ type h2Client struct {
 	lastRead    atomic.Int64  // time.Since(start) of the last frame read
 	settingsc   chan struct{} // closed at the server's first SETTINGS, or when the connection ends
 	readDone    chan struct{}
+	unusable    func() // the pool's: the connection takes no more streams (GOAWAY, its end)
 
 	// Guarded by mu.
 	henc2          *hpack.Encoder // request headers, encoded as they are queued (stream order)
@@ -60,6 +62,7 @@ type h2Client struct {
 	maxStreams     uint32 // the server's MAX_CONCURRENT_STREAMS
 	gotSettings    bool
 	goAway         bool // GOAWAY received: no new streams
+	idsOut         bool // stream IDs used up: no new streams
 	closing        bool // Close called
 	closed         bool // torn down
 	err            error
@@ -81,9 +84,12 @@ type clientState struct {
 	MaxConcurrentStreams uint32
 }
 
-func newH2Client(tc *tls.Conn, cork *bufConn, readIdle, pingTimeout time.Duration, log *slog.Logger) *h2Client {
+// unusable, if not nil, is called (cc.mu not held) when a GOAWAY comes or the connection
+// ends: the pool can then retire a connection without tunnels at once.
+func newH2Client(tc *tls.Conn, cork *bufConn, readIdle, pingTimeout time.Duration, log *slog.Logger, unusable func()) *h2Client {
 	cc := &h2Client{
 		log:            log,
+		unusable:       unusable,
 		readIdle:       readIdle,
 		pingTimeout:    pingTimeout,
 		start:          time.Now(),
@@ -143,7 +149,15 @@ func (cc *h2Client) waitSettings(ctx context.Context) error {
 func (cc *h2Client) reserve() bool {
 	cc.mu.Lock()
 	defer cc.mu.Unlock()
-	if cc.closed || cc.closing || cc.goAway || len(cc.streams)+cc.reserved >= int(cc.maxStreams) {
+	if cc.closed || cc.closing || cc.goAway || cc.idsOut || len(cc.streams)+cc.reserved >= int(cc.maxStreams) {
+		return false
+	}
+	// Stream IDs are 31 bits and never reused: a long-lived connection runs out after 2^30
+	// streams. The reserved slots take the next IDs in turn; once this one would not fit,
+	// the connection reports itself closing, so the pool retires it once its tunnels end
+	// and dials a new one (a HEADERS with a bad ID would end it with every tunnel on it).
+	if uint64(cc.nextID)+2*uint64(cc.reserved) > math.MaxInt32 {
+		cc.idsOut = true
 		return false
 	}
 	cc.reserved++
@@ -153,7 +167,7 @@ func (cc *h2Client) reserve() bool {
 func (cc *h2Client) State() clientState {
 	cc.mu.Lock()
 	defer cc.mu.Unlock()
-	return clientState{Closed: cc.closed, Closing: cc.closing || cc.goAway, MaxConcurrentStreams: cc.maxStreams}
+	return clientState{Closed: cc.closed, Closing: cc.closing || cc.goAway || cc.idsOut, MaxConcurrentStreams: cc.maxStreams}
 }
 
 // Close closes the connection at once; its streams fail as reset.
@@ -176,7 +190,7 @@ func (cc *h2Client) Close() error {
 func (cc *h2Client) roundTrip(ctx context.Context, authority string, h http.Header) (*cstream, error) {
 	cc.mu.Lock()
 	cc.reserved--
-	if cc.closed || cc.closing || cc.goAway {
+	if cc.closed || cc.closing || cc.goAway || cc.nextID > math.MaxInt32 {
 		cc.mu.Unlock()
 		return nil, errUnusable
 	}
@@ -382,10 +396,10 @@ func (cc *h2Client) onPing(f *http2.PingFrame) error {
 }
 
 // onGoAway: no new streams; those the server will not process fail as refused (the pool
-// retries them), the others run to their end.
+// retries them), their HEADERS and DATA still queued dropped (abortLocked): they must not
+// follow the GOAWAY. The others run to their end.
 func (cc *h2Client) onGoAway(f *http2.GoAwayFrame) error {
 	cc.mu.Lock()
-	defer cc.mu.Unlock()
 	cc.goAway = true
 	if f.ErrCode != http2.ErrCodeNo {
 		cc.log.Debug("hbone: GOAWAY from server", "code", f.ErrCode, "last_stream", f.LastStreamID)
@@ -394,6 +408,10 @@ func (cc *h2Client) onGoAway(f *http2.GoAwayFrame) error {
 		if id > f.LastStreamID {
 			cc.abortLocked(st, resetError(http2.StreamError{StreamID: id, Code: http2.ErrCodeRefusedStream, Cause: errGoAway}), false, 0)
 		}
+	}
+	cc.mu.Unlock()
+	if cc.unusable != nil {
+		cc.unusable() // without tunnels, the connection leaves the pool now
 	}
 	return nil
 }
@@ -452,19 +470,38 @@ func (cc *h2Client) teardown(err error) {
 	cc.closed = true
 	cc.err = cause
 	cc.health.Stop()
+	serr := resetError(fmt.Errorf("%w: %w", errConnClosed, cause))
 	for _, st := range cc.streams {
-		cc.abortLocked(st, resetError(fmt.Errorf("%w: %w", errConnClosed, cause)), false, 0)
+		if st.remoteDone {
+			// The response is complete: it stays readable; only the request failed.
+			cc.stopSendLocked(st, serr)
+		} else {
+			cc.abortLocked(st, serr, false, 0)
+		}
 	}
 	cc.wstop = true
+	// The client has no writeLoop to fail what stays queued (frames left for a lazy writer
+	// that will now not write them, or queued while a batch was out), and their writers
+	// (Write, ReadFrom) wait for done. With a batch out, its writer fails them when it
+	// returns (writeBatchLocked): done must not come before the batch is written, which may
+	// hold earlier frames of the same buffer.
+	var rest []wframe
+	if !cc.writing {
+		rest = cc.dropQueuedLocked()
+	}
 	cc.wcond.Broadcast()
 	if !cc.gotSettings {
 		close(cc.settingsc)
 	}
 	cc.mu.Unlock()
+	failFrames(rest, errConnClosed)
 	cc.sock.Close()
 	cc.mu.Lock()
 	cc.waitLazyLocked()
 	cc.mu.Unlock()
+	if cc.unusable != nil {
+		cc.unusable()
+	}
 	if err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
 		cc.log.Debug("hbone: client connection ended", "err", err)
 	}

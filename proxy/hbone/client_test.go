@@ -7,10 +7,12 @@ import (
 	"crypto/tls"
 	"errors"
 	"io"
+	"math"
 	"net"
 	"net/http"
 	"net/netip"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -411,4 +413,405 @@ func echoOnly(c net.Conn, payload []byte) error {
 		return errors.New("echo differs")
 	}
 	return nil
+}
+
+// TestClientKeepsResponseAfterRSTNoError: RFC 9113 §8.1, a server may end a complete
+// response with RST_STREAM(NO_ERROR) to stop the request, and the client must not discard
+// the response. x/net's server does exactly this when the handler returns before the request
+// body ended: the reader gets the whole response, then io.EOF, not a reset.
+func TestClientKeepsResponseAfterRSTNoError(t *testing.T) {
+	resp := randomBytes(256 << 10)
+	x := newXNetPeer(t, &http2.Server{}, func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusOK)
+		w.Write(resp)
+		// Returns without reading the body: END_STREAM, then RST_STREAM(NO_ERROR).
+	})
+	c := x.connect(t)
+	st := c.(*clientConn).st
+	eventually(t, 5*time.Second, "the RST_STREAM", func() bool {
+		st.cc.mu.Lock()
+		defer st.cc.mu.Unlock()
+		return st.sendErr != nil
+	})
+	got, err := io.ReadAll(c)
+	if err != nil || !bytes.Equal(got, resp) {
+		t.Fatalf("read %d of %d bytes, err %v", len(got), len(resp), err)
+	}
+	// The request side is over, but not as a reset: the proxy must not reset the client.
+	_, err = c.Write([]byte("more"))
+	if err == nil || IsReset(err) {
+		t.Fatalf("Write after the server stopped the request: %v, want an error other than a reset", err)
+	}
+}
+
+// TestClientRSTNoErrorEndsReadFrom: the same stop interrupts ReadFrom's source (the proxy's
+// client socket), and ReadFrom returns without an error, so that the proxy's pipe ends the
+// tunnel in order instead of resetting the client.
+func TestClientRSTNoErrorEndsReadFrom(t *testing.T) {
+	resp := randomBytes(64 << 10)
+	x := newXNetPeer(t, &http2.Server{}, func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusOK)
+		w.Write(resp)
+	})
+	c := x.connect(t)
+	app, proxySide := tcpPair(t)
+	_ = app // open, sending nothing: ReadFrom blocks reading proxySide until interrupted
+	type result struct {
+		n   int64
+		err error
+	}
+	rf := make(chan result, 1)
+	go func() {
+		n, err := c.(io.ReaderFrom).ReadFrom(proxySide)
+		rf <- result{n, err}
+	}()
+	got, err := io.ReadAll(c)
+	if err != nil || !bytes.Equal(got, resp) {
+		t.Fatalf("read %d of %d bytes, err %v", len(got), len(resp), err)
+	}
+	select {
+	case r := <-rf:
+		if r.err != nil {
+			t.Fatalf("ReadFrom returned %d, %v; want no error", r.n, r.err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("ReadFrom still reads its source after the server stopped the request")
+	}
+}
+
+// oneMiBThenDrain answers with 1 MiB, then reads the request until it ends or is reset.
+func oneMiBThenDrain(w http.ResponseWriter, r *http.Request) {
+	w.WriteHeader(http.StatusOK)
+	w.(http.Flusher).Flush()
+	w.Write(randomBytes(1 << 20))
+	w.(http.Flusher).Flush()
+	io.Copy(io.Discard, r.Body)
+}
+
+// TestClientCloseReturnsUnreadWindow: Read takes all that was received and returns part of
+// it; the rest, never read before Close, must go back to the connection window. Otherwise
+// each such tunnel keeps its leftover of the pooled connection's 16 MiB, and once it is gone
+// later tunnels on the connection receive nothing.
+func TestClientCloseReturnsUnreadWindow(t *testing.T) {
+	x := newXNetPeer(t, &http2.Server{}, oneMiBThenDrain)
+	for range 20 { // 20 MiB left unread: more than the connection window
+		c := x.connect(t)
+		time.Sleep(50 * time.Millisecond) // the whole MiB is received
+		if _, err := c.Read(make([]byte, 1)); err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
+	}
+	c := x.connect(t)
+	done := make(chan error, 1)
+	go func() { _, err := io.ReadFull(c, make([]byte, 1<<20)); done <- err }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(3 * time.Second):
+		cc := c.(*clientConn).pc.cc
+		cc.mu.Lock()
+		defer cc.mu.Unlock()
+		t.Fatalf("a new tunnel on the pooled connection receives nothing: connection window %d, unsent %d", cc.recvAvail, cc.recvUnsent)
+	}
+}
+
+// TestClientWriteToReturnsReadLeftover: WriteTo first writes what a Read left; those bytes
+// must go back to the windows like any others.
+func TestClientWriteToReturnsReadLeftover(t *testing.T) {
+	x := newXNetPeer(t, &http2.Server{}, oneMiBThenDrain)
+	c := x.connect(t)
+	time.Sleep(50 * time.Millisecond) // the whole MiB is received
+	if _, err := c.Read(make([]byte, 1)); err != nil {
+		t.Fatal(err)
+	}
+	var buf lockedBuffer
+	go c.(io.WriterTo).WriteTo(&buf)
+	eventually(t, 5*time.Second, "the MiB to be written", func() bool { return buf.Len() == 1<<20-1 })
+	cc, st := c.(*clientConn).pc.cc, c.(*clientConn).st
+	eventually(t, 5*time.Second, "the windows to be whole", func() bool {
+		cc.mu.Lock()
+		defer cc.mu.Unlock()
+		return cc.recvAvail+cc.recvUnsent == connWindow && st.recvAvail+st.recvUnsent == streamWindow
+	})
+}
+
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) Len() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Len()
+}
+
+// gatedConn holds the first write after arm until gate is closed. Its Close waits for the
+// gate too, as if the held write had completed in the kernel when the socket closed.
+type gatedConn struct {
+	net.Conn
+	armed atomic.Bool
+	gate  chan struct{}
+	gated chan struct{} // closed when a write is held
+}
+
+func (g *gatedConn) Write(p []byte) (int, error) {
+	if g.armed.CompareAndSwap(true, false) {
+		close(g.gated)
+		<-g.gate
+	}
+	return g.Conn.Write(p)
+}
+
+func (g *gatedConn) Close() error {
+	select {
+	case <-g.gated:
+		<-g.gate
+		time.Sleep(20 * time.Millisecond)
+	default:
+	}
+	return g.Conn.Close()
+}
+
+// gatedPeer is an x/net peer whose pool dials gatedConns (the last one in *g).
+func gatedPeer(t *testing.T, g **gatedConn) *xnetPeer {
+	x := newXNetPeer(t, &http2.Server{}, func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusOK)
+		w.(http.Flusher).Flush()
+		io.Copy(io.Discard, r.Body)
+	})
+	x.pool.Dial = func(ctx context.Context, key PoolKey) (net.Conn, error) {
+		var d net.Dialer
+		c, err := d.DialContext(ctx, "tcp", key.Dst.String())
+		if err != nil {
+			return nil, err
+		}
+		*g = &gatedConn{Conn: c, gate: make(chan struct{}), gated: make(chan struct{})}
+		return *g, nil
+	}
+	return x
+}
+
+// TestClientTeardownFailsQueuedFrames: a frame queued while another goroutine's batch is
+// being written, when the connection is torn down before that batch returns, is neither
+// written nor left waiting: its Write returns (the client has no writer goroutine that
+// would fail it, as the server's writeLoop does).
+func TestClientTeardownFailsQueuedFrames(t *testing.T) {
+	var g *gatedConn
+	x := gatedPeer(t, &g)
+	ctx := testCtx(t, 10*time.Second)
+	to := netip.MustParseAddrPort("10.0.0.9:8080")
+	a, err := x.pool.Connect(ctx, x.key, to, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := x.pool.Connect(ctx, x.key, to, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cc := a.(*clientConn).pc.cc
+	g.armed.Store(true)
+	go a.Write([]byte("aaaa")) // its batch is held in the socket write
+	<-g.gated
+	bdone := make(chan error, 1)
+	go func() { _, err := b.Write([]byte("bbbb")); bdone <- err }() // queued behind it
+	time.Sleep(50 * time.Millisecond)
+	g.Conn.SetReadDeadline(time.Unix(1, 0)) // the read loop fails: teardown
+	eventually(t, 5*time.Second, "teardown", func() bool { return cc.State().Closed })
+	close(g.gate) // the held batch completes
+	select {
+	case err := <-bdone:
+		if !IsReset(err) {
+			t.Errorf("b.Write: %v, want a reset", err)
+		}
+	case <-time.After(3 * time.Second):
+		t.Fatal("b.Write hangs: its frame was left in the queue at teardown")
+	}
+}
+
+// TestClientTeardownRacingWrites: bulk Writes racing the connection's end (its socket closed
+// under it, as the PING health check or Pool.Close do) all return.
+func TestClientTeardownRacingWrites(t *testing.T) {
+	x := newXNetPeer(t, &http2.Server{}, func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusOK)
+		w.(http.Flusher).Flush()
+		io.Copy(io.Discard, r.Body)
+	})
+	ctx := testCtx(t, 60*time.Second)
+	to := netip.MustParseAddrPort("10.0.0.9:8080")
+	p := make([]byte, 128<<10)
+	hung := 0
+	for i := range 100 {
+		c, err := x.pool.Connect(ctx, x.key, to, nil)
+		if err != nil {
+			t.Fatalf("after %d hung of %d: %v", hung, i, err)
+		}
+		cc := c.(*clientConn).pc.cc
+		done := make(chan struct{})
+		go func() { c.Write(p); close(done) }()
+		if i%2 == 0 {
+			time.Sleep(time.Duration(i%7) * time.Microsecond)
+		}
+		cc.sock.Close()
+		select {
+		case <-done:
+		case <-time.After(2 * time.Second):
+			hung++
+		}
+		c.Close()
+	}
+	if hung > 0 {
+		t.Fatalf("%d of 100 Writes never returned", hung)
+	}
+}
+
+// TestClientStreamIDsExhausted: stream IDs are 31 bits. Once they run out the connection
+// takes no new tunnel (a HEADERS with a bad ID would end it, and every tunnel on it): the
+// next goes to a new connection and the old one's tunnels go on.
+func TestClientStreamIDsExhausted(t *testing.T) {
+	x := newXNetPeer(t, &http2.Server{}, echoHandler(t))
+	a := x.connect(t)
+	cc := a.(*clientConn).pc.cc
+	cc.mu.Lock()
+	cc.nextID = math.MaxInt32 // the last client stream ID
+	cc.mu.Unlock()
+	b := x.connect(t)
+	if b.(*clientConn).pc.cc != cc || b.(*clientConn).st.id != math.MaxInt32 {
+		t.Fatal("the last stream ID was not used")
+	}
+	d := x.connect(t)
+	if d.(*clientConn).pc.cc == cc {
+		t.Fatal("a tunnel went to the connection without stream IDs")
+	}
+	for _, c := range []net.Conn{a, b, d} {
+		if err := echoOnly(c, []byte("still here")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if st := cc.State(); st.Closed || !st.Closing {
+		t.Fatalf("old connection %+v, want closing, not closed", st)
+	}
+	a.Close()
+	b.Close()
+	eventually(t, 5*time.Second, "the old connection to close with its last tunnel", func() bool { return cc.State().Closed })
+}
+
+// TestClientTruncatedResponseHeaders: a response header list beyond our limit reaches us
+// without the fields past it; the CONNECT fails (stream reset, as x/net's client does)
+// rather than going on with part of the headers, and the connection lives on.
+func TestClientTruncatedResponseHeaders(t *testing.T) {
+	var big atomic.Bool
+	x := newXNetPeer(t, &http2.Server{}, func(w http.ResponseWriter, r *http.Request) {
+		if big.Load() {
+			// Two fields, each within the HPACK string limit, together beyond the list's.
+			w.Header().Set("X-A", strings.Repeat("a", 40<<10))
+			w.Header().Set("X-B", strings.Repeat("b", 40<<10))
+		}
+		w.WriteHeader(http.StatusOK)
+		w.(http.Flusher).Flush()
+		io.Copy(io.Discard, r.Body)
+	})
+	a := x.connect(t)
+	big.Store(true)
+	_, err := x.pool.Connect(testCtx(t, 5*time.Second), x.key, netip.MustParseAddrPort("10.0.0.9:8080"), nil)
+	if code, ok := streamErrCode(err); !ok || code != http2.ErrCodeProtocol {
+		t.Fatalf("CONNECT with truncated response headers: %v, want a PROTOCOL_ERROR reset", err)
+	}
+	if _, err := a.Write([]byte("x")); err != nil || a.(*clientConn).pc.cc.State().Closed {
+		t.Fatalf("the connection died with the stream: %v", err)
+	}
+}
+
+// TestClientGoAwayIdleConnectionLeaves: a pooled connection without tunnels that gets a
+// GOAWAY is closed and leaves the pool at once, not at the next Connect for its key.
+func TestClientGoAwayIdleConnectionLeaves(t *testing.T) {
+	x := newXNetPeer(t, &http2.Server{}, echoHandler(t))
+	c := x.connect(t)
+	cc := c.(*clientConn).pc.cc
+	c.Close()
+	if n := x.pool.numConns(x.key); n != 1 {
+		t.Fatalf("%d pooled connections, want 1", n)
+	}
+	go x.hs.Shutdown(context.Background()) // GOAWAY; x/net closes an idle connection 1 s later
+	start := time.Now()
+	eventually(t, 5*time.Second, "the connection to leave the pool", func() bool { return x.pool.numConns(x.key) == 0 })
+	eventually(t, 5*time.Second, "the connection to close", func() bool { return cc.State().Closed })
+	if d := time.Since(start); d > 900*time.Millisecond {
+		t.Errorf("closed after %v: by the server, not on its GOAWAY", d)
+	}
+}
+
+// TestDropStreamFrames: a reset stream's queued HEADERS and DATA go; a dropped frame that
+// signals a writer becomes a marker in its place (it must not signal before the frames
+// ahead of it are written), and other frames stay.
+func TestDropStreamFrames(t *testing.T) {
+	var w frameWriter
+	done := make(chan error, 1)
+	w.enqueueOrdLocked(wframe{kind: fkData, id: 1, data: []byte("a")})
+	w.enqueueOrdLocked(wframe{kind: fkHeaders, id: 3, data: []byte("h")})
+	w.enqueueOrdLocked(wframe{kind: fkData, id: 3, data: []byte("b")})
+	w.enqueueOrdLocked(wframe{kind: fkData, id: 3, data: []byte("c"), done: done})
+	w.enqueueOrdLocked(wframe{kind: fkRST, id: 3})
+	w.enqueueOrdLocked(wframe{kind: fkData, id: 5, data: []byte("d")})
+	if w.nCtrl != 2 {
+		t.Fatalf("nCtrl %d, want 2", w.nCtrl)
+	}
+	errGone := errors.New("gone")
+	if !w.dropStreamLocked(3, errGone) {
+		t.Error("HEADERS dropped, not reported")
+	}
+	var kinds []frameKind
+	for _, f := range w.ord {
+		kinds = append(kinds, f.kind)
+	}
+	want := []frameKind{fkData, fkMarker, fkRST, fkData}
+	if !slices.Equal(kinds, want) || w.ord[1].done != done || w.ord[1].err != errGone || w.nCtrl != 1 {
+		t.Fatalf("queue %v (nCtrl %d), want %v with the marker signalling %v", kinds, w.nCtrl, want, errGone)
+	}
+	if w.dropStreamLocked(1, errGone) {
+		t.Error("no HEADERS of stream 1 was queued")
+	}
+}
+
+// TestClientCancelBeforeHeadersWritten: a CONNECT given up while its HEADERS still waits in
+// the queue (behind another tunnel's batch) leaves nothing on the wire: no HEADERS, and no
+// RST_STREAM, which on a stream the server never saw is a connection error there.
+func TestClientCancelBeforeHeadersWritten(t *testing.T) {
+	var g *gatedConn
+	x := gatedPeer(t, &g)
+	to := netip.MustParseAddrPort("10.0.0.9:8080")
+	a, err := x.pool.Connect(testCtx(t, 10*time.Second), x.key, to, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cc := a.(*clientConn).pc.cc
+	g.armed.Store(true)
+	adone := make(chan error, 1)
+	go func() { _, err := a.Write([]byte("aaaa")); adone <- err }() // its batch is held
+	<-g.gated
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if _, err := x.pool.Connect(ctx, x.key, to, nil); err == nil {
+		t.Fatal("CONNECT succeeded behind a held batch")
+	}
+	close(g.gate)
+	if err := <-adone; err != nil {
+		t.Fatal(err)
+	}
+	b := x.connect(t)
+	if b.(*clientConn).pc.cc != cc {
+		t.Fatal("the next tunnel went to another connection")
+	}
+	if _, err := a.Write([]byte("x")); err != nil || cc.State().Closing {
+		t.Fatalf("the connection failed after the cancelled CONNECT: %v, %+v", err, cc.State())
+	}
 }

@@ -109,10 +109,14 @@ func (c *clientConn) Read(p []byte) (int, error) {
 // take them without blocking (a TryWriter, or a *net.TCPConn), so a request/response
 // exchange wakes no goroutine on this side; the rest this goroutine writes, with writev.
 func (c *clientConn) WriteTo(w io.Writer) (total int64, err error) {
+	left := 0
 	for len(c.rbuf) > 0 { // what a Read left
 		k, err := w.Write(c.rbuf[0][c.roff:])
 		total += int64(k)
+		left += k
 		if err != nil {
+			c.roff += k
+			c.st.consumed(left)
 			return total, err
 		}
 		putChunk(c.rbuf[0])
@@ -120,6 +124,9 @@ func (c *clientConn) WriteTo(w io.Writer) (total int64, err error) {
 		c.roff = 0
 	}
 	c.rbuf = nil
+	if left > 0 {
+		c.st.consumed(left) // recv took them from the windows: give them back
+	}
 	if tw := tryWriterOfWriter(w); tw != nil {
 		base := c.st.delivered.Load()
 		c.st.setTryWrite(tw)
@@ -181,7 +188,7 @@ func (c *clientConn) Write(p []byte) (int, error) {
 	if queued {
 		// The frames reference p until written; Write's caller may reuse p on return.
 		if werr := <-c.st.wdone; err == nil && werr != nil {
-			err = resetError(werr)
+			err = werr
 		}
 	}
 	if err == nil {
@@ -194,6 +201,8 @@ func (c *clientConn) writeErr(err error) error {
 	switch {
 	case c.closed.Load():
 		return net.ErrClosed
+	case errors.Is(err, errRequestStopped):
+		return err // not a reset: the server had what it wanted
 	case errors.Is(err, errStreamEnded):
 		return errors.New("hbone: write after CloseWrite")
 	}
@@ -223,7 +232,7 @@ func (c *clientConn) ReadFrom(r io.Reader) (int64, error) {
 	}()
 	if err := c.streamErr(); err != nil {
 		// Failed before r was there to interrupt: do not start reading it.
-		return 0, c.opError("write", c.writeErr(err))
+		return c.readFromErr(0, err)
 	}
 	st := c.st
 	// Two buffers alternate, so the next read overlaps the write of the previous one; they
@@ -252,7 +261,7 @@ func (c *clientConn) ReadFrom(r io.Reader) (int64, error) {
 			settle()
 		}
 		clean = true
-		return total, c.opError("write", c.writeErr(err))
+		return c.readFromErr(total, err)
 	}
 	for {
 		if inflight == 2 {
@@ -293,19 +302,19 @@ func (c *clientConn) ReadFrom(r io.Reader) (int64, error) {
 		}
 		clean = true
 		if serr != nil {
-			return total, c.opError("write", c.writeErr(serr))
+			return c.readFromErr(total, serr)
 		}
 		if errors.Is(rerr, io.EOF) {
 			c.writeClosed.Store(true)
 			if !st.sendEnd() {
-				return total, c.opError("write", c.writeErr(c.streamErr()))
+				return c.readFromErr(total, c.streamErr())
 			}
 			c.srcEnded.Store(true)
 			return total, nil
 		}
 		if err := c.streamErr(); err != nil {
-			// The read failed because a reset interrupted it.
-			return total, c.opError("write", c.writeErr(err))
+			// The read failed because a reset (or the server's stop) interrupted it.
+			return c.readFromErr(total, err)
 		}
 		// The source's own error: the stream is reset, as the server resets the upstream.
 		st.reset(http2.ErrCodeCancel, rerr)
@@ -313,11 +322,22 @@ func (c *clientConn) ReadFrom(r io.Reader) (int64, error) {
 	}
 }
 
-// streamErr is the stream's failure, if any.
+// readFromErr is what ReadFrom returns when sending failed with err. The server's
+// RST_STREAM(NO_ERROR) after its complete response ends the request in order: no error, so
+// that the proxy does not reset the client (pipe); the rest of the source is not wanted.
+func (c *clientConn) readFromErr(total int64, err error) (int64, error) {
+	if errors.Is(err, errRequestStopped) {
+		return total, nil
+	}
+	return total, c.opError("write", c.writeErr(err))
+}
+
+// streamErr is why the request can go no further (the stream's failure, or the request
+// side's alone), if anything.
 func (c *clientConn) streamErr() error {
 	c.st.cc.mu.Lock()
 	defer c.st.cc.mu.Unlock()
-	return c.st.err
+	return c.st.sendErrLocked()
 }
 
 type readDeadliner interface{ SetReadDeadline(time.Time) error }

@@ -25,8 +25,10 @@ type cstream struct {
 	remoteDone bool // END_STREAM received
 	localDone  bool // END_STREAM queued
 	err        error
+	sendErr    error    // the request side alone ended, the response complete (stopSendLocked)
 	rq         [][]byte // received, not yet given to the tunnel's reader
 	rqBytes    int
+	held       int // bytes recv gave the reader that it has not passed to consumed yet
 	recvAvail  int32
 	recvUnsent int32
 	sendWindow int64
@@ -61,6 +63,11 @@ func (cc *h2Client) onHeaders(f *http2.MetaHeadersFrame) error {
 		}
 		cc.endRemoteLocked(st)
 		return nil
+	}
+	if f.Truncated {
+		// Fields beyond our header list limit were dropped: do not act on what is left
+		// (x/net's client resets such a stream the same way).
+		return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol}
 	}
 	status := parseStatus(f)
 	switch {
@@ -194,8 +201,48 @@ func (cc *h2Client) onRSTStream(f *http2.RSTStreamFrame) error {
 		return nil
 	}
 	cause := http2.StreamError{StreamID: f.StreamID, Code: f.ErrCode, Cause: errors.New("reset by peer")}
+	if st.remoteDone {
+		// After a complete response (RFC 9113 §8.1): the server wants no more of the
+		// request, and the response "MUST NOT" be discarded. x/net's server does this when
+		// its handler returns before the request ended. NO_ERROR ends the request in order;
+		// another code makes it a reset, the response still intact.
+		var err error = errRequestStopped
+		if f.ErrCode != http2.ErrCodeNo {
+			err = resetError(cause)
+		}
+		cc.stopSendLocked(st, err)
+		return nil
+	}
 	cc.abortLocked(st, resetError(cause), false, 0)
 	return nil
+}
+
+// errRequestStopped: the server ended the request side with RST_STREAM(NO_ERROR) after a
+// complete response. Not a reset: what it did not read it did not want.
+var errRequestStopped = errors.New("hbone: server stopped reading the request after a complete response")
+
+// stopSendLocked ends the request side of a stream whose response is complete (remoteDone):
+// the stream leaves the wire and its queued frames go, Write and ReadFrom's source fail
+// with err, and what was received stays readable, then io.EOF.
+func (cc *h2Client) stopSendLocked(st *cstream, err error) {
+	if st.err != nil || st.sendErr != nil {
+		return
+	}
+	st.sendErr = err
+	cc.dropStreamLocked(st.id, err)
+	cc.closeStreamLocked(st)
+	if !st.localDone && st.onAbort != nil {
+		st.onAbort() // a ReadFrom blocked on its source
+	}
+	notify(st.sendReady)
+}
+
+// sendErrLocked is why nothing more can be sent on st, if anything.
+func (st *cstream) sendErrLocked() error {
+	if st.err != nil {
+		return st.err
+	}
+	return st.sendErr
 }
 
 // The windows are returned in large steps, as the server does (returnConnLocked there).
@@ -238,24 +285,35 @@ func (cc *h2Client) closeStreamLocked(st *cstream) {
 	delete(cc.streams, st.id)
 }
 
-// abortLocked ends a stream abnormally: optionally RST_STREAM to the server; data received
-// but not read is dropped and its connection window returned; everyone waiting wakes up.
+// abortLocked ends a stream abnormally: its HEADERS and DATA still queued are dropped;
+// optionally RST_STREAM to the server; data received but not consumed (queued, or taken by
+// the reader and not returned yet) is dropped and its connection window returned; everyone
+// waiting wakes up.
 func (cc *h2Client) abortLocked(st *cstream, cause error, sendRST bool, code http2.ErrCode) {
 	if st.err != nil {
 		return
 	}
 	st.err = cause
-	if st.inMap && sendRST {
-		cc.enqueueOrdLocked(wframe{kind: fkRST, id: st.id, code: code})
+	if st.inMap {
+		// A stream whose HEADERS never went out is idle to the server: no RST_STREAM,
+		// which would be a connection error there.
+		if cc.dropStreamLocked(st.id, cause) {
+			sendRST = false
+		}
+		if sendRST {
+			cc.enqueueOrdLocked(wframe{kind: fkRST, id: st.id, code: code})
+		}
 	}
 	cc.closeStreamLocked(st)
-	if st.rqBytes > 0 {
-		cc.returnConnLocked(int32(st.rqBytes))
+	// The reader's share (held) too: it may never Read again (Close), and consumed credits
+	// no more than held.
+	if n := st.rqBytes + st.held; n > 0 {
+		cc.returnConnLocked(int32(n))
 	}
 	for _, c := range st.rq {
 		putChunk(c)
 	}
-	st.rq, st.rqBytes = nil, 0
+	st.rq, st.rqBytes, st.held = nil, 0, 0
 	st.markReadyLocked()
 	if st.onAbort != nil {
 		st.onAbort()
@@ -290,6 +348,7 @@ func (st *cstream) recv(dst [][]byte) ([][]byte, error) {
 		// that came before the end, or before the reset was seen.
 		dst = append(dst, st.rq...)
 		clear(st.rq)
+		st.held += st.rqBytes
 		st.rq, st.rqBytes = st.rq[:0], 0
 		st.delivering = true // until consumed: the read loop must not write in between
 		return dst, nil
@@ -299,11 +358,14 @@ func (st *cstream) recv(dst [][]byte) ([][]byte, error) {
 	return dst, io.EOF
 }
 
-// consumed returns n delivered bytes to the flow-control windows.
+// consumed returns n delivered bytes to the flow-control windows: bytes recv gave, never
+// more than it gave (abortLocked returns what a reader still held).
 func (st *cstream) consumed(n int) {
 	cc := st.cc
 	cc.mu.Lock()
 	st.delivering = false
+	n = min(n, st.held)
+	st.held -= n
 	cc.returnConnLocked(int32(n))
 	cc.returnStreamLocked(st, int32(n))
 	cc.mu.Unlock()
@@ -339,8 +401,8 @@ func (st *cstream) queueData(p []byte) (queued bool, err error) {
 	for len(p) > 0 {
 		cc.mu.Lock()
 		for {
-			if st.err != nil || st.localDone {
-				err = st.err
+			if serr := st.sendErrLocked(); serr != nil || st.localDone {
+				err = serr
 				if err == nil {
 					err = errStreamEnded
 				}
@@ -386,7 +448,7 @@ func (st *cstream) sendEnd() bool {
 	defer cc.flush()
 	cc.mu.Lock()
 	defer cc.mu.Unlock()
-	if st.err != nil || st.localDone {
+	if st.sendErrLocked() != nil || st.localDone {
 		return false
 	}
 	st.localDone = true

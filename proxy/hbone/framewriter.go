@@ -91,6 +91,7 @@ type wframe struct {
 	n      uint32 // WINDOW_UPDATE increment
 	ping   [8]byte
 	done   chan error // signalled once the frame is written (its data no longer referenced)
+	err    error      // fkMarker: what done gets when the batch succeeds (dropStreamLocked)
 }
 
 // enqueueCtrlLocked queues a connection-level frame, ahead of stream frames.
@@ -125,6 +126,32 @@ func (w *frameWriter) dropQueuedLocked() []wframe {
 	w.ctrl, w.ord = nil, nil
 	w.nCtrl = w.nCtrlBatch
 	return rest
+}
+
+// dropStreamLocked takes stream id's queued HEADERS and DATA out of the queue (not out of
+// the batch being written): the stream was reset or refused, and frames for it must not
+// follow. A dropped frame with a done becomes a marker that signals err: in its place, so
+// that done still comes after the frames of the same write in the batch being written (its
+// data stays referenced until then). It reports whether a HEADERS was dropped: the stream
+// then never opened on the wire, and must get no RST_STREAM either.
+func (w *frameWriter) dropStreamLocked(id uint32, err error) (droppedHeaders bool) {
+	keep := w.ord[:0]
+	for _, f := range w.ord {
+		if f.id != id || f.kind != fkHeaders && f.kind != fkData {
+			keep = append(keep, f)
+			continue
+		}
+		if f.kind == fkHeaders {
+			droppedHeaders = true
+			w.nCtrl--
+		}
+		if f.done != nil {
+			keep = append(keep, wframe{kind: fkMarker, done: f.done, err: err})
+		}
+	}
+	clear(w.ord[len(keep):])
+	w.ord = keep
+	return droppedHeaders
 }
 
 // Whoever queues frames then sends them: the read loop (and timers) wake the writer
@@ -195,7 +222,11 @@ func (w *frameWriter) writeLoop() {
 			w.wcond.Wait()
 		}
 		if w.wstop {
-			failFrames(w.dropQueuedLocked(), errConnClosed)
+			// With a batch out, its writer fails them once it is written (their done must
+			// not come before frames of the same buffer in it are out).
+			if !w.writing {
+				failFrames(w.dropQueuedLocked(), errConnClosed)
+			}
 			return
 		}
 		w.writeBatchLocked()
@@ -221,6 +252,14 @@ func (w *frameWriter) writeBatchLocked() {
 	w.nCtrl -= w.nCtrlBatch
 	w.nCtrlBatch = 0
 	if err == nil && !closeAfter {
+		if w.wstop {
+			// Writing was stopped (the client's teardown) while this batch was out: what
+			// was queued meanwhile will never be written, and its writers wait for done.
+			rest := w.dropQueuedLocked()
+			w.mu.Unlock()
+			failFrames(rest, errConnClosed)
+			w.mu.Lock()
+		}
 		return
 	}
 	w.wstop = true
@@ -266,9 +305,12 @@ func (w *frameWriter) writeBatch(ctrl, ord []wframe) (closeAfter bool, err error
 		}
 		if f.done != nil {
 			// The frame is in the buffer (or on the wire): its data may be reused.
-			if err == nil && closeAfter {
+			switch {
+			case err == nil && closeAfter:
 				f.done <- errConnClosed
-			} else {
+			case err == nil:
+				f.done <- f.err
+			default:
 				f.done <- err
 			}
 		}

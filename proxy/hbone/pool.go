@@ -273,7 +273,8 @@ func (p *Pool) dial(ctx context.Context, c *poolConn) {
 	tc, bc, err := p.dialTLS(ctx, c.key)
 	var cc *h2Client
 	if err == nil {
-		cc = newH2Client(tc, bc, orDefault(p.ReadIdleTimeout, defaultReadIdle), orDefault(p.PingTimeout, defaultPingTimeout), p.logger())
+		cc = newH2Client(tc, bc, orDefault(p.ReadIdleTimeout, defaultReadIdle), orDefault(p.PingTimeout, defaultPingTimeout), p.logger(),
+			func() { p.retire(c) })
 		// Wait for the server's SETTINGS: until then its stream limit is unknown, and
 		// reservations made on a guess would be refused later. This also turns a rejected
 		// client certificate into a dial error.
@@ -301,6 +302,23 @@ func (p *Pool) dial(ctx context.Context, c *poolConn) {
 	p.mu.Unlock()
 	if closed && cc != nil {
 		cc.Close()
+	}
+}
+
+// retire takes c out of the pool when its connection takes no more streams (GOAWAY, or its
+// end) and no tunnel uses it: otherwise it would linger, listed, until a Connect for its key
+// came by. With tunnels, the last one's release retires it (idleLocked).
+func (p *Pool) retire(c *poolConn) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	select {
+	case <-c.ready:
+	default:
+		return // still dialing: the dial's end looks at the connection's state
+	}
+	if c.streams == 0 && !c.removed && c.cc != nil {
+		p.removeLocked(c)
+		go c.cc.Close()
 	}
 }
 

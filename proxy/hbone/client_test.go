@@ -766,8 +766,8 @@ func TestDropStreamFrames(t *testing.T) {
 		t.Fatalf("nCtrl %d, want 2", w.nCtrl)
 	}
 	errGone := errors.New("gone")
-	if !w.dropStreamLocked(3, errGone) {
-		t.Error("HEADERS dropped, not reported")
+	if headers, data := w.dropStreamLocked(3, errGone); !headers || data != 2 {
+		t.Errorf("dropped: HEADERS %v, %d DATA bytes; want true, 2 (b and c: their send window goes back)", headers, data)
 	}
 	var kinds []frameKind
 	for _, f := range w.ord {
@@ -777,8 +777,8 @@ func TestDropStreamFrames(t *testing.T) {
 	if !slices.Equal(kinds, want) || w.ord[1].done != done || w.ord[1].err != errGone || w.nCtrl != 1 {
 		t.Fatalf("queue %v (nCtrl %d), want %v with the marker signalling %v", kinds, w.nCtrl, want, errGone)
 	}
-	if w.dropStreamLocked(1, errGone) {
-		t.Error("no HEADERS of stream 1 was queued")
+	if headers, data := w.dropStreamLocked(1, errGone); headers || data != 1 {
+		t.Errorf("stream 1 dropped: HEADERS %v, %d DATA bytes; want false (none was queued), 1", headers, data)
 	}
 }
 

@@ -162,6 +162,18 @@ func (cc *h2Client) onData(f *http2.DataFrame) error {
 	return nil
 }
 
+// returnSendWindowLocked gives back to the connection's send window n bytes of DATA that
+// were charged to it but dropped unsent, and wakes the streams waiting for window.
+func (cc *h2Client) returnSendWindowLocked(n int64) {
+	if n == 0 {
+		return
+	}
+	cc.sendWindow += n
+	for _, st := range cc.streams {
+		notify(st.sendReady)
+	}
+}
+
 func (cc *h2Client) onWindowUpdate(f *http2.WindowUpdateFrame) error {
 	cc.mu.Lock()
 	defer cc.mu.Unlock()
@@ -229,7 +241,8 @@ func (cc *h2Client) stopSendLocked(st *cstream, err error) {
 		return
 	}
 	st.sendErr = err
-	cc.dropStreamLocked(st.id, err)
+	_, unsent := cc.dropStreamLocked(st.id, err)
+	cc.returnSendWindowLocked(unsent)
 	cc.closeStreamLocked(st)
 	if !st.localDone && st.onAbort != nil {
 		st.onAbort() // a ReadFrom blocked on its source
@@ -297,7 +310,9 @@ func (cc *h2Client) abortLocked(st *cstream, cause error, sendRST bool, code htt
 	if st.inMap {
 		// A stream whose HEADERS never went out is idle to the server: no RST_STREAM,
 		// which would be a connection error there.
-		if cc.dropStreamLocked(st.id, cause) {
+		droppedHeaders, unsent := cc.dropStreamLocked(st.id, cause)
+		cc.returnSendWindowLocked(unsent)
+		if droppedHeaders {
 			sendRST = false
 		}
 		if sendRST {

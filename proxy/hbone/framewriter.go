@@ -107,12 +107,15 @@ func (w *frameWriter) enqueueCtrlLocked(f wframe) {
 // maxQueuedCtrl until written, those of both queues together: the read loop ends a
 // connection whose peer makes it queue more (beforeRead).
 func (w *frameWriter) enqueueOrdLocked(f wframe) {
-	if w.wstop {
+	if w.wstop && !w.writing {
 		if f.done != nil {
 			f.done <- errConnClosed
 		}
 		return
 	}
+	// Stopped with a batch out: queue it anyway. A marker must not release a writer whose
+	// earlier frames that batch still reads; the batch's writer fails what is queued once
+	// the batch returns.
 	w.ord = append(w.ord, f)
 	if f.kind != fkData && f.kind != fkClose && f.kind != fkMarker {
 		w.nCtrl++
@@ -132,9 +135,11 @@ func (w *frameWriter) dropQueuedLocked() []wframe {
 // the batch being written): the stream was reset or refused, and frames for it must not
 // follow. A dropped frame with a done becomes a marker that signals err: in its place, so
 // that done still comes after the frames of the same write in the batch being written (its
-// data stays referenced until then). It reports whether a HEADERS was dropped: the stream
-// then never opened on the wire, and must get no RST_STREAM either.
-func (w *frameWriter) dropStreamLocked(id uint32, err error) (droppedHeaders bool) {
+// data stays referenced until then). It reports whether a HEADERS was dropped (the stream
+// then never opened on the wire, and must get no RST_STREAM either) and how many DATA bytes
+// were dropped: they were charged to the connection's send window and will never be sent,
+// so the caller gives them back (the peer will send no WINDOW_UPDATE for them).
+func (w *frameWriter) dropStreamLocked(id uint32, err error) (droppedHeaders bool, droppedData int64) {
 	keep := w.ord[:0]
 	for _, f := range w.ord {
 		if f.id != id || f.kind != fkHeaders && f.kind != fkData {
@@ -144,6 +149,8 @@ func (w *frameWriter) dropStreamLocked(id uint32, err error) (droppedHeaders boo
 		if f.kind == fkHeaders {
 			droppedHeaders = true
 			w.nCtrl--
+		} else {
+			droppedData += int64(len(f.data))
 		}
 		if f.done != nil {
 			keep = append(keep, wframe{kind: fkMarker, done: f.done, err: err})
@@ -151,7 +158,7 @@ func (w *frameWriter) dropStreamLocked(id uint32, err error) (droppedHeaders boo
 	}
 	clear(w.ord[len(keep):])
 	w.ord = keep
-	return droppedHeaders
+	return droppedHeaders, droppedData
 }
 
 // Whoever queues frames then sends them: the read loop (and timers) wake the writer

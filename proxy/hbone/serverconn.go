@@ -454,9 +454,13 @@ func (sc *serverConn) teardown(err error) {
 		if errors.Is(err, errTooManyQueued) {
 			// The peer does not read: what waits for it goes, and a GOAWAY only if the
 			// writer is free to send it now. One stuck in a batch is stuck on the peer: the
-			// connection is closed at once (x/net's server closes without a GOAWAY).
-			failFrames(sc.dropQueuedLocked(), errConnClosed)
+			// connection is closed at once (x/net's server closes without a GOAWAY), and
+			// that batch's writer fails the queue when its write returns; failing it here
+			// could release a tunnel whose earlier frames the batch still reads.
 			goAway = !sc.writing
+			if goAway {
+				failFrames(sc.dropQueuedLocked(), errConnClosed)
+			}
 		}
 		if goAway {
 			sc.enqueueOrdLocked(wframe{kind: fkGoAway, id: sc.maxID, code: http2.ErrCode(ce)})

@@ -131,11 +131,13 @@ func (m *Manager) turn(key netns.Key) (seq uint64, superseded bool, done func())
 }
 
 // sockets opens, in one visit to the namespace, an nftables connection and, when routing
-// is wanted, an rtnetlink one for the policy routing. The caller closes them.
+// is wanted, an rtnetlink one for the policy routing. The caller closes them. The visit
+// is made from the calling goroutine's own thread (netns.NS.DoHere), not handed to a
+// pooled one: on this kind of VM the hand-off cost more than making the sockets.
 func sockets(ns *netns.NS, routing bool) (*kernel.Conn, *kernel.RoutingConn, error) {
 	var conn *kernel.Conn
 	var rt *kernel.RoutingConn
-	err := ns.Do(func() error {
+	err := ns.DoHere(func() error {
 		var err error
 		if conn, err = kernel.NewConn(); err != nil {
 			return err

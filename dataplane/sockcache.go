@@ -8,17 +8,19 @@ import (
 )
 
 // A Manager keeps each namespace's sockets between applies: making them costs a visit to
-// the namespace on a worker thread (two context switches, which this kind of VM makes
-// expensive) and a dozen system calls, more than the whole check of a no-op apply. The
-// cache holds its own handle on the namespace, so the namespace, and with it the key,
-// cannot be reused while cached; that also keeps a deleted pod's namespace alive until
-// the entry is dropped: by Remove, by an error, or after socketIdle without use.
+// the namespace (two setns, a goroutine switch) and half a dozen system calls, more than
+// the whole check of a no-op apply. A socket holds a reference on its namespace (the
+// kernel frees a namespace, and its nsfs inode number, the key, only when nothing refers
+// to it), so the namespace, and with it the key, cannot be reused while cached; that also
+// keeps a deleted pod's namespace alive until the entry is dropped: by Remove, by an
+// error, or after socketIdle without use. (The cache used to hold a duplicate of the
+// namespace's descriptor for that: five system calls per fresh namespace, for nothing
+// the sockets do not already do.)
 
 // socketIdle is how long an unused namespace's sockets are kept.
 const socketIdle = 30 * time.Second
 
 type nsSockets struct {
-	ns    *netns.NS // our own handle on the namespace
 	nft   *kernel.Conn
 	rt    *kernel.RoutingConn // made when a pod apply first needs it
 	used  time.Time           // guarded by Manager.mu, as are inUse and dead
@@ -31,7 +33,6 @@ func (s *nsSockets) close() {
 	if s.rt != nil {
 		s.rt.Close()
 	}
-	s.ns.Close()
 }
 
 // cachedSockets returns the namespace's sockets, making what is missing, and marks them
@@ -74,15 +75,7 @@ func (m *Manager) cachedSockets(ns *netns.NS, routing bool) (*nsSockets, error) 
 		s.rt = rt
 		return s, nil
 	}
-	own, err := ns.Dup()
-	if err != nil {
-		nft.Close()
-		if rt != nil {
-			rt.Close()
-		}
-		return nil, err
-	}
-	s = &nsSockets{ns: own, nft: nft, rt: rt, used: now, inUse: 1}
+	s = &nsSockets{nft: nft, rt: rt, used: now, inUse: 1}
 	m.mu.Lock()
 	m.socks[ns.Key()] = s
 	m.mu.Unlock()

@@ -11,8 +11,8 @@ import (
 
 // maxMessagePayload is the most bytes of attributes (after the nfgenmsg header) that one
 // message of a batch may carry. A netlink attribute's length is 16 bits and its encoder
-// (mdlayher/netlink) silently wraps a longer one; a message whose attributes fit in 16
-// bits in total cannot hold a wrapped one. Every message is checked before a batch is
+// (msgBuf.attrHeader, like mdlayher/netlink's) keeps only the low 16 bits of a longer
+// one; a message whose attributes fit in 16 bits in total cannot hold a wrapped one. Every message is checked before a batch is
 // sent (checkMessage), so an oversized list is refused here instead of being cut short
 // by the kernel (issue #11: 2,000 pod IPs came back as 907).
 const maxMessagePayload = 0xffff
@@ -29,32 +29,31 @@ func checkMessage(data []byte) error {
 	return nil
 }
 
-// sendBatch sends an nfnetlink batch (BATCH_BEGIN ... BATCH_END) in one sendmsg, framed by
-// frameBatch, then reads until the answer to the message before BATCH_END: one send and,
-// on success, one receive. The kernel still answers every failing message; the error
-// returned names the first and counts them all (*batchError), in a few lines whatever the
-// batch's size. (google/nftables v0.3.0 asks for an echo and an ack of every message,
-// each read through the runtime poller: on these machines that was most of a fresh
-// enroll's time.)
-func (r *socket) sendBatch(msgs []netlink.Message) error {
-	for i, m := range msgs {
-		if err := checkMessage(m.Data); err != nil {
-			return fmt.Errorf("message %d of %d (%s): %w: nothing sent", i, len(msgs)-2, describe(m), err)
+// sendBatch sends an nfnetlink batch (BATCH_BEGIN ... BATCH_END, as encodeApply and its
+// kin make it) in one sendmsg, numbered from the socket's counter, then reads until the
+// answer to the message before BATCH_END: one send and, on success, one receive. The
+// kernel still answers every failing message; the error returned names the first and
+// counts them all (*batchError), in a few lines whatever the batch's size.
+func (r *socket) sendBatch(b *batch) error {
+	n := b.count()
+	for i := range n {
+		typ, _, payload := b.message(i)
+		if err := checkMessage(payload); err != nil {
+			return fmt.Errorf("message %d of %d (%s): %w: nothing sent", i, n-2, describe(typ, payload), err)
 		}
 	}
-	n := uint32(len(msgs))
-	firstSeq := r.seq.Add(n) - n + 1
-	lastSeq := firstSeq + n - 2 // the message before BATCH_END
-	buf := frameBatch(msgs, firstSeq)
-	if len(buf) > largeBatch {
-		r.prepareLarge(len(buf), len(msgs))
+	firstSeq := r.seq.Add(uint32(n)) - uint32(n) + 1
+	lastSeq := firstSeq + uint32(n) - 2 // the message before BATCH_END
+	b.stamp(firstSeq)
+	if len(b.buf) > largeBatch {
+		r.prepareLarge(len(b.buf), n)
 	}
-	if err := r.send(buf); err != nil {
+	if err := r.send(b.buf); err != nil {
 		if errors.Is(err, unix.EMSGSIZE) {
 			if r.sndbuf == 0 {
 				r.sndbuf, _ = unix.GetsockoptInt(r.fd, unix.SOL_SOCKET, unix.SO_SNDBUF)
 			}
-			return fmt.Errorf("batch of %d messages, %d bytes, larger than the socket's send buffer (%d bytes; raising it needs CAP_NET_ADMIN or net.core.wmem_max): %w", len(msgs)-2, len(buf), r.sndbuf, err)
+			return fmt.Errorf("batch of %d messages, %d bytes, larger than the socket's send buffer (%d bytes; raising it needs CAP_NET_ADMIN or net.core.wmem_max): %w", n-2, len(b.buf), r.sndbuf, err)
 		}
 		return err
 	}
@@ -71,7 +70,8 @@ func (r *socket) sendBatch(msgs []netlink.Message) error {
 		if e != 0 {
 			if failed == nil {
 				i := int(h.Sequence - firstSeq)
-				failed = &batchError{Errno: e, Index: i, Messages: len(msgs) - 2, What: describe(msgs[i])}
+				typ, _, payload := b.message(i)
+				failed = &batchError{Errno: e, Index: i, Messages: n - 2, What: describe(typ, payload)}
 			}
 			failed.Failed++
 		}
@@ -96,6 +96,12 @@ func (r *socket) sendBatch(msgs []netlink.Message) error {
 		return err
 	}
 	return nil
+}
+
+// sendOnce is sendBatch of a batch that is then released.
+func (r *socket) sendOnce(b *batch) error {
+	defer b.release()
+	return r.sendBatch(b)
 }
 
 // batchError is the kernel's refusal of a batch: the first message it refused, and how
@@ -152,26 +158,6 @@ func (r *socket) prepareLarge(size, msgs int) {
 	grow(&r.rcvbuf, unix.SO_RCVBUFFORCE, unix.SO_RCVBUF, min(msgs*1024, 32<<20))
 }
 
-// frameBatch encodes the batch as the bytes sendBatch sends: the messages numbered from
-// firstSeq on, NLM_F_ECHO cleared everywhere and NLM_F_ACK only on the last message
-// before BATCH_END, whatever the encoder asked for.
-func frameBatch(msgs []netlink.Message, firstSeq uint32) []byte {
-	size := 0
-	for _, m := range msgs {
-		size += unix.NLMSG_HDRLEN + nlmsgAlign(len(m.Data))
-	}
-	buf := make([]byte, 0, size)
-	last := len(msgs) - 2 // the message before BATCH_END
-	for i, m := range msgs {
-		flags := uint16(m.Header.Flags) &^ (unix.NLM_F_ECHO | unix.NLM_F_ACK)
-		if i == last {
-			flags |= unix.NLM_F_ACK
-		}
-		buf = appendMessage(buf, uint16(m.Header.Type), flags, firstSeq+uint32(i), m.Data)
-	}
-	return buf
-}
-
 // msgVerbs names the messages our batches hold.
 var msgVerbs = map[int]string{
 	unix.NFT_MSG_NEWTABLE: "add table", unix.NFT_MSG_DELTABLE: "delete table",
@@ -182,8 +168,7 @@ var msgVerbs = map[int]string{
 
 // describe says what a message of a batch writes, in one short line: its kind and the
 // table, set or chain it names; for a rule, its stamp; for elements, how many.
-func describe(m netlink.Message) string {
-	typ := uint16(m.Header.Type)
+func describe(typ uint16, payload []byte) string {
 	switch typ {
 	case unix.NFNL_MSG_BATCH_BEGIN:
 		return "batch begin"
@@ -194,10 +179,10 @@ func describe(m netlink.Message) string {
 	if typ>>8 != unix.NFNL_SUBSYS_NFTABLES || !ok {
 		return fmt.Sprintf("message type %#04x", typ)
 	}
-	if len(m.Data) < 4 {
+	if len(payload) < 4 {
 		return verb
 	}
-	ad, err := netlink.NewAttributeDecoder(m.Data[4:])
+	ad, err := netlink.NewAttributeDecoder(payload[4:])
 	if err != nil {
 		return verb
 	}

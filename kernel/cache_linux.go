@@ -2,8 +2,7 @@ package kernel
 
 import (
 	"crypto/sha256"
-	"fmt"
-	"strings"
+	"strconv"
 	"sync"
 
 	"github.com/nftmesh/nftmesh/ruleset"
@@ -45,6 +44,14 @@ func (c *Cache) verified(k cacheKey, gen uint32, hash string) bool {
 	return ok && e.hasGen && e.gen == gen && e.hash == hash
 }
 
+// has reports whether anything was verified or written at k.
+func (c *Cache) has(k cacheKey) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	_, ok := c.m[k]
+	return ok
+}
+
 // known reports whether hash is what was last verified or written at k.
 func (c *Cache) known(k cacheKey, hash string) bool {
 	c.mu.Lock()
@@ -84,23 +91,38 @@ func (c *Cache) Forget(cookie uint64) {
 }
 
 // contentKey is a digest of everything Render prints, from already rendered bodies
-// (rb, from t.RuleBodies).
+// (rb, from t.RuleBodies). The text is gathered in one pooled buffer, without fmt: it
+// is computed on every apply, the fresh ones included.
 func contentKey(t *ruleset.Table, rb [][]string) string {
-	h := sha256.New()
-	var b strings.Builder
-	b.WriteString(t.Name)
+	bp := keyBufPool.Get().(*[]byte)
+	b := append((*bp)[:0], t.Name...)
 	for _, s := range t.Sets {
-		b.WriteString(s.Render())
+		b = append(b, s.Render()...)
 	}
 	for ci, c := range t.Chains {
-		b.WriteString("\x00chain " + c.Name)
+		b = append(b, "\x00chain "...)
+		b = append(b, c.Name...)
 		if c.Base != nil {
-			fmt.Fprintf(&b, " %s %s %d %s", c.Base.Type, c.Base.Hook, c.Base.Priority, c.Base.EffectivePolicy())
+			b = append(b, ' ')
+			b = append(b, c.Base.Type...)
+			b = append(b, ' ')
+			b = append(b, c.Base.Hook...)
+			b = append(b, ' ')
+			b = strconv.AppendInt(b, int64(c.Base.Priority), 10)
+			b = append(b, ' ')
+			b = append(b, c.Base.EffectivePolicy()...)
 		}
 		for i, r := range c.Rules {
-			b.WriteString("\x00" + rb[ci][i] + "\x01" + r.Comment)
+			b = append(b, 0)
+			b = append(b, rb[ci][i]...)
+			b = append(b, 1)
+			b = append(b, r.Comment...)
 		}
 	}
-	h.Write([]byte(b.String()))
-	return string(h.Sum(nil)[:16])
+	sum := sha256.Sum256(b)
+	*bp = b
+	keyBufPool.Put(bp)
+	return string(sum[:16])
 }
+
+var keyBufPool = sync.Pool{New: func() any { b := make([]byte, 0, 4096); return &b }}

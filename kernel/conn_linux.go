@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net/netip"
 
-	"github.com/google/nftables"
 	"github.com/google/nftables/userdata"
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
@@ -37,7 +36,7 @@ type Result struct {
 }
 
 // Conn is a connection to nftables in one network namespace: one blocking netlink socket,
-// for reads and for the transactions that google/nftables encodes. Not safe for concurrent
+// for reads and for transactions (encoded by encode_linux.go). Not safe for concurrent
 // use; after an error, close it.
 type Conn struct {
 	raw *socket
@@ -72,11 +71,6 @@ func Dial(ns *netns.NS) (*Conn, error) {
 	return c, nil
 }
 
-// txConn returns a google/nftables connection that queues and encodes a transaction and
-// hands the finished batch to this Conn's socket (see encoder_linux.go): google/nftables
-// remains the encoder, the send is one sendmsg and one receive.
-func (n *Conn) txConn() (*encoder, error) { return newEncoder(n.raw.sendBatch) }
-
 // Close closes the socket.
 func (n *Conn) Close() error { return n.raw.Close() }
 
@@ -100,11 +94,23 @@ func (n *Conn) dump(msgType int, attrs []netlink.Attribute) ([]netlink.Message, 
 // Generation returns the namespace's nftables ruleset generation: it changes with every
 // committed transaction, by anyone.
 func (n *Conn) Generation() (uint32, error) {
-	msgs, err := n.raw.execute(uint16(unix.NFNL_SUBSYS_NFTABLES<<8|unix.NFT_MSG_GETGEN), 0, nfgenmsg(unix.NFPROTO_UNSPEC))
-	if err != nil {
+	q := genQuery()
+	if err := n.raw.executeQueries(q); err != nil {
 		return 0, err
 	}
-	for _, m := range msgs {
+	return generation(q)
+}
+
+func genQuery() *query {
+	return &query{Type: uint16(unix.NFNL_SUBSYS_NFTABLES<<8 | unix.NFT_MSG_GETGEN), Data: nfgenmsg(unix.NFPROTO_UNSPEC)}
+}
+
+// generation reads the answer to genQuery.
+func generation(q *query) (uint32, error) {
+	if q.Err != nil {
+		return 0, q.Err
+	}
+	for _, m := range q.Out {
 		ad, err := attrs(m)
 		if err != nil {
 			return 0, err
@@ -116,6 +122,13 @@ func (n *Conn) Generation() (uint32, error) {
 		}
 	}
 	return 0, errors.New("no generation id in reply")
+}
+
+// tableQuery gets the table named name: a get, cheaper than a dump of every table, and
+// all there is to read in a namespace that never had one (every fresh enroll).
+func tableQuery(name string) *query {
+	data := append(nfgenmsg(unix.NFPROTO_INET), mustAttrs([]netlink.Attribute{{Type: unix.NFTA_TABLE_NAME, Data: []byte(name + "\x00")}})...)
+	return &query{Type: uint16(unix.NFNL_SUBSYS_NFTABLES<<8 | unix.NFT_MSG_GETTABLE), Data: data}
 }
 
 func attrs(m netlink.Message) (*netlink.AttributeDecoder, error) {
@@ -144,7 +157,7 @@ var setTypeByMagic = map[uint32]ruleset.SetType{7: ruleset.SetTypeIPv4Addr, 8: r
 // sets, chains and rules, and the other objects it holds (nftmesh writes none). Set
 // elements are read only when withElements is set.
 func (n *Conn) ReadLive(name string, withElements bool) (*Live, error) {
-	return n.readLive(name, withElements, true)
+	return n.readLive(name, withElements, true, nil)
 }
 
 // Object types of NFT_MSG_GETOBJ (NFTA_OBJ_TYPE), as nft names them.
@@ -161,16 +174,25 @@ const (
 
 // readLive reads the table; withObjects also reads its stateful objects and flowtables
 // (Apply and ReadLive need them to tell drift; Delete and the element edits do not).
-func (n *Conn) readLive(name string, withElements, withObjects bool) (*Live, error) {
+// table, when given, is a tableQuery(name) already answered.
+func (n *Conn) readLive(name string, withElements, withObjects bool, table *query) (*Live, error) {
 	tableAttr := func(typ uint16) []netlink.Attribute {
 		return []netlink.Attribute{{Type: typ, Data: []byte(name + "\x00")}}
 	}
-	tables, err := n.dump(unix.NFT_MSG_GETTABLE, nil)
-	if err != nil {
-		return nil, fmt.Errorf("list tables: %w", err)
+	if table == nil {
+		table = tableQuery(name)
+		if err := n.raw.executeQueries(table); err != nil {
+			return nil, fmt.Errorf("get table: %w", err)
+		}
+	}
+	if errors.Is(table.Err, unix.ENOENT) {
+		return nil, nil
+	}
+	if table.Err != nil {
+		return nil, fmt.Errorf("get table: %w", table.Err)
 	}
 	var live *Live
-	for _, m := range tables {
+	for _, m := range table.Out {
 		ad, err := attrs(m)
 		if err != nil {
 			return nil, err
@@ -455,7 +477,7 @@ func (n *Conn) Apply(t *ruleset.Table, cache *Cache) (Result, error) {
 	if err != nil {
 		return Result{}, err
 	}
-	if err := n.look(c, false); err != nil {
+	if err := n.look(c, false, false); err != nil {
 		return Result{}, err
 	}
 	return n.change(c)
@@ -472,6 +494,7 @@ type Check struct {
 	key   cacheKey
 	hash  string
 	gen   uint32 // the generation read before live (cache != nil)
+	genOK bool   // gen was read
 	live  *Live  // the table as read at gen, when read
 	read  bool
 	holds bool
@@ -490,7 +513,7 @@ func (n *Conn) Check(t *ruleset.Table, cache *Cache) (*Check, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := n.look(c, true); err != nil {
+	if err := n.look(c, true, false); err != nil {
 		return nil, err
 	}
 	return c, nil
@@ -510,7 +533,11 @@ func (n *Conn) ApplyChecked(c *Check) (Result, error) {
 		current = gen == c.gen
 	}
 	if !current {
-		if err := n.look(c, false); err != nil {
+		// When c found only that the cache could not vouch (it read no table: t is new
+		// here, or changed), the generation it read then serves as the one before this
+		// read: the read decides, and vouches for c.gen only if no commit came between.
+		genRead := c.cache != nil && !c.holds && !c.read && c.genOK
+		if err := n.look(c, false, genRead); err != nil {
 			return Result{}, err
 		}
 	}
@@ -534,14 +561,34 @@ func (n *Conn) prepare(t *ruleset.Table, cache *Cache) (*Check, error) {
 }
 
 // look finds out whether the namespace holds c.t: from the cache if it can, else by
-// reading the table. With lazy it reads only when Check's doc says so.
-func (n *Conn) look(c *Check, lazy bool) error {
+// reading the table. With lazy it reads only when Check's doc says so. With genRead,
+// c.gen is a generation read earlier and not vouched for by the cache: look reads the
+// table without asking for the generation again.
+func (n *Conn) look(c *Check, lazy, genRead bool) error {
 	c.live, c.read, c.holds = nil, false, false
-	if c.cache != nil {
-		var err error
-		if c.gen, err = n.Generation(); err != nil {
+	var table *query
+	if c.cache != nil && !genRead {
+		c.genOK = false
+		if lazy && !c.cache.has(c.key) {
+			// Nothing was ever verified or written here by this cache (a fresh enroll):
+			// no generation can vouch, and lazy reads nothing: ApplyChecked reads both.
+			return nil
+		}
+		gen := genQuery()
+		qs := []*query{gen}
+		if !lazy {
+			// The table is read unless the cache vouches: ask for both at once.
+			table = tableQuery(c.t.Name)
+			qs = append(qs, table)
+		}
+		if err := n.raw.executeQueries(qs...); err != nil {
 			return fmt.Errorf("table inet %s: %w", c.t.Name, err)
 		}
+		var err error
+		if c.gen, err = generation(gen); err != nil {
+			return fmt.Errorf("table inet %s: %w", c.t.Name, err)
+		}
+		c.genOK = true
 		if c.cache.verified(c.key, c.gen, c.hash) {
 			c.holds = true
 			return nil
@@ -550,7 +597,7 @@ func (n *Conn) look(c *Check, lazy bool) error {
 	if lazy && (c.cache == nil || !c.cache.known(c.key, c.hash)) {
 		return nil
 	}
-	live, err := n.readLive(c.t.Name, true, true)
+	live, err := n.readLive(c.t.Name, true, true, table)
 	if err != nil {
 		return fmt.Errorf("table inet %s: read: %w", c.t.Name, err)
 	}
@@ -644,168 +691,31 @@ func (n *Conn) verifyCarried(table string, carried map[string][]LiveElement) err
 	return nil
 }
 
-// write queues the transaction on a google/nftables Conn and flushes it as one batch.
+// write encodes the transaction that makes the namespace, which holds live (nil: no
+// table), hold exactly t, sends it as one batch, and returns its number of messages.
 func (n *Conn) write(t *ruleset.Table, live *Live, rb [][]string) (int, error) {
-	conn, err := n.txConn()
+	b, err := encodeApply(t, live, rb)
 	if err != nil {
 		return 0, err
 	}
-	writes, err := queueApply(conn.Conn, t, live, rb)
-	if err != nil {
+	defer b.release()
+	if err := n.raw.sendBatch(b); err != nil {
 		return 0, err
 	}
-	if err := conn.Flush(); err != nil {
-		return 0, err
-	}
-	return writes, nil
-}
-
-// queueApply queues on conn the transaction that makes the namespace, which holds live
-// (nil: no table), hold exactly t, and returns the number of messages it queued. It only
-// encodes: the caller flushes (the encoding tests record what it queues instead).
-func queueApply(conn *nftables.Conn, t *ruleset.Table, live *Live, rb [][]string) (int, error) {
-	writes := 0
-	nt := nfTable(t.Name)
-	if live != nil {
-		// The nft idiom "add, delete, add": the first add makes the delete valid even if
-		// the table vanished since we read it.
-		conn.AddTable(nt)
-		conn.DelTable(nt)
-		writes += 2
-	}
-	conn.AddTable(nt)
-	writes++
-
-	sets := map[string]*nftables.Set{}
-	for i, s := range t.Sets {
-		ns := nfSet(nt, s, uint32(i+1))
-		elems := setElements(s)
-		if s.Runtime && live != nil {
-			elems = keptElements(live, s)
-		}
-		// A message's element list is one netlink attribute, whose length is 16 bits:
-		// more elements go in more messages, like nft does (issue #11: a single list of
-		// 2,000 elements wrapped the length, and the kernel kept 907).
-		chunks := elementChunks(elems)
-		var first []nftables.SetElement
-		if len(chunks) > 0 {
-			first = chunks[0]
-		}
-		if err := conn.AddSet(ns, first); err != nil {
-			return 0, fmt.Errorf("set %s: %w", s.Name, err)
-		}
-		sets[s.Name] = ns
-		writes++
-		for i, c := range chunks {
-			if i > 0 {
-				if err := conn.SetAddElements(ns, c); err != nil {
-					return 0, fmt.Errorf("set %s: %w", s.Name, err)
-				}
-			}
-			writes++
-		}
-	}
-	chains := map[string]*nftables.Chain{}
-	for _, c := range t.Chains {
-		chains[c.Name] = conn.AddChain(nfChain(nt, c))
-		writes++
-	}
-	for ci, c := range t.Chains {
-		for i, r := range c.Rules {
-			exprs, err := ruleExprs(r, sets)
-			if err != nil {
-				return 0, fmt.Errorf("chain %s rule %d: %w", c.Name, i+1, err)
-			}
-			conn.AddRule(&nftables.Rule{Table: nt, Chain: chains[c.Name], Exprs: exprs, UserData: ruleUserData(r, rb[ci][i])})
-			writes++
-		}
-	}
-	return writes, nil
-}
-
-// maxElementList is the most bytes of elements one NEWSETELEM message carries: the
-// element list attribute's length is 16 bits, and the message's other attributes (table
-// and set names, at most 256 bytes each, and the set id) must fit beside it, so that the
-// whole message stays under maxMessagePayload (checked before every send).
-const maxElementList = 0xffff - 1024
-
-// elementSize is the encoded size of e in an element list (google/nftables' encoding:
-// the element's nest, its key nest holding the value, and its comment in user data),
-// rounded up to whole attributes; never less than the real size.
-func elementSize(e nftables.SetElement) int {
-	size := 4 + 4 + 4 + nlaAlign(len(e.Key)) // element nest, key nest, value
-	if len(e.KeyEnd) > 0 {
-		size += 4 + 4 + nlaAlign(len(e.KeyEnd))
-	}
-	if e.IntervalEnd {
-		size += 8
-	}
-	if e.Timeout != 0 {
-		size += 12
-	}
-	if len(e.Val) > 0 {
-		size += 4 + 4 + nlaAlign(len(e.Val))
-	}
-	if e.Comment != "" {
-		size += 4 + nlaAlign(2+len(e.Comment)+1) // user data: type, length, text, NUL
-	}
-	return size
-}
-
-func nlaAlign(l int) int { return (l + 3) &^ 3 }
-
-// elementChunks splits elems into runs that each fit in one message's element list.
-func elementChunks(elems []nftables.SetElement) [][]nftables.SetElement {
-	var out [][]nftables.SetElement
-	start, size := 0, 0
-	for i, e := range elems {
-		es := elementSize(e)
-		if size+es > maxElementList && i > start {
-			out = append(out, elems[start:i])
-			start, size = i, 0
-		}
-		size += es
-	}
-	if start < len(elems) {
-		out = append(out, elems[start:])
-	}
-	return out
-}
-
-// keptElements returns the live elements of a runtime set, comments (owners) included.
-func keptElements(live *Live, s *ruleset.Set) []nftables.SetElement {
-	var out []nftables.SetElement
-	for _, ls := range live.Sets {
-		if ls.Name != s.Name || ls.Type != s.Type {
-			continue
-		}
-		for _, e := range ls.Elements {
-			key := e.Key.AsSlice()
-			if s.Type == ruleset.SetTypeInetService {
-				key = binary.BigEndian.AppendUint16(nil, e.Port)
-			}
-			out = append(out, nftables.SetElement{Key: key, Comment: e.Comment})
-		}
-	}
-	return out
+	return b.writes(), nil
 }
 
 // Delete removes the table named name from the Conn's namespace. It reports whether
 // there was one; an absent table is not an error.
 func (n *Conn) Delete(name string) (bool, error) {
-	live, err := n.readLive(name, false, false)
+	live, err := n.readLive(name, false, false, nil)
 	if err != nil {
 		return false, fmt.Errorf("table inet %s: read: %w", name, err)
 	}
 	if live == nil {
 		return false, nil
 	}
-	conn, err := n.txConn()
-	if err != nil {
-		return false, err
-	}
-	conn.DelTable(nfTable(name))
-	if err := conn.Flush(); err != nil {
+	if err := n.raw.sendOnce(encodeDelete(name)); err != nil {
 		if errors.Is(err, unix.ENOENT) {
 			return false, nil // deleted by someone else meanwhile
 		}
@@ -904,27 +814,14 @@ func mustAttrs(a []netlink.Attribute) []byte {
 // transaction when another owner has it (the address was reused). It reports whether it
 // wrote.
 func (n *Conn) AddElement(table, set string, addr netip.Addr, owner string) (bool, error) {
-	cur, typ, err := n.findElement(table, set, addr)
+	cur, _, err := n.findElement(table, set, addr)
 	if err != nil {
 		return false, err
 	}
 	if cur != nil && cur.Comment == owner {
 		return false, nil
 	}
-	conn, err := n.txConn()
-	if err != nil {
-		return false, err
-	}
-	s := &nftables.Set{Table: nfTable(table), Name: set, KeyType: setTypes[typ]}
-	if cur != nil {
-		if err := conn.SetDeleteElements(s, []nftables.SetElement{{Key: addr.AsSlice()}}); err != nil {
-			return false, err
-		}
-	}
-	if err := conn.SetAddElements(s, []nftables.SetElement{{Key: addr.AsSlice(), Comment: owner}}); err != nil {
-		return false, err
-	}
-	if err := conn.Flush(); err != nil {
+	if err := n.raw.sendOnce(encodeElementChange(table, set, addr, owner, cur != nil, true)); err != nil {
 		return false, fmt.Errorf("set %s: add %s: %w", set, addr, err)
 	}
 	return true, nil
@@ -933,19 +830,11 @@ func (n *Conn) AddElement(table, set string, addr netip.Addr, owner string) (boo
 // DeleteElement removes addr from the set if owner still owns it. It reports whether it
 // wrote; an absent element, or one another owner has taken over, is left alone.
 func (n *Conn) DeleteElement(table, set string, addr netip.Addr, owner string) (bool, error) {
-	cur, typ, err := n.findElement(table, set, addr)
+	cur, _, err := n.findElement(table, set, addr)
 	if err != nil || cur == nil || cur.Comment != owner {
 		return false, err
 	}
-	conn, err := n.txConn()
-	if err != nil {
-		return false, err
-	}
-	s := &nftables.Set{Table: nfTable(table), Name: set, KeyType: setTypes[typ]}
-	if err := conn.SetDeleteElements(s, []nftables.SetElement{{Key: addr.AsSlice()}}); err != nil {
-		return false, err
-	}
-	if err := conn.Flush(); err != nil {
+	if err := n.raw.sendOnce(encodeElementChange(table, set, addr, "", true, false)); err != nil {
 		return false, fmt.Errorf("set %s: delete %s: %w", set, addr, err)
 	}
 	return true, nil

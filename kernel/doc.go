@@ -10,10 +10,12 @@
 //     generation has not moved;
 //   - RoutingConn checks, adds and removes a pod's policy routing (ruleset.Routing).
 //
-// google/nftables encodes the objects and expressions; the batch goes out on a blocking
-// netlink socket of our own (see encoder_linux.go for how the two meet). Every socket
-// belongs to the namespace of the thread that made it: NewConn and NewRoutingConn must
-// run on a thread inside the target namespace (netns.NS.Do); Dial does that for a Conn.
+// encode_linux.go encodes a transaction straight from the model into the bytes of one
+// nfnetlink batch, the bytes google/nftables v0.3.0 produced for it (docs/encoding.md);
+// the batch goes out on a blocking netlink socket of our own. Every socket belongs to the
+// namespace of the thread that made it: NewConn and NewRoutingConn must run on a thread
+// inside the target namespace (netns.NS.Do or DoHere); Dial does that for a Conn.
+// EncodeFresh and FreshWrites.Send measure the kernel's own cost of an enroll.
 //
 // The package is Linux only; ruleset, the model, builds anywhere.
 package kernel

@@ -25,7 +25,8 @@ import (
 // message, without root and without sending. The root tests check that what we send is
 // right (nft lists it back as rendered, in TestApplyTranslationPrintsBack here and for
 // every golden in package dataplane); these recordings make any change to the bytes
-// visible, whether it comes from our translation or from an upgrade of google/nftables.
+// visible. The recordings were made when google/nftables encoded the batches, and
+// encode_linux.go keeps the bytes: TestDirectEncodingMatchesGoogle compares the two.
 
 var update = flag.Bool("update", false, "rewrite the recorded netlink batches in testdata")
 
@@ -99,11 +100,22 @@ func withPodIPs(t *ruleset.Table) *Live {
 	return live
 }
 
-// encodeBatch queues the transaction as Apply would and returns the batch it hands to the
-// socket, framed as sendBatch frames it, with sequence numbers from 1: sendBatch numbers
-// from the socket's counter, and nothing else in the bytes varies (set IDs are
-// batch-local, see nfSet).
+// encodeBatch encodes the transaction as Apply does and returns the batch it sends, with
+// sequence numbers from 1: sendBatch numbers from the socket's counter, and nothing else
+// in the bytes varies (set IDs are batch-local).
 func encodeBatch(t *testing.T, c encodeCase) []byte {
+	t.Helper()
+	b, err := encodeApply(c.table, c.live, c.table.RuleBodies())
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.stamp(1)
+	return b.buf
+}
+
+// googleBatch is the same transaction encoded by google/nftables, as production did
+// before encode_linux.go (google_linux_test.go), framed as sendBatch framed it.
+func googleBatch(t *testing.T, c encodeCase) []byte {
 	t.Helper()
 	var batch []netlink.Message
 	enc, err := newEncoder(func(b []netlink.Message) error {
@@ -116,7 +128,7 @@ func encodeBatch(t *testing.T, c encodeCase) []byte {
 	if err != nil {
 		t.Fatal(err)
 	}
-	writes, err := queueApply(enc.Conn, c.table, c.live, c.table.RuleBodies())
+	writes, err := queueApplyGoogle(enc.Conn, c.table, c.live, c.table.RuleBodies())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -124,7 +136,7 @@ func encodeBatch(t *testing.T, c encodeCase) []byte {
 		t.Fatal(err)
 	}
 	if writes != len(batch)-2 {
-		t.Errorf("Apply would report %d writes for a batch of %d messages between BEGIN and END", writes, len(batch)-2)
+		t.Errorf("google/nftables: %d writes for a batch of %d messages between BEGIN and END", writes, len(batch)-2)
 	}
 	return frameBatch(batch, 1)
 }

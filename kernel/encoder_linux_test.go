@@ -13,8 +13,9 @@ import (
 	"github.com/nftmesh/nftmesh/ruleset"
 )
 
-// These tests pin what encoder_linux.go relies on in google/nftables' test dial hook. They
-// need no root: nothing reaches a socket.
+// These tests pin what the reference encoding (google_linux_test.go, which the direct
+// encoding is compared with) relies on in google/nftables' test dial hook. They need no
+// root: nothing reaches a socket.
 
 func nftMsg(typ int) netlink.HeaderType {
 	return netlink.HeaderType(unix.NFNL_SUBSYS_NFTABLES<<8 | typ)

@@ -9,8 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/nftables"
-	"github.com/google/nftables/expr"
 	"golang.org/x/sys/unix"
 
 	"github.com/nftmesh/nftmesh/compiler"
@@ -217,19 +215,16 @@ func TestRefusedBatchErrorIsShort(t *testing.T) {
 	nettest.Require(t, "nft")
 	ns := nettest.New(t)
 	c := openNS(t, ns)
-	enc, err := c.txConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	nt := nfTable("nftmesh")
-	enc.AddTable(nt)
 	const rules = 5000
-	missing := &nftables.Chain{Name: "absent", Table: nt}
+	b := newBatch(1<<20, rules+3)
+	b.newTable("nftmesh")
 	for range rules {
-		enc.AddRule(&nftables.Rule{Table: nt, Chain: missing, Exprs: []expr.Any{&expr.Verdict{Kind: expr.VerdictAccept}},
-			UserData: ruleUserData(ruleset.Rule{Comment: "c"}, "accept")})
+		if err := b.newRule("nftmesh", "absent", ruleset.Rule{Statements: []ruleset.Statement{ruleset.Verdict{Kind: ruleset.Accept}}, Comment: "c"}, "accept", nil); err != nil {
+			t.Fatal(err)
+		}
 	}
-	err = enc.Flush()
+	b.finish()
+	err := c.raw.sendBatch(b)
 	if err == nil {
 		t.Fatal("the kernel accepted rules in a chain that does not exist")
 	}

@@ -45,11 +45,12 @@ func (c *RoutingConn) Close() error { return c.raw.Close() }
 // loopbackIndex is lo's interface index, the same in every network namespace.
 const loopbackIndex = 1
 
-// Attributes golang.org/x/sys/unix does not name.
+// Attributes and flags golang.org/x/sys/unix does not name.
 const (
-	fraL3MDEV = 19
-	fraDSCP   = 25
-	rtaNHID   = 30
+	rtextFilterSkipStats = 1 << 3 // RTEXT_FILTER_SKIP_STATS, in IFLA_EXT_MASK
+	fraL3MDEV            = 19
+	fraDSCP              = 25
+	rtaNHID              = 30
 )
 
 type routeFamily struct {
@@ -178,30 +179,41 @@ type routeInfo struct {
 // list reads the rules at r.Priority and the routes in table r.Table, of every family,
 // in two dumps on a plain blocking socket: this check runs on every apply, changes or
 // not. names turns an interface index into its name; nil names only lo.
-func (c *RoutingConn) list(r ruleset.Routing, names map[int]string) ([]ruleInfo, []routeInfo, error) {
+//
+// With lo set, lo's state is read in the same exchange as the routes (a get, sent with
+// the route dump in one sendmsg): Ensure needs it before it adds a route.
+func (c *RoutingConn) list(r ruleset.Routing, names map[int]string, lo *query) ([]ruleInfo, []routeInfo, error) {
 	hdr := make([]byte, 12) // fib_rule_hdr and rtmsg are both 12 bytes; family 0 = all
-	msgs, err := c.raw.execute(unix.RTM_GETRULE, netlink.Dump, hdr)
-	if err != nil {
-		return nil, nil, fmt.Errorf("list rules: %w", err)
-	}
-	var rules []ruleInfo
-	for _, m := range msgs {
-		if len(m.Data) < 12 || rulePriority(m.Data) != r.Priority {
-			continue
-		}
-		rules = append(rules, ruleInfo{family: int(m.Data[0]), text: renderRule(m.Data), raw: m.Data})
-	}
+	ruleDump := &query{Type: unix.RTM_GETRULE, Flags: netlink.Dump, Data: hdr}
 	// Only table r.Table: with strict checking on the socket (see openSocket) the kernel
 	// filters the dump itself instead of sending every local and main route.
 	rq := append(make([]byte, 0, 20), hdr...)
 	rq[4] = tableByte(r.Table)
 	rq = rtattrU32(rq, unix.RTA_TABLE, uint32(r.Table))
-	msgs, err = c.raw.execute(unix.RTM_GETROUTE, netlink.Dump, rq)
-	if err != nil {
-		return nil, nil, fmt.Errorf("list routes: %w", err)
+	routeDump := &query{Type: unix.RTM_GETROUTE, Flags: netlink.Dump, Data: rq}
+	// One exchange for both dumps (and lo), see executeQueries.
+	qs := []*query{ruleDump, routeDump}
+	if lo != nil {
+		qs = append(qs, lo)
+	}
+	if err := c.raw.executeQueries(qs...); err != nil {
+		return nil, nil, fmt.Errorf("list rules and routes: %w", err)
+	}
+	if ruleDump.Err != nil {
+		return nil, nil, fmt.Errorf("list rules: %w", ruleDump.Err)
+	}
+	var rules []ruleInfo
+	for _, m := range ruleDump.Out {
+		if len(m.Data) < 12 || rulePriority(m.Data) != r.Priority {
+			continue
+		}
+		rules = append(rules, ruleInfo{family: int(m.Data[0]), text: renderRule(m.Data), raw: m.Data})
+	}
+	if routeDump.Err != nil {
+		return nil, nil, fmt.Errorf("list routes: %w", routeDump.Err)
 	}
 	var routes []routeInfo
-	for _, m := range msgs {
+	for _, m := range routeDump.Out {
 		if len(m.Data) < 12 || routeTable(m.Data) != r.Table {
 			continue
 		}
@@ -490,18 +502,23 @@ func renderRoute(msg []byte, names map[int]string) string {
 	return b.String()
 }
 
-// loopbackUp fails with ErrLoopbackDown unless lo is up.
-func (c *RoutingConn) loopbackUp() error {
-	q := make([]byte, unix.SizeofIfInfomsg)
+// loQuery asks for lo's link, without its statistics (RTEXT_FILTER_SKIP_STATS: less for
+// the kernel to gather, only the flags are read).
+func loQuery() *query {
+	q := make([]byte, unix.SizeofIfInfomsg, unix.SizeofIfInfomsg+8)
 	binary.NativeEndian.PutUint32(q[4:8], loopbackIndex)
-	msgs, err := c.raw.execute(unix.RTM_GETLINK, 0, q)
-	if err != nil {
-		return fmt.Errorf("read lo: %w", err)
+	return &query{Type: unix.RTM_GETLINK, Data: rtattrU32(q, unix.IFLA_EXT_MASK, rtextFilterSkipStats)}
+}
+
+// loopbackUp fails with ErrLoopbackDown unless lo is up, from lo's answer to loQuery.
+func loopbackUp(lo *query) error {
+	if lo.Err != nil {
+		return fmt.Errorf("read lo: %w", lo.Err)
 	}
-	if len(msgs) == 0 || len(msgs[0].Data) < unix.SizeofIfInfomsg {
+	if len(lo.Out) == 0 || len(lo.Out[0].Data) < unix.SizeofIfInfomsg {
 		return fmt.Errorf("read lo: no answer")
 	}
-	if binary.NativeEndian.Uint32(msgs[0].Data[8:12])&unix.IFF_UP == 0 {
+	if binary.NativeEndian.Uint32(lo.Out[0].Data[8:12])&unix.IFF_UP == 0 {
 		return ErrLoopbackDown
 	}
 	return nil
@@ -556,7 +573,7 @@ func (c *RoutingConn) Show(r ruleset.Routing) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	rules, routes, err := c.list(r, names)
+	rules, routes, err := c.list(r, names, nil)
 	if err != nil {
 		return "", err
 	}
@@ -697,7 +714,8 @@ func (c *RoutingConn) revert(reverts []request) {
 // applied with. On error Ensure has already undone itself and the undo does nothing.
 func (c *RoutingConn) Ensure(r ruleset.Routing) (changed bool, undo func(), err error) {
 	undo = func() {}
-	dels, adds, err := c.plan(r)
+	lo := loQuery()
+	dels, adds, err := c.plan(r, lo)
 	if err != nil {
 		return false, undo, err
 	}
@@ -708,7 +726,7 @@ func (c *RoutingConn) Ensure(r ruleset.Routing) (changed bool, undo func(), err 
 	// ENETDOWN): either way the pod could not work, so look before writing anything.
 	for _, o := range adds {
 		if o.req.Type == unix.RTM_NEWROUTE {
-			if err := c.loopbackUp(); err != nil {
+			if err := loopbackUp(lo); err != nil {
 				return false, undo, err
 			}
 			break
@@ -729,13 +747,14 @@ func (c *RoutingConn) Ensure(r ruleset.Routing) (changed bool, undo func(), err 
 // Holds reports, reading only (the two dumps), whether the policy routing nftmesh owns
 // is exactly r: whether Ensure would write nothing.
 func (c *RoutingConn) Holds(r ruleset.Routing) (bool, error) {
-	dels, adds, err := c.plan(r)
+	dels, adds, err := c.plan(r, nil)
 	return err == nil && len(dels)+len(adds) == 0, err
 }
 
-// plan reads the routing and returns what Ensure must delete and add.
-func (c *RoutingConn) plan(r ruleset.Routing) (dels, adds []op, err error) {
-	rules, routes, err := c.list(r, nil)
+// plan reads the routing (and lo's state into lo, if given) and returns what Ensure must
+// delete and add.
+func (c *RoutingConn) plan(r ruleset.Routing, lo *query) (dels, adds []op, err error) {
+	rules, routes, err := c.list(r, nil, lo)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -779,7 +798,7 @@ func (c *RoutingConn) plan(r ruleset.Routing) (dels, adds []op, err error) {
 // (an older intent's included); absent ones are fine. It reports whether it deleted
 // anything.
 func (c *RoutingConn) Remove(r ruleset.Routing) (bool, error) {
-	rules, routes, err := c.list(r, nil)
+	rules, routes, err := c.list(r, nil, nil)
 	if err != nil {
 		return false, err
 	}

@@ -275,3 +275,51 @@ func TestRoutingShowAsIP(t *testing.T) {
 		t.Errorf("Show printed %d lines, want 11:\n%s", n, shown)
 	}
 }
+
+// The rule and route dumps go in one sendmsg (executeQueries). When the rule dump does
+// not fit in the kernel's first pass (many rules), the route dump is refused with EBUSY
+// and asked again alone: the routing is read whole all the same.
+func TestRoutingDumpsTogetherWithLongRuleDump(t *testing.T) {
+	nettest.Require(t)
+	ns := nettest.New(t)
+	c := openRouting(t, ns)
+	r := ruleset.Routing{Mark: 0x111, Mask: 0xfff, Table: 100, Priority: 32764, IPv6: true}
+	if changed, _, err := c.Ensure(r); err != nil || !changed {
+		t.Fatalf("Ensure: %v %v", changed, err)
+	}
+	if c.raw.busyDumps != 0 {
+		t.Errorf("%d dumps refused for a pod's few rules, want none (both dumps whole in one exchange)", c.raw.busyDumps)
+	}
+	// Someone else's rules, enough for a rule dump of several passes.
+	var reqs []request
+	for i := range 1000 {
+		reqs = append(reqs, ruleMsg(0x20 /* RTM_NEWRULE */, routeFamily{nl: 2 /* AF_INET */}, ruleset.Routing{Mark: uint32(i + 1), Mask: 0xffff, Table: 200, Priority: 1000 + i}))
+	}
+	errs, err := c.raw.executeAll(reqs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := errors.Join(errs...); err != nil {
+		t.Fatal(err)
+	}
+	// A drifted route in nftmesh's table, which only the route dump shows.
+	ns.MustRun(t, "ip", "-4", "route", "add", "unreachable", "10.9.9.0/24", "table", "100")
+	changed, _, err := c.Ensure(r)
+	if err != nil || !changed {
+		t.Fatalf("Ensure over 1000 rules and a drifted route: %v %v, want a change", changed, err)
+	}
+	if c.raw.busyDumps == 0 {
+		t.Log("the kernel made the 1000-rule dump in one pass: no route dump was refused")
+	} else {
+		t.Logf("%d route dumps refused (EBUSY) and asked again", c.raw.busyDumps)
+	}
+	if out, _ := ns.Run("", "ip", "-4", "route", "show", "table", "100"); strings.Contains(out, "unreachable") {
+		t.Errorf("the drifted route was not seen:\n%s", out)
+	}
+	if holds, err := c.Holds(r); err != nil || !holds {
+		t.Errorf("Holds after Ensure: %v %v", holds, err)
+	}
+	if n := strings.Count(ns.MustRun(t, "ip", "-4", "rule", "show"), "lookup 200"); n != 1000 {
+		t.Errorf("%d of the other 1000 rules left", n)
+	}
+}

@@ -2,9 +2,12 @@ package kernel
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"sync"
 	"sync/atomic"
+	"time"
+	"unsafe"
 
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
@@ -31,6 +34,10 @@ type socket struct {
 	// prepareLarge before the first large batch; small batches never pay for them.
 	sndbuf, rcvbuf int
 	capAck         bool
+
+	cookie uint64 // SO_NETNS_COOKIE, once read (never 0)
+
+	busyDumps int // dumps asked again because they went with another (tests)
 }
 
 // soNetNSCookie is SO_NETNS_COOKIE (Linux 5.14): a 64-bit id of the socket's network
@@ -38,30 +45,30 @@ type socket struct {
 const soNetNSCookie = 71
 
 // openSocket makes a socket of the netlink protocol (unix.NETLINK_NETFILTER,
-// unix.NETLINK_ROUTE) in the calling thread's network namespace.
+// unix.NETLINK_ROUTE) in the calling thread's network namespace. It makes as few system
+// calls as it can (each is dear on this kind of VM, and a fresh enroll makes two
+// sockets): no bind, as the kernel binds a netlink socket on its first send, and no
+// receive timeout (see recv).
 func openSocket(protocol int) (*socket, error) {
 	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, protocol)
 	if err != nil {
 		return nil, fmt.Errorf("netlink socket: %w", err)
 	}
-	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("netlink bind: %w", err)
-	}
-	// Strict checking lets the kernel filter dumps by the request's header and attributes
-	// (routes of one table), and rejects malformed requests instead of guessing.
-	if err := unix.SetsockoptInt(fd, unix.SOL_NETLINK, unix.NETLINK_GET_STRICT_CHK, 1); err != nil && protocol == unix.NETLINK_ROUTE {
-		unix.Close(fd)
-		return nil, fmt.Errorf("NETLINK_GET_STRICT_CHK: %w", err)
-	}
-	// A kernel that never answers must not hang an apply forever.
-	tv := unix.Timeval{Sec: 10}
-	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
-		unix.Close(fd)
-		return nil, err
+	// Strict checking lets rtnetlink filter dumps by the request's header and attributes
+	// (routes of one table), and reject malformed requests instead of guessing.
+	// nfnetlink does not look at it.
+	if protocol == unix.NETLINK_ROUTE {
+		if err := unix.SetsockoptInt(fd, unix.SOL_NETLINK, unix.NETLINK_GET_STRICT_CHK, 1); err != nil {
+			unix.Close(fd)
+			return nil, fmt.Errorf("NETLINK_GET_STRICT_CHK: %w", err)
+		}
 	}
 	return &socket{fd: fd}, nil
 }
+
+// receiveTimeout bounds a wait for the kernel's answer: a kernel that never answers must
+// not hang an apply forever.
+const receiveTimeout = 10 * time.Second
 
 // Close closes the socket; later calls fail with EBADF instead of reaching a reused fd.
 func (r *socket) Close() error {
@@ -78,12 +85,17 @@ func (r *socket) Close() error {
 // exchange; a buffer per open socket would pin megabytes for cached sockets.
 var bufPool = sync.Pool{New: func() any { b := make([]byte, 1<<16); return &b }}
 
-// netNSCookie identifies the socket's namespace for as long as the system runs.
+// netNSCookie identifies the socket's namespace for as long as the system runs. A socket
+// never changes namespace: the cookie is read once.
 func (r *socket) netNSCookie() (uint64, error) {
+	if r.cookie != 0 {
+		return r.cookie, nil
+	}
 	v, err := unix.GetsockoptUint64(r.fd, unix.SOL_SOCKET, soNetNSCookie)
 	if err != nil {
 		return 0, fmt.Errorf("SO_NETNS_COOKIE: %w", err)
 	}
+	r.cookie = v
 	return v, nil
 }
 
@@ -101,12 +113,49 @@ func appendMessage(buf []byte, typ, flags uint16, seq uint32, data []byte) []byt
 	return buf
 }
 
+// send sends buf, one or more messages, to the kernel in one datagram. A netlink socket
+// that was not connected sends to the kernel: write(2) needs no address.
 func (r *socket) send(buf []byte) error {
 	r.requests++
-	if err := unix.Sendto(r.fd, buf, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
+	if _, err := unix.Write(r.fd, buf); err != nil {
 		return fmt.Errorf("netlink send: %w", err)
 	}
 	return nil
+}
+
+// recv reads one datagram into p and returns its real size (MSG_TRUNC), which is larger
+// than p when the datagram did not fit. Unlike unix.Recvfrom it asks for no address (one
+// allocation less per receive).
+//
+// It does not block in recvfrom: netlink answers requests, batches and each next part of
+// a dump before the send (or the receive of the part before) returns, so the answer is
+// there, and the socket needs no SO_RCVTIMEO (one system call less per socket, two per
+// fresh enroll). Should it not be there, poll waits for it, at most receiveTimeout; the
+// error is then EAGAIN, as a receive timeout's would be.
+func (r *socket) recv(p []byte) (int, error) {
+	for {
+		n, _, errno := unix.Syscall6(unix.SYS_RECVFROM, uintptr(r.fd), uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)), unix.MSG_TRUNC|unix.MSG_DONTWAIT, 0, 0)
+		switch errno {
+		case 0:
+			return int(n), nil
+		case unix.EINTR:
+			continue
+		case unix.EAGAIN:
+			fds := []unix.PollFd{{Fd: int32(r.fd), Events: unix.POLLIN}}
+			ready, err := unix.Poll(fds, int(receiveTimeout/time.Millisecond))
+			if err == unix.EINTR {
+				continue
+			}
+			if err != nil {
+				return 0, err
+			}
+			if ready == 0 {
+				return 0, unix.EAGAIN
+			}
+			continue
+		}
+		return 0, errno
+	}
 }
 
 // receive reads messages and hands each to fn until fn says it is done. A datagram larger
@@ -123,7 +172,7 @@ func (r *socket) receive(fn func(h netlink.Header, body []byte) (done bool, err 
 		buf = *pooled
 	}
 	for {
-		n, _, err := unix.Recvfrom(r.fd, buf, unix.MSG_TRUNC)
+		n, err := r.recv(buf)
 		if err != nil {
 			return fmt.Errorf("netlink receive: %w", err)
 		}
@@ -230,6 +279,108 @@ func (r *socket) executeOnce(msgType uint16, flags netlink.HeaderFlags, data []b
 	return out, interrupted, nil
 }
 
+// query is one request of executeQueries and what came back for it: its replies (all
+// parts of a dump), or the kernel's refusal.
+type query struct {
+	Type  uint16
+	Flags netlink.HeaderFlags // 0, or netlink.Dump
+	Data  []byte
+	Out   []netlink.Message
+	Err   error // the kernel's refusal (an errno)
+}
+
+// executeQueries sends the queries in one sendmsg and reads every answer: one exchange,
+// where execute would make one per query. A dump the kernel marks interrupted, or an
+// answer cut short by the buffer, makes them all be asked again, as execute does.
+//
+// The kernel runs one dump at a time per socket, and a dump asked for while another runs
+// is refused with EBUSY. A small dump (the few ip rules of a pod) is whole after its first
+// pass, which the kernel makes while it takes the request, before the next request of the
+// same sendmsg: so dumps can go together. One refused that way is asked again, alone.
+func (r *socket) executeQueries(qs ...*query) error {
+	if err := r.queryRetry(qs); err != nil {
+		return err
+	}
+	for _, q := range qs {
+		if q.Flags&netlink.Dump != 0 && errors.Is(q.Err, unix.EBUSY) {
+			r.busyDumps++
+			if err := r.queryRetry([]*query{q}); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+func (r *socket) queryRetry(qs []*query) error {
+	for attempt := 0; ; attempt++ {
+		again, err := r.queryOnce(qs)
+		if err != nil || !again {
+			return err
+		}
+		if attempt == 4 {
+			return fmt.Errorf("netlink dump: interrupted %d times by concurrent changes (or answers too large for the buffer)", attempt+1)
+		}
+	}
+}
+
+func (r *socket) queryOnce(qs []*query) (again bool, err error) {
+	n := uint32(len(qs))
+	first := r.seq.Add(n) - n + 1
+	m := newMsgBuf(0, len(qs))
+	defer m.release()
+	for _, q := range qs {
+		q.Out, q.Err = nil, nil
+		m.begin(q.Type, uint16(q.Flags|netlink.Request))
+		m.raw(q.Data)
+		m.end()
+	}
+	m.stamp(first)
+	r.lostData = false
+	if err := r.send(m.buf); err != nil {
+		return false, err
+	}
+	interrupted := false
+	pending := len(qs)
+	err = r.receive(func(h netlink.Header, body []byte) (bool, error) {
+		i := int(h.Sequence - first)
+		if i < 0 || i >= len(qs) {
+			return false, nil // a late answer to an earlier request
+		}
+		q := qs[i]
+		if h.Flags&netlink.DumpInterrupted != 0 {
+			interrupted = true
+		}
+		switch h.Type {
+		case netlink.Done:
+			pending--
+		case netlink.Error:
+			e, err := errno(body)
+			if err != nil {
+				return true, err
+			}
+			if e != 0 {
+				q.Err = e
+			}
+			pending--
+		default:
+			q.Out = append(q.Out, netlink.Message{Header: h, Data: append([]byte(nil), body...)})
+			if q.Flags&netlink.Dump == 0 && h.Flags&netlink.Multi == 0 {
+				pending--
+			}
+		}
+		return pending == 0, nil
+	})
+	if err != nil {
+		return false, err
+	}
+	if r.lostData {
+		r.lostData = false
+		return true, nil
+	}
+	return interrupted, nil
+}
+
 func nlmsgAlign(l int) int { return (l + unix.NLMSG_ALIGNTO - 1) &^ (unix.NLMSG_ALIGNTO - 1) }
 
 // request is one netlink message for executeAll: type, flags (NLM_F_REQUEST|NLM_F_ACK are
@@ -240,22 +391,52 @@ type request struct {
 	Data  []byte
 }
 
-// executeAll sends every request in one sendmsg and reads one ack per request. It returns
-// one error per request (nil: done).
+// executeAll sends every request in one sendmsg and returns one error per request (nil:
+// done). The kernel runs them in order and answers every one it refuses; only the last
+// asks for an ack, which comes after every other answer: one receive when all succeed,
+// however many requests.
 func (r *socket) executeAll(reqs []request) ([]error, error) {
-	var buf []byte
-	first := r.seq.Load() + 1
+	m := frameRequests(reqs)
+	defer m.release()
+	return r.sendRequests(m)
+}
+
+// frameRequests frames requests for sendRequests: NLM_F_REQUEST on each, NLM_F_ACK on
+// the last.
+func frameRequests(reqs []request) *msgBuf {
+	size := 0
 	for _, q := range reqs {
-		buf = appendMessage(buf, q.Type, q.Flags|unix.NLM_F_REQUEST|unix.NLM_F_ACK, r.seq.Add(1), q.Data)
+		size += unix.NLMSG_HDRLEN + nlmsgAlign(len(q.Data))
 	}
-	if err := r.send(buf); err != nil {
+	m := newMsgBuf(size, len(reqs))
+	for i, q := range reqs {
+		flags := q.Flags | unix.NLM_F_REQUEST
+		if i == len(reqs)-1 {
+			flags |= unix.NLM_F_ACK
+		}
+		m.begin(q.Type, flags)
+		m.raw(q.Data)
+		m.end()
+	}
+	return m
+}
+
+// sendRequests sends requests framed as executeAll frames them (the last one asking for
+// an ack), numbered from the socket's counter, and reads until the last one's answer.
+func (r *socket) sendRequests(m *msgBuf) ([]error, error) {
+	n := m.count()
+	if n == 0 {
+		return nil, nil
+	}
+	first := r.seq.Add(uint32(n)) - uint32(n) + 1
+	m.stamp(first)
+	if err := r.send(m.buf); err != nil {
 		return nil, err
 	}
-	errs := make([]error, len(reqs))
-	got := 0
+	errs := make([]error, n)
 	err := r.receive(func(h netlink.Header, body []byte) (bool, error) {
 		i := int(h.Sequence - first)
-		if h.Type != netlink.Error || i < 0 || i >= len(reqs) {
+		if h.Type != netlink.Error || i < 0 || i >= n {
 			return false, nil
 		}
 		e, err := errno(body)
@@ -265,8 +446,7 @@ func (r *socket) executeAll(reqs []request) ([]error, error) {
 		if e != 0 {
 			errs[i] = e
 		}
-		got++
-		return got == len(reqs), nil
+		return i == n-1, nil
 	})
 	if err != nil {
 		return nil, err

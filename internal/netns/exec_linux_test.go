@@ -85,3 +85,45 @@ func TestDoRacesClose(t *testing.T) {
 		}
 	}
 }
+
+// DoHere, like Do, runs in the namespace and comes back (the caller's thread, and later
+// visits to the machine's namespace, see the machine's), turns a panic into an error, and
+// fails on a closed handle.
+func TestDoHere(t *testing.T) {
+	ns := nettest.New(t)
+	self, err := netns.Open("/proc/self/ns/net")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer self.Close()
+	target, home := nsIno(t, ns.Path), nsIno(t, "/proc/self/ns/net")
+	for i := 0; i < 50; i++ {
+		var inside, back uint64
+		if err := ns.Handle.DoHere(func() error { inside = nsIno(t, "/proc/thread-self/ns/net"); return nil }); err != nil {
+			t.Fatal(err)
+		}
+		if err := self.DoHere(func() error { back = nsIno(t, "/proc/thread-self/ns/net"); return nil }); err != nil {
+			t.Fatal(err)
+		}
+		if inside != target || back != home {
+			t.Fatalf("visit %d: inside %d (want %d), home visit %d (want %d)", i, inside, target, back, home)
+		}
+	}
+	if got := nsIno(t, "/proc/thread-self/ns/net"); got != home {
+		t.Errorf("the test's own thread moved to namespace %d", got)
+	}
+	if err := ns.Handle.DoHere(func() error { panic("boom") }); err == nil || !strings.Contains(err.Error(), "boom") {
+		t.Errorf("panic not turned into an error: %v", err)
+	}
+	if got := nsIno(t, "/proc/thread-self/ns/net"); got != home {
+		t.Errorf("after a panic in the namespace, the test's thread is in namespace %d", got)
+	}
+	closed, err := netns.Open(ns.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed.Close()
+	if err := closed.DoHere(func() error { return nil }); err == nil {
+		t.Error("DoHere on a closed handle ran")
+	}
+}

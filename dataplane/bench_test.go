@@ -21,7 +21,6 @@ package dataplane
 // destroyed after it.
 
 import (
-	"bufio"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -80,7 +79,7 @@ func makeNetns(tb testing.TB, n int) (nss []benchNS, destroy func()) {
 		tb.Fatalf("prepare %s: %v", netns.NetNSDir, err)
 	}
 	staleOnce.Do(removeStaleNetns)
-	before := netnsObjects()
+	before := nettest.NetnsCount()
 	type result struct {
 		nss []benchNS
 		err error
@@ -134,7 +133,7 @@ func makeNetns(tb testing.TB, n int) (nss []benchNS, destroy func()) {
 		if err := errors.Join(errs...); err != nil {
 			tb.Error(err)
 		}
-		waitNetnsTeardown(before)
+		nettest.WaitNetnsTeardown(before, 32)
 	}
 	tb.Cleanup(destroy)
 	if r.err != nil {
@@ -222,45 +221,6 @@ func benchLoUp() error {
 		return fmt.Errorf("lo up: %w", err)
 	}
 	return nil
-}
-
-// netnsObjects returns the kernel's count of live network namespaces (the net_namespace
-// slab), or -1 when it cannot be read.
-func netnsObjects() int {
-	f, err := os.Open("/proc/slabinfo")
-	if err != nil {
-		return -1
-	}
-	defer f.Close()
-	s := bufio.NewScanner(f)
-	for s.Scan() {
-		fields := strings.Fields(s.Text())
-		if len(fields) > 1 && fields[0] == "net_namespace" {
-			n, err := strconv.Atoi(fields[1])
-			if err != nil {
-				return -1
-			}
-			return n
-		}
-	}
-	return -1
-}
-
-// waitNetnsTeardown waits until the kernel has freed namespaces down to about the count
-// it had before (others may be making namespaces too: give up after the count stops
-// falling for 2 s, or after 30 s).
-func waitNetnsTeardown(before int) {
-	if before < 0 {
-		return
-	}
-	deadline := time.Now().Add(30 * time.Second)
-	last, lastChange := netnsObjects(), time.Now()
-	for last > before+32 && time.Now().Before(deadline) && time.Since(lastChange) < 2*time.Second {
-		time.Sleep(20 * time.Millisecond)
-		if n := netnsObjects(); n < last {
-			last, lastChange = n, time.Now()
-		}
-	}
 }
 
 // ---- measuring ----------------------------------------------------------------------

@@ -192,6 +192,10 @@ func benchWorkers(tb testing.TB) []int {
 // as ratios to the peer's against the targets.
 func forWorkers(b *testing.B, targets []ratioTarget, fn func(b *testing.B, m *Mesh, r *ratios)) {
 	for _, w := range benchWorkers(b) {
+		// The namespaces of the mesh before (this benchmark's or the previous one's) may
+		// still be being freed by the kernel, for milliseconds of CPU each: the first legs
+		// measured would share the CPUs with that. Wait until the count stops falling.
+		nettest.WaitNetnsTeardown(0, 0)
 		name := "workers=default"
 		if w > 0 {
 			name = fmt.Sprintf("workers=%d", w)

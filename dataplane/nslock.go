@@ -87,8 +87,10 @@ func (m *Manager) lockNS(ns *netns.NS) (*nsLock, error) {
 		}
 		// The file may have been deleted (by a Remove holding it) between our open and
 		// our lock: then the lock guards nothing, and the path's new file is the lock.
-		var held, named unix.Stat_t
-		if unix.Fstat(fd, &held) == nil && unix.Stat(path, &named) == nil && held.Dev == named.Dev && held.Ino == named.Ino {
+		// Lock files are only ever unlinked, never renamed over, so a file that still has
+		// a link is the one the path names (one fstat, not a second lookup of the path).
+		var held unix.Stat_t
+		if unix.Fstat(fd, &held) == nil && held.Nlink > 0 {
 			return &nsLock{fd: fd, path: path}, nil
 		}
 		unix.Close(fd)

@@ -2,6 +2,7 @@ package dataplane
 
 import (
 	"net/netip"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -156,5 +157,49 @@ func TestApplyRechecksUnderLock(t *testing.T) {
 	}
 	if strings.Contains(nftTable(t, ns), "chain drift") {
 		t.Error("the drift was not repaired")
+	}
+}
+
+// TestLockRetriesAfterUnlink: a lock won on a file that a remover unlinked meanwhile guards
+// nothing (the next locker creates a new file at the path): lockNS must notice and lock the
+// file the path names now.
+func TestLockRetriesAfterUnlink(t *testing.T) {
+	nettest.Require(t)
+	ns := nettest.New(t)
+	m := quietManager()
+	defer m.Close()
+	m.LockDir = filepath.Join(t.TempDir(), "locks")
+	if err := os.MkdirAll(m.LockDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	path := lockPath(m.LockDir, ns.Handle.Key())
+	release := holdLock(t, path)
+	got := make(chan *nsLock, 1)
+	go func() {
+		l, err := m.lockNS(ns.Handle)
+		if err != nil {
+			t.Error(err)
+		}
+		got <- l
+	}()
+	time.Sleep(100 * time.Millisecond) // lockNS has opened the file and waits for its flock
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	release()
+	l := <-got
+	if l == nil {
+		return
+	}
+	defer l.unlock(true)
+	var held, named unix.Stat_t
+	if err := unix.Fstat(l.fd, &held); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Stat(path, &named); err != nil {
+		t.Fatalf("the lock holds no file at %s: %v", path, err)
+	}
+	if held.Ino != named.Ino || held.Nlink == 0 {
+		t.Errorf("locked inode %d (links %d), but %s is inode %d: the lock guards a deleted file", held.Ino, held.Nlink, path, named.Ino)
 	}
 }

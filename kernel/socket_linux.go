@@ -257,6 +257,10 @@ func (r *socket) executeOnce(msgType uint16, flags netlink.HeaderFlags, data []b
 		}
 		switch h.Type {
 		case netlink.Done:
+			// A dump that failed says so here, not in an NLMSG_ERROR (netlink_dump_done).
+			if e, _ := errno(body); e != 0 {
+				return true, e
+			}
 			return true, nil
 		case netlink.Error:
 			e, err := errno(body)
@@ -342,6 +346,13 @@ func (r *socket) queryOnce(qs []*query) (again bool, err error) {
 	}
 	interrupted := false
 	pending := len(qs)
+	answered := make([]bool, len(qs))
+	finish := func(i int) {
+		if !answered[i] {
+			answered[i] = true
+			pending--
+		}
+	}
 	err = r.receive(func(h netlink.Header, body []byte) (bool, error) {
 		i := int(h.Sequence - first)
 		if i < 0 || i >= len(qs) {
@@ -353,7 +364,11 @@ func (r *socket) queryOnce(qs []*query) (again bool, err error) {
 		}
 		switch h.Type {
 		case netlink.Done:
-			pending--
+			// A dump that failed says so here, not in an NLMSG_ERROR (netlink_dump_done).
+			if e, _ := errno(body); e != 0 {
+				q.Err = e
+			}
+			finish(i)
 		case netlink.Error:
 			e, err := errno(body)
 			if err != nil {
@@ -362,11 +377,23 @@ func (r *socket) queryOnce(qs []*query) (again bool, err error) {
 			if e != 0 {
 				q.Err = e
 			}
-			pending--
+			finish(i)
+			if e == unix.EPERM || e == unix.ENOBUFS {
+				// nfnetlink answers a sender without CAP_NET_ADMIN once, for the first
+				// message of the datagram, and drops the rest (nfnetlink_rcv); a full
+				// socket buffer drops answers too. Nothing more will come: the others
+				// fail the same way rather than wait out the receive timeout.
+				for j, other := range qs {
+					if !answered[j] && other.Err == nil {
+						other.Err = e
+					}
+				}
+				return true, nil
+			}
 		default:
 			q.Out = append(q.Out, netlink.Message{Header: h, Data: append([]byte(nil), body...)})
 			if q.Flags&netlink.Dump == 0 && h.Flags&netlink.Multi == 0 {
-				pending--
+				finish(i)
 			}
 		}
 		return pending == 0, nil

@@ -120,22 +120,26 @@ func (n *NS) DoHere(fn func() error) error {
 }
 
 var (
-	homeOnce sync.Once
-	homeFD   int
-	homeErr  error
+	homeMu sync.Mutex
+	homeFD = -1
 )
 
 // home returns a descriptor of the namespace every unlocked thread is in: the one a
-// visiting thread goes back to. It is read once, from a thread that is not locked (the
-// first visit's, before it moves): nftmesh never leaves such a thread elsewhere.
+// visiting thread goes back to. It is opened once, from a thread that is not locked (the
+// first visit's, before it moves): nftmesh never leaves such a thread elsewhere. A failure
+// (EMFILE at the descriptor limit) is not kept: the next visit tries again.
 func home() (int, error) {
-	homeOnce.Do(func() {
-		homeFD, homeErr = unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
-		if homeErr != nil {
-			homeErr = fmt.Errorf("open own namespace: %w", homeErr)
-		}
-	})
-	return homeFD, homeErr
+	homeMu.Lock()
+	defer homeMu.Unlock()
+	if homeFD >= 0 {
+		return homeFD, nil
+	}
+	fd, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, fmt.Errorf("open own namespace: %w", err)
+	}
+	homeFD = fd
+	return fd, nil
 }
 
 // homeNS is home, replaced by a test that makes the way back fail.

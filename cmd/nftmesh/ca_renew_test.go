@@ -75,7 +75,10 @@ func TestCAServeRenewalAndStolenToken(t *testing.T) {
 	}
 	addr := ln.Addr().String()
 	ln.Close()
-	const validity = 8 * time.Second // renewed at half: 4 s after it arrives
+	// Renewed at half: 6 s after it arrives, while the CA is down (7 s). Once the CA is
+	// back, the request waiting for it reconnects within gRPC's connect backoff (0.5 s
+	// doubling): with 8 s of validity the last reconnect could land just after expiry.
+	const validity = 12 * time.Second
 	cfg := caServeConfig{signer: signer, listen: addr, dnsNames: []string{"127.0.0.1"}, trustDomain: "cluster.local",
 		trustedAccounts: []string{ns + "/nftmesh-proxy"}, audiences: []string{"istio-ca"}, maxValidity: validity,
 		kubeconfig: cp.Kubeconfig}

@@ -44,14 +44,13 @@ const (
 
 type h2Client struct {
 	frameWriter
-	log         *slog.Logger
-	readIdle    time.Duration
-	pingTimeout time.Duration
-	start       time.Time
-	lastRead    atomic.Int64  // time.Since(start) of the last frame read
-	settingsc   chan struct{} // closed at the server's first SETTINGS, or when the connection ends
-	readDone    chan struct{}
-	unusable    func() // the pool's: the connection takes no more streams (GOAWAY, its end)
+	keepalive
+	log       *slog.Logger
+	start     time.Time
+	lastRead  atomic.Int64  // time.Since(start) of the last frame read
+	settingsc chan struct{} // closed at the server's first SETTINGS, or when the connection ends
+	readDone  chan struct{}
+	unusable  func() // the pool's: the connection takes no more streams (GOAWAY, its end)
 
 	// Guarded by mu.
 	henc2          *hpack.Encoder // request headers, encoded as they are queued (stream order)
@@ -72,9 +71,6 @@ type h2Client struct {
 	peerHeaderList uint32
 	recvAvail      int32
 	recvUnsent     int32
-	pingOut        bool
-	pingAt         time.Duration
-	health         *time.Timer
 }
 
 // clientState is what the pool needs to know of a connection (named as x/net's, which
@@ -90,8 +86,7 @@ func newH2Client(tc *tls.Conn, cork *bufConn, readIdle, pingTimeout time.Duratio
 	cc := &h2Client{
 		log:            log,
 		unusable:       unusable,
-		readIdle:       readIdle,
-		pingTimeout:    pingTimeout,
+		keepalive:      keepalive{readIdle: readIdle, pingTimeout: pingTimeout},
 		start:          time.Now(),
 		settingsc:      make(chan struct{}),
 		readDone:       make(chan struct{}),
@@ -422,26 +417,10 @@ func (cc *h2Client) healthCheck() {
 	if cc.closed {
 		return
 	}
-	now := cc.now()
-	if cc.pingOut {
-		wait := now - cc.pingAt
-		if wait >= cc.pingTimeout {
-			cc.log.Info("hbone: PING unanswered; closing connection", "timeout", cc.pingTimeout)
-			cc.sock.Close() // the read loop fails and tears down
-			return
-		}
-		cc.health.Reset(cc.pingTimeout - wait)
-		return
+	if cc.checkLocked(cc.now(), time.Duration(cc.lastRead.Load()), &cc.frameWriter) {
+		cc.log.Info("hbone: PING unanswered; closing connection", "timeout", cc.pingTimeout)
+		cc.sock.Close() // the read loop fails and tears down
 	}
-	idle := now - time.Duration(cc.lastRead.Load())
-	if idle < cc.readIdle {
-		cc.health.Reset(cc.readIdle - idle)
-		return
-	}
-	cc.pingOut, cc.pingAt = true, now
-	cc.enqueueCtrlLocked(wframe{kind: fkPing, ping: pingPayload})
-	cc.wakeLocked()
-	cc.health.Reset(cc.pingTimeout)
 }
 
 func (cc *h2Client) teardown(err error) {

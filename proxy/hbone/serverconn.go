@@ -65,10 +65,9 @@ type serverConn struct {
 	tls         tls.ConnectionState
 	log         *slog.Logger
 	maxStreams  uint32
-	readIdle    time.Duration
-	pingTimeout time.Duration
-	start       time.Time
-	lastRead    atomic.Int64 // time.Since(start) of the last frame read
+	keepalive
+	start    time.Time
+	lastRead atomic.Int64 // time.Since(start) of the last frame read
 
 	// Guarded by mu.
 	closed     bool // torn down
@@ -81,14 +80,11 @@ type serverConn struct {
 	queued     []pendingTunnel // CONNECTs waiting for a dial slot, in order; all live
 	goingAway  bool            // we sent GOAWAY: no new streams
 	peerGoAway bool
-	sendWindow int64  // connection window the peer granted us
-	peerInit   int32  // peer's SETTINGS_INITIAL_WINDOW_SIZE
-	peerFrame  uint32 // peer's SETTINGS_MAX_FRAME_SIZE
-	recvAvail  int32  // connection window the peer may still fill
-	recvUnsent int32  // consumed bytes not yet returned by WINDOW_UPDATE
-	pingOut    bool
-	pingAt     time.Duration
-	health     *time.Timer
+	sendWindow int64         // connection window the peer granted us
+	peerInit   int32         // peer's SETTINGS_INITIAL_WINDOW_SIZE
+	peerFrame  uint32        // peer's SETTINGS_MAX_FRAME_SIZE
+	recvAvail  int32         // connection window the peer may still fill
+	recvUnsent int32         // consumed bytes not yet returned by WINDOW_UPDATE
 	resetTAT   time.Duration // early resets: the GCRA's theoretical arrival time (allowEarlyResetLocked)
 
 	// Read loop only: CONNECTs whose Dialer has not started yet (startPending), and the
@@ -107,19 +103,18 @@ type pendingTunnel struct {
 
 func newServerConn(s *Server, tc *tls.Conn, cork *bufConn, log *slog.Logger) *serverConn {
 	sc := &serverConn{
-		srv:         s,
-		raw:         cork.Conn,
-		tls:         tc.ConnectionState(),
-		log:         log,
-		maxStreams:  s.maxStreams(),
-		readIdle:    orDefault(s.ReadIdleTimeout, defaultReadIdle),
-		pingTimeout: orDefault(s.PingTimeout, defaultPingTimeout),
-		start:       time.Now(),
-		streams:     make(map[uint32]*stream),
-		sendWindow:  initialWindow,
-		peerInit:    initialWindow,
-		peerFrame:   16384,
-		recvAvail:   initialWindow,
+		srv:        s,
+		raw:        cork.Conn,
+		tls:        tc.ConnectionState(),
+		log:        log,
+		maxStreams: s.maxStreams(),
+		keepalive:  keepalive{readIdle: orDefault(s.ReadIdleTimeout, defaultReadIdle), pingTimeout: orDefault(s.PingTimeout, defaultPingTimeout)},
+		start:      time.Now(),
+		streams:    make(map[uint32]*stream),
+		sendWindow: initialWindow,
+		peerInit:   initialWindow,
+		peerFrame:  16384,
+		recvAvail:  initialWindow,
 	}
 	sc.initWriter(tc, cork, []http2.Setting{
 		{ID: http2.SettingMaxConcurrentStreams, Val: sc.maxStreams},
@@ -423,26 +418,10 @@ func (sc *serverConn) healthCheck() {
 	if sc.closed {
 		return
 	}
-	now := sc.now()
-	if sc.pingOut {
-		wait := now - sc.pingAt
-		if wait >= sc.pingTimeout {
-			sc.log.Info("hbone: PING unanswered; closing connection", "timeout", sc.pingTimeout)
-			sc.raw.Close() // the read loop fails and tears down
-			return
-		}
-		sc.health.Reset(sc.pingTimeout - wait)
-		return
+	if sc.checkLocked(sc.now(), time.Duration(sc.lastRead.Load()), &sc.frameWriter) {
+		sc.log.Info("hbone: PING unanswered; closing connection", "timeout", sc.pingTimeout)
+		sc.raw.Close() // the read loop fails and tears down
 	}
-	idle := now - time.Duration(sc.lastRead.Load())
-	if idle < sc.readIdle {
-		sc.health.Reset(sc.readIdle - idle)
-		return
-	}
-	sc.pingOut, sc.pingAt = true, now
-	sc.enqueueCtrlLocked(wframe{kind: fkPing, ping: pingPayload})
-	sc.wakeLocked()
-	sc.health.Reset(sc.pingTimeout)
 }
 
 func (sc *serverConn) teardown(err error) {

@@ -132,8 +132,9 @@ func (m *Manager) turn(key netns.Key) (seq uint64, superseded bool, done func())
 
 // sockets opens, in one visit to the namespace, an nftables connection and, when routing
 // is wanted, an rtnetlink one for the policy routing. The caller closes them. The visit
-// is made from the calling goroutine's own thread (netns.NS.DoHere), not handed to a
-// pooled one: on this kind of VM the hand-off cost more than making the sockets.
+// is made by a fresh goroutine locked to its thread while the caller waits
+// (netns.NS.DoHere), not handed to a pooled thread and back: on this kind of VM those two
+// hand-offs cost more than making the sockets.
 func sockets(ns *netns.NS, routing bool) (*kernel.Conn, *kernel.RoutingConn, error) {
 	var conn *kernel.Conn
 	var rt *kernel.RoutingConn

@@ -380,13 +380,7 @@ func (cc *h2Client) onSettings(f *http2.SettingsFrame) error {
 func (cc *h2Client) onPing(f *http2.PingFrame) error {
 	cc.mu.Lock()
 	defer cc.mu.Unlock()
-	if f.IsAck() {
-		if f.Data == pingPayload {
-			cc.pingOut = false
-		}
-		return nil
-	}
-	cc.enqueueCtrlLocked(wframe{kind: fkPing, end: true, ping: f.Data})
+	cc.onPingLocked(f, &cc.frameWriter)
 	return nil
 }
 

@@ -1,6 +1,10 @@
 package hbone
 
-import "time"
+import (
+	"time"
+
+	"golang.org/x/net/http2"
+)
 
 // keepalive is a connection's PING health check, the client's and the server's alike: a
 // PING once nothing has been read for readIdle, and the connection closed when that PING's
@@ -34,4 +38,16 @@ func (k *keepalive) checkLocked(now, lastRead time.Duration, w *frameWriter) (un
 	w.wakeLocked()
 	k.health.Reset(k.pingTimeout)
 	return false
+}
+
+// onPingLocked takes a PING frame under the connection's mu: the ACK of ours ends the wait
+// for it; the peer's own is answered on w.
+func (k *keepalive) onPingLocked(f *http2.PingFrame, w *frameWriter) {
+	if f.IsAck() {
+		if f.Data == pingPayload {
+			k.pingOut = false
+		}
+		return
+	}
+	w.enqueueCtrlLocked(wframe{kind: fkPing, end: true, ping: f.Data})
 }

@@ -374,13 +374,7 @@ func (sc *serverConn) onSettings(f *http2.SettingsFrame) error {
 func (sc *serverConn) onPing(f *http2.PingFrame) error {
 	sc.mu.Lock()
 	defer sc.mu.Unlock()
-	if f.IsAck() {
-		if f.Data == pingPayload {
-			sc.pingOut = false
-		}
-		return nil
-	}
-	sc.enqueueCtrlLocked(wframe{kind: fkPing, end: true, ping: f.Data})
+	sc.onPingLocked(f, &sc.frameWriter)
 	return nil
 }
 
